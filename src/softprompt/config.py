@@ -1,0 +1,162 @@
+"""Typed configs: one source of truth for every default, validated on construction, serialized as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import SoftPromptError
+
+METHODS = ("prompt", "prefix")
+INITS = ("random", "vocab", "text", "labels")
+TASKS = ("classification", "generation")
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def _check(problems: list[str], what: str) -> None:
+    if problems:
+        raise SoftPromptError(f"Invalid {what}:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class PromptConfig:
+    """What is learned and how it starts."""
+
+    method: Literal["prompt", "prefix"] = "prompt"
+    """`prompt`: soft input embeddings (Lester et al. 2021); `prefix`: per-layer key/values (Li & Liang 2021)."""
+    num_tokens: int = 20
+    """Number of virtual tokens."""
+    init: Literal["random", "vocab", "text", "labels"] = "text"
+    """random: uniform in ±init_range; vocab: embeddings of frequent tokens; text: the tokens of `init_text`
+    (truncated or repeated); labels: each label word seeds one slot, frequent tokens fill the rest. For prefix
+    tuning the non-random inits take the frozen model's own key/values over those tokens."""
+    init_text: str | None = None
+    """Text for `init=text`."""
+    init_range: float = 0.5
+    """Half-width of the uniform range for `init=random`."""
+    vocab_size_for_init: int = 5000
+    """`vocab`/`labels` inits sample from the first this-many token ids (BPE orders merges by frequency)."""
+    prefix_mlp: bool = False
+    """Prefix tuning only: train through an MLP reparameterization, folded into plain key/values when saved."""
+    mlp_hidden: int = 512
+    """Hidden width of that MLP."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.num_tokens < 1:
+            problems.append(f"num_tokens must be at least 1, got {self.num_tokens}")
+        if self.init not in INITS:
+            problems.append(f"init {self.init!r} is not one of {', '.join(INITS)}")
+        if self.init == "text" and not (self.init_text or "").strip():
+            problems.append("init=text needs a non-empty init_text (--init-text)")
+        if self.init_range <= 0:
+            problems.append(f"init_range must be positive, got {self.init_range}")
+        if self.mlp_hidden < 1:
+            problems.append(f"mlp_hidden must be at least 1, got {self.mlp_hidden}")
+        if self.prefix_mlp and self.method != "prefix":
+            problems.append("prefix_mlp applies to method=prefix only")
+        _check(problems, "prompt settings")
+
+
+@dataclass
+class TaskConfig:
+    """How records become model input and what the model must produce."""
+
+    template: str = "{text}"
+    """Input text with `{field}` placeholders filled from each record."""
+    task: Literal["classification", "generation"] = "classification"
+    """classification: pick one of `labels`; generation: produce the text of `target_field`."""
+    labels: list[str] = field(default_factory=list)
+    """Label words (the verbalizer), e.g. ["negative", "positive"]."""
+    label_field: str | None = None
+    """Record field holding the label: one of the label words, or its index in `labels`."""
+    target_field: str | None = None
+    """Record field holding the target text (generation)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.task not in TASKS:
+            problems.append(f"task {self.task!r} is not one of {', '.join(TASKS)}")
+        if not self.fields:
+            problems.append(f"template {self.template!r} names no {{field}}: it would ignore the data")
+        if self.task == "classification":
+            if len(self.labels) < 2:
+                problems.append(f"classification needs at least two label words (--labels a,b), got {self.labels}")
+            if len(set(self.labels)) != len(self.labels):
+                problems.append(f"label words repeat: {self.labels}")
+            if any(not label.strip() for label in self.labels):
+                problems.append("a label word is empty")
+            if not self.label_field:
+                problems.append("classification needs --label-field")
+        elif self.task == "generation" and not self.target_field:
+            problems.append("generation needs --target-field")
+        _check(problems, "task settings")
+
+    @property
+    def fields(self) -> list[str]:
+        return re.findall(r"\{(\w+)\}", self.template)
+
+
+@dataclass
+class TrainConfig:
+    """The optimization."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Examples per optimizer step (split across gradient accumulation and processes)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per step."""
+    lr: float = 0.01
+    """Peak learning rate."""
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables it."""
+    eval_every: int = 25
+    """Evaluate on the validation set every this many steps (0: never)."""
+    eval_size: int = 300
+    """Validation examples used per evaluation (the first ones of the file)."""
+    patience: int = 6
+    """Stop after this many evaluations without improvement (0: never stop early)."""
+    seed: int = 0
+    max_length: int = 512
+    """Longest input in tokens; longer inputs are truncated from the left of the record text."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % max(self.grad_accum, 1):
+            problems.append(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        for name in ("warmup_steps", "eval_every", "patience", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.eval_size < 1 or self.max_length < 2:
+            problems.append("eval_size must be at least 1 and max_length at least 2")
+        _check(problems, "training settings")
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls, data: dict):
+    """Build a config from JSON, ignoring keys a newer version may have added."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})

@@ -1,0 +1,68 @@
+"""What every prompt method shares: the `kv()` contract and the choice of initial tokens."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import SoftPromptError
+
+
+class PromptMethod(nn.Module):
+    """Learned vectors that reduce to a per-layer key/value prefix of the frozen model."""
+
+    name: ClassVar[str]
+    artifact_key: ClassVar[str]
+    """Name of the tensor in prompt.safetensors."""
+
+    def __init__(self, config, shapes):
+        super().__init__()
+        self.config = config
+        self.shapes = shapes
+
+    def kv(self, backbone) -> torch.Tensor:
+        """The prefix, (num_layers, 2, kv_heads, num_tokens, head_dim), differentiable w.r.t. this module."""
+        raise NotImplementedError
+
+    def forward(self, backbone) -> torch.Tensor:  # so DDP-style wrappers see a forward call
+        return self.kv(backbone)
+
+    def artifact_tensors(self) -> dict[str, torch.Tensor]:
+        """What a saved artifact stores: plain tensors, any reparameterization folded away."""
+        raise NotImplementedError
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """What a training checkpoint stores, enough to continue training exactly."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def create(cls, config, backbone, labels: list[str], generator: torch.Generator | None) -> "PromptMethod":
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, config, backbone, tensors: dict[str, torch.Tensor]) -> "PromptMethod":
+        raise NotImplementedError
+
+
+def initial_token_ids(config, tokenizer, labels: list[str], generator: torch.Generator | None) -> list[int]:
+    """num_tokens token ids for the vocab, text and labels inits."""
+    n = config.num_tokens
+    if config.init == "text":
+        ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise SoftPromptError(f"init_text {config.init_text!r} tokenizes to nothing")
+        return (ids * (n // len(ids) + 1))[:n]  # repeat a short text, truncate a long one
+    special = set(tokenizer.all_special_ids)
+    pool = torch.tensor([i for i in range(min(config.vocab_size_for_init, len(tokenizer))) if i not in special])
+    sampled = pool[torch.randperm(len(pool), generator=generator)[:n]].tolist()
+    if config.init == "vocab":
+        return sampled
+    # labels: the first token of each label word seeds one slot (Lester et al. 2021), sampled vocabulary the rest
+    if config.init == "labels":
+        if not labels:
+            raise SoftPromptError("init=labels needs label words (a classification task with --labels)")
+        seeds = [tokenizer(" " + label, add_special_tokens=False)["input_ids"][0] for label in labels]
+        return (seeds + sampled)[:n]
+    raise ValueError(f"no token ids for init={config.init}")

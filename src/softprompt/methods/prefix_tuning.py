@@ -1,0 +1,81 @@
+"""Prefix tuning: trainable key/value vectors prepended at the input of every attention layer.
+
+Li & Liang (2021), "Prefix-Tuning: Optimizing Continuous Prompts for Generation"; deep prompts as in
+Liu et al. (2022), "P-Tuning v2". Optionally trained through an MLP reparameterization P = MLP(P'), which
+`artifact_tensors()` folds ("ejects") into plain key/values. Li & Liang advise, for little data, starting from
+the frozen model's own activations on real words: the non-random inits do that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import PromptMethod, initial_token_ids
+
+
+class Prefix(PromptMethod):
+    name = "prefix"
+    artifact_key = "prefix"
+
+    def __init__(self, config, shapes, prefix: torch.Tensor | None = None):
+        super().__init__(config, shapes)
+        s = shapes
+        kv_shape = (s.num_layers, 2, s.num_kv_heads, config.num_tokens, s.head_dim)
+        if config.prefix_mlp:
+            flat = s.num_layers * 2 * s.num_kv_heads * s.head_dim
+            self.seed = nn.Parameter(torch.empty(config.num_tokens, s.hidden_size).uniform_(-1, 1))
+            self.mlp = nn.Sequential(
+                nn.Linear(s.hidden_size, config.mlp_hidden), nn.Tanh(), nn.Linear(config.mlp_hidden, flat)
+            )
+            if prefix is not None:
+                self._fit_mlp(prefix)
+        else:
+            if prefix is None:
+                prefix = torch.zeros(kv_shape)
+            self.prefix = nn.Parameter(prefix.detach().clone().float())  # (layers, 2, kv_heads, n, head_dim)
+
+    def _mlp_kv(self) -> torch.Tensor:
+        s, n = self.shapes, self.config.num_tokens
+        flat = self.mlp(self.seed)  # (n, layers * 2 * kv_heads * head_dim)
+        return flat.view(n, s.num_layers, 2, s.num_kv_heads, s.head_dim).permute(1, 2, 3, 0, 4)
+
+    def _fit_mlp(self, target: torch.Tensor, steps: int = 300) -> None:
+        """Start the MLP at given key/values (an activation init): a short regression, seconds even on a CPU."""
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(self._mlp_kv(), target)
+            loss.backward()
+            optimizer.step()
+
+    def kv(self, backbone) -> torch.Tensor:
+        kv = self._mlp_kv() if self.config.prefix_mlp else self.prefix
+        return kv.to(backbone.dtype)  # (layers, 2, kv_heads, n, head_dim)
+
+    def artifact_tensors(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            kv = self._mlp_kv() if self.config.prefix_mlp else self.prefix
+            return {self.artifact_key: kv.float().contiguous().clone()}
+
+    @classmethod
+    def create(cls, config, backbone, labels, generator):
+        s, n = backbone.shapes, config.num_tokens
+        if config.init == "random" and config.prefix_mlp:
+            return cls(config, s).to(backbone.device)  # the MLP's own initialization
+        if config.init == "random":
+            prefix = (torch.rand(s.num_layers, 2, s.num_kv_heads, n, s.head_dim, generator=generator) * 2 - 1)
+            prefix = prefix * config.init_range
+        else:
+            ids = initial_token_ids(config, backbone.tokenizer, labels, generator)
+            prefix = backbone.prefix_from_ids(ids).float().cpu()
+        return cls(config, s, prefix).to(backbone.device)
+
+    @classmethod
+    def from_tensors(cls, config, backbone, tensors):
+        if config.prefix_mlp and "mlp.0.weight" in tensors:  # a training checkpoint with its MLP
+            method = cls(config, backbone.shapes)
+            method.load_state_dict(tensors)
+            return method.to(backbone.device)
+        plain = type(config)(**{**vars(config), "prefix_mlp": False})  # an ejected artifact is plain key/values
+        return cls(plain, backbone.shapes, tensors[cls.artifact_key]).to(backbone.device)
