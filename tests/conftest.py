@@ -1,0 +1,131 @@
+"""Shared test fixtures: tiny random models of several architectures, built from configs in code (no network),
+a tiny offline word-level tokenizer, and the embedded real model for the few tests marked `real_model`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from softprompt.backbone import Backbone
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+"""Architectures every tiny-model test runs on."""
+
+VOCAB_SIZE = 128
+PAD, EOS, UNK = 0, 1, 2
+SPECIALS = {"<pad>": PAD, "<eos>": EOS, "<unk>": UNK}
+WORDS = (
+    "the a an movie film book song was is were it this that very not quite really great good fine bad terrible "
+    "awful boring fun positive negative neutral yes no true false question answer review label sentiment text "
+    "hello world cat dog red blue green one two three four five and or but of in on to with"
+).split()
+"""Words tests may use; the rest of the vocabulary is filler `w<id>` so the tokenizer spans the model's ids."""
+VOCAB = {**SPECIALS, **{w: i + len(SPECIALS) for i, w in enumerate(WORDS)}}
+VOCAB.update({f"w{i}": i for i in range(len(VOCAB), VOCAB_SIZE)})
+assert len(VOCAB) == VOCAB_SIZE and sorted(VOCAB.values()) == list(range(VOCAB_SIZE))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level over VOCAB; whitespace splitting, so `" positive"` and `"positive"` both give one token."""
+    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_config(arch: str):
+    """A 2-layer, 32-wide, 4-head config; 2 KV heads where the architecture has GQA; Qwen3 with head_dim 16 != 32/4."""
+    common = dict(vocab_size=VOCAB_SIZE, eos_token_id=EOS, bos_token_id=EOS, pad_token_id=PAD, initializer_range=0.1)
+    llama_like = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        max_position_embeddings=128, **common,
+    )  # fmt: skip
+    builders = {
+        "llama": lambda: LlamaConfig(**llama_like),
+        "qwen2": lambda: Qwen2Config(**llama_like),
+        "qwen3": lambda: Qwen3Config(head_dim=16, **llama_like),
+        "mistral": lambda: MistralConfig(sliding_window=None, **llama_like),
+        "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common),
+    }
+    if arch not in builders:
+        raise ValueError(f"unknown tiny architecture {arch!r}; one of {', '.join(ARCHS)}")
+    return builders[arch]()
+
+
+def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
+    """A seeded random float32 causal LM in eval mode (not frozen: Backbone does that)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation=attn, dtype=torch.float32)
+    return model.eval()
+
+
+def tiny_backbone(arch: str, seed: int = 0, attn: str = "sdpa") -> Backbone:
+    """A fresh tiny model of `arch` with the tiny tokenizer, wrapped (and frozen) as a Backbone."""
+    return Backbone(tiny_model(arch, seed, attn), tiny_tokenizer())
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny matmuls are dominated by thread synchronization (milliseconds per 32x32 linear on a busy machine, against
+    microseconds on one thread); real-model tests keep every thread."""
+    if request.node.get_closest_marker("real_model"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tokenizer() -> PreTrainedTokenizerFast:
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny(arch, tokenizer) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """(model, tokenizer) for the parametrized `arch`: a fresh model per test."""
+    return tiny_model(arch), tokenizer
+
+
+@pytest.fixture
+def backbone(tiny) -> Backbone:
+    """Backbone over the `tiny` model (the same model object, now frozen)."""
+    model, tok = tiny
+    return Backbone(model, tok)
+
+
+@pytest.fixture
+def make_backbone():
+    """Factory `make_backbone(arch, seed=0, attn="sdpa") -> Backbone` for tests that need several or other archs."""
+    return tiny_backbone
+
+
+@pytest.fixture(scope="session")
+def real_backbone() -> Backbone:
+    """The embedded default model (SmolLM2-135M) as a Backbone; for tests marked `real_model`."""
+    from softprompt.errors import SoftPromptError
+    from softprompt.models import load_model
+
+    try:
+        model, tok = load_model("smollm2-135m")
+    except SoftPromptError as error:
+        pytest.skip(f"embedded model unavailable: {error}")
+    return Backbone(model, tok)
