@@ -31,6 +31,15 @@ def batches(items: list, size: int, progress: bool, desc: str):
         yield items[start : start + size]
 
 
+def length_sorted(examples: list[Example]) -> tuple[list[Example], list[int]]:
+    """Examples ordered by length (less padding per batch) and the permutation that restores the input order."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    restore = [0] * len(order)
+    for position, i in enumerate(order):
+        restore[i] = position
+    return [examples[i] for i in order], restore
+
+
 @torch.no_grad()
 def label_scores(
     backbone: Backbone, task: Task, examples: list[Example], prefix=None, batch_size: int = 32, progress: bool = False
@@ -38,6 +47,7 @@ def label_scores(
     """(N, num_labels): each label's summed token log-probability after each example's input."""
     pad = backbone.tokenizer.pad_token_id
     num_labels = len(task.label_ids)
+    examples, restore = length_sorted(examples)
     if all(len(ids) == 1 for ids in task.label_ids):
         # Single-token label words: one row per example, every label read from the same next-token distribution.
         words = torch.tensor([ids[0] for ids in task.label_ids])
@@ -45,7 +55,7 @@ def label_scores(
         for chunk in batches(examples, batch_size, progress, "scoring"):
             batch = collate([Example(e.input_ids, [int(words[0])]) for e in chunk], pad)
             scores.append(position_logprobs(backbone, batch, prefix)[:, words.to(backbone.device)].cpu())
-        return torch.cat(scores)  # (examples, labels)
+        return torch.cat(scores)[restore]  # (examples, labels)
     scores = []
     for chunk in batches(examples, max(1, batch_size // num_labels), progress, "scoring"):
         # One row per (example, label word), summing the log-probabilities of the label's tokens.
@@ -55,7 +65,7 @@ def label_scores(
         per_row = torch.zeros(len(rows), device=logprobs.device)
         per_row.index_add_(0, batch.loss_rows.to(logprobs.device), logprobs)
         scores.append(per_row.view(len(chunk), num_labels).cpu())  # (examples, labels)
-    return torch.cat(scores)
+    return torch.cat(scores)[restore]
 
 
 @torch.no_grad()
@@ -89,9 +99,11 @@ def evaluate(
 
     limit = max_new_tokens or max(len(e.target_ids) for e in examples) + 8
     hypotheses = []
-    for chunk in batches(examples, batch_size, progress, "generating"):
+    ordered, restore = length_sorted(examples)
+    for chunk in batches(ordered, batch_size, progress, "generating"):
         outputs = generate(backbone, [e.input_ids for e in chunk], prefix, max_new_tokens=limit)
         hypotheses += [decode_new(backbone.tokenizer, ids) for ids in outputs]
+    hypotheses = [hypotheses[restore[i]] for i in range(len(examples))]
     result = metrics.generation([e.target for e in examples], hypotheses)
     result["loss"] = mean_loss(backbone, examples, prefix)
     return result

@@ -21,6 +21,7 @@ from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
 from . import artifact, methods
+from .checkpoint import save_checkpoint
 from .backbone import Backbone
 from .config import PromptConfig, TrainConfig, to_dict
 from .data import Example, Task, collate
@@ -108,7 +109,7 @@ def train(
     log_path = out_dir / "metrics.jsonl"
     log_path.write_text("")
     history, best, evals_without_gain = [], None, 0
-    tokens_seen, started = 0, time.perf_counter()
+    tokens_seen, train_seconds, started = 0, 0.0, time.perf_counter()
 
     def log(record: dict) -> None:
         history.append(record)
@@ -136,7 +137,7 @@ def train(
     bar = tqdm(range(1, cfg.steps + 1), desc="training", disable=not progress)
     stopped_early = False
     for step in bar:
-        model.train()
+        step_started = time.perf_counter()
         step_loss = 0.0
         batch = next(stream)
         for start in range(0, len(batch), micro_size):
@@ -155,19 +156,25 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
+        train_seconds += time.perf_counter() - step_started
         log({"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-             "tokens_per_s": tokens_seen / elapsed})
+             "tokens_per_s": round(tokens_seen / train_seconds, 1)})
         bar.set_postfix(loss=f"{step_loss:.4f}")
 
-        if valid and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            result = validate(step)
-            if selection_key(result) > best:
-                best, evals_without_gain = selection_key(result), 0
-                save_best(step, result)
-            else:
-                evals_without_gain += 1
-            if cfg.patience and evals_without_gain >= cfg.patience:
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if valid:
+                result = validate(step)
+                if selection_key(result) > best:
+                    best, evals_without_gain = selection_key(result), 0
+                    save_best(step, result)
+                else:
+                    evals_without_gain += 1
+            save_checkpoint(out_dir, step, {
+                "method": method.checkpoint_tensors(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "best": best, "evals_without_gain": evals_without_gain,
+            })
+            if valid and cfg.patience and evals_without_gain >= cfg.patience:
                 stopped_early = True
                 break
     bar.close()
