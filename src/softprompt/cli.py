@@ -71,13 +71,13 @@ def train(
     progress: Annotated[bool, Opt(help="Progress bars.")] = True,
 ):
     """Train a soft prompt or prefix on a frozen model; --out becomes the artifact."""
-    from .config import PromptConfig, TrainConfig
+    from .config import PLACEHOLDER, PromptConfig, TrainConfig
     from .data import Task, read_records
     from .train import train as run_training
 
     task_config = _task_config(template, labels, label_field, target_field)
     if init == "text" and not init_text:
-        init_text = " ".join(task_config.template.replace("{", " ").replace("}", " ").split()) or "Answer:"
+        init_text = " ".join(PLACEHOLDER.sub(" ", task_config.template).split()) or "Answer:"
     prompt_config = PromptConfig(method=method, num_tokens=num_tokens, init=init, init_text=init_text,
                                  init_range=init_range, prefix_mlp=prefix_mlp, mlp_hidden=mlp_hidden)
     train_config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, optimizer=optimizer,

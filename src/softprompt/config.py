@@ -14,6 +14,8 @@ INITS = ("random", "vocab", "text", "labels")
 TASKS = ("classification", "generation")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("linear", "cosine", "constant")
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
+"""A `{field}` in a template."""
 
 
 def _check(problems: list[str], what: str) -> None:
@@ -99,7 +101,7 @@ class TaskConfig:
 
     @property
     def fields(self) -> list[str]:
-        return re.findall(r"\{(\w+)\}", self.template)
+        return PLACEHOLDER.findall(self.template)
 
 
 @dataclass

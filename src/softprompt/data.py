@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import TaskConfig
+from .config import PLACEHOLDER, TaskConfig
 from .errors import SoftPromptError
-
-PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -106,6 +103,9 @@ class Task:
                 problems.append(f"{source}, example {number}: missing field(s) {', '.join(missing)}")
                 continue
             ids = self.input_ids(fill(c.template, record))
+            if not ids:
+                problems.append(f"{source}, example {number}: the template gives an empty input")
+                continue
             if self.is_classification:
                 try:
                     label = self.label_index(record[c.label_field])
