@@ -30,6 +30,19 @@ def _task_config(template, labels, label_field, target_field):
                       target_field=target_field)
 
 
+def _all_or_errors(*builders):
+    """Build every config, reporting the problems of all of them at once."""
+    built, errors = [], []
+    for build in builders:
+        try:
+            built.append(build())
+        except SoftPromptError as error:
+            errors.append(str(error))
+    if errors:
+        raise SoftPromptError("\n".join(errors))
+    return built
+
+
 def _backbone(model_name: str):
     from .backbone import Backbone
     from .models import load_model
@@ -78,12 +91,14 @@ def train(
     task_config = _task_config(template, labels, label_field, target_field)
     if init == "text" and not init_text:
         init_text = " ".join(PLACEHOLDER.sub(" ", task_config.template).split()) or "Answer:"
-    prompt_config = PromptConfig(method=method, num_tokens=num_tokens, init=init, init_text=init_text,
-                                 init_range=init_range, prefix_mlp=prefix_mlp, mlp_hidden=mlp_hidden)
-    train_config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, optimizer=optimizer,
-                               schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                               max_grad_norm=max_grad_norm, eval_every=eval_every, eval_size=eval_size,
-                               patience=patience, max_length=max_length, seed=seed)
+    prompt_config, train_config = _all_or_errors(
+        lambda: PromptConfig(method=method, num_tokens=num_tokens, init=init, init_text=init_text,
+                             init_range=init_range, prefix_mlp=prefix_mlp, mlp_hidden=mlp_hidden),
+        lambda: TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, optimizer=optimizer,
+                            schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                            max_grad_norm=max_grad_norm, eval_every=eval_every, eval_size=eval_size,
+                            patience=patience, max_length=max_length, seed=seed),
+    )
     train_records = read_records(train_file)
     valid_records = read_records(valid_file) if valid_file else None
     backbone = _backbone(model)
@@ -116,6 +131,7 @@ def evaluate_command(
     from .data import Task, read_records
     from .evaluate import evaluate
 
+    records = read_records(data)[:limit]
     if prompt:
         saved = artifact.load(prompt)
         task_config = saved.task
@@ -127,7 +143,6 @@ def evaluate_command(
         task_config = _task_config(template, labels, label_field, target_field)
         backbone, prefix = _backbone(model or DEFAULT_MODEL), None
     task = Task(task_config, backbone.tokenizer)
-    records = read_records(data)[:limit]
     result = evaluate(backbone, task, task.encode(records, str(data)), prefix, batch_size, progress and not as_json)
     if as_json:
         typer.echo(json.dumps(result))

@@ -20,7 +20,7 @@ def read_records(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise SoftPromptError(f"Data file {path} does not exist.")
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
         if suffix in (".csv", ".tsv"):
             records = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
         elif suffix in (".jsonl", ".json", ".ndjson"):
@@ -120,6 +120,12 @@ class Task:
                 target = str(record[c.target_field])
                 example = Example(ids, self.target_ids(target), target=target)
             room = self.max_length - len(example.target_ids)
+            if room < 1:
+                problems.append(
+                    f"{source}, example {number}: the target alone takes {len(example.target_ids)} tokens, "
+                    f"no room for the input within max_length {self.max_length}; raise --max-length"
+                )
+                continue
             if len(ids) > room:
                 truncated += 1
                 example.input_ids = ids[len(ids) - room :]  # keep the end, next to the answer

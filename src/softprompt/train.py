@@ -54,7 +54,7 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def batch_stream(examples: list[Example], batch_size: int, generator: torch.Generator):
-    """Endless seeded shuffles of the data, cut into batches (an epoch's tail joins the next epoch)."""
+    """Endless seeded shuffles of the data cut into full batches (each epoch drops its short tail)."""
     while True:
         order = torch.randperm(len(examples), generator=generator).tolist()
         for start in range(0, len(order) - batch_size + 1, batch_size):
@@ -161,7 +161,7 @@ def train(
              "tokens_per_s": round(tokens_seen / train_seconds, 1)})
         bar.set_postfix(loss=f"{step_loss:.4f}")
 
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
             if valid:
                 result = validate(step)
                 if selection_key(result) > best:
