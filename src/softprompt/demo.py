@@ -74,7 +74,7 @@ def run_demo(out: Path, steps: int = 150, method: str = "prompt", test_size: int
     with torch.no_grad():
         score("untrained soft prompt (text init) + template", task, test, untrained.kv(backbone))
 
-    say(f"\nTraining a {method} prompt of 20 tokens for up to {steps} steps (best on validation kept)...")
+    say(f"\nTraining a {method}-tuning prompt of 20 tokens for up to {steps} steps (best on validation kept)...")
     run = train(
         backbone, task, prompt_config, TrainConfig(steps=steps, **DEMO_TRAINING),
         task.encode(splits["train"], "train"), out / "prompt", task.encode(splits["valid"], "valid"),
