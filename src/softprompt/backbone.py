@@ -7,10 +7,20 @@ transformers upgrade touches one file. Both prompt methods hand this module a pe
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .errors import SoftPromptError
+
+PACK_WIDTH = 256
+"""Tokens per packed row in `packed_forward`: masked attention over a packed row costs O(width) per token, small next
+to the layers' matmuls at this width."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,14 @@ class Shapes:
 class Backbone:
     """A frozen causal LM plus the operations the prompt methods need from it."""
 
+    def __new__(cls, model: PreTrainedModel | None = None, *args, **kwargs):
+        # The factory: an encoder-decoder model (T5) gets its own backbone, whose soft prompt enters the encoder.
+        if cls is Backbone and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            from .seq2seq import Seq2SeqBackbone
+
+            cls = Seq2SeqBackbone
+        return super().__new__(cls)
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         self.model = model.requires_grad_(False)  # the one freezing call: nothing of the base model ever trains
         self.tokenizer = tokenizer
@@ -44,6 +62,7 @@ class Backbone:
         self.decoder = model.base_model  # the transformer stack without the LM head
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+        self._checkpointed_layers: list[torch.nn.Module] = []  # the decoder layers, while checkpointing is on
 
     @property
     def device(self) -> torch.device:
@@ -59,7 +78,9 @@ class Backbone:
     def prefix_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Per-layer K/V of the frozen model run over `embeddings` (n, hidden) at batch 1: exactly what every row of
         `[P; E]` sees at those positions, since in a causal model P attends only to itself. Differentiable."""
-        out = self.decoder(inputs_embeds=embeddings[None], use_cache=True)
+        cache = DynamicCache(config=self.model.config)  # the one the model would make, passed so layers can replay
+        with self._checkpointed(cache):
+            out = self.decoder(inputs_embeds=embeddings[None], past_key_values=cache, use_cache=True)
         layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers]
         return torch.stack(layers)  # (num_layers, 2, kv_heads, n, head_dim)
 
@@ -76,6 +97,47 @@ class Backbone:
             prefix = prefix.unsqueeze(0).expand(batch_size, *prefix.shape)  # (B, layers, 2, kv_heads, n, head_dim)
         layers = [(prefix[:, i, 0], prefix[:, i, 1]) for i in range(prefix.shape[1])]
         return DynamicCache(layers, config=self.model.config)
+
+    def prefix_problems(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None, rows: int) -> list[str]:
+        """What is wrong with a prefix for `rows` rows (empty when nothing): the checks callers run first."""
+        s = self.shapes
+        if prefix.dim() not in (5, 6):
+            return [f"prefix must have 5 dims (shared) or 6 (per row), got shape {tuple(prefix.shape)}"]
+        problems = []
+        if tuple(prefix.shape[-5:-2]) + (prefix.shape[-1],) != (s.num_layers, 2, s.num_kv_heads, s.head_dim):
+            problems.append(f"prefix shape {tuple(prefix.shape)} does not match the model: expected "
+                            f"(..., {s.num_layers}, 2, {s.num_kv_heads}, n, {s.head_dim})")  # fmt: skip
+        if prefix.dim() == 6 and prefix.shape[0] != rows:
+            problems.append(f"per-row prefix has {prefix.shape[0]} rows for {rows} prompts")
+        if prefix_mask is not None and tuple(prefix_mask.shape) != (rows, prefix.shape[-2]):
+            problems.append(f"prefix_mask shape {tuple(prefix_mask.shape)} should be (rows, prefix slots) = "
+                            f"({rows}, {prefix.shape[-2]})")  # fmt: skip
+        return problems
+
+    def target_hidden(self, batch, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: the final hidden states that predict the batch's loss tokens, (K, hidden), in their order.
+        `batch` is `data.collate`'s layout (input then target per row) on this device. A shared prefix's rows are
+        packed densely, so nothing is computed on pads (benchmarks/train_speed.py --padded shows the gain)."""
+        if prefix is None:
+            hidden, _ = self.forward(batch.input_ids, batch.attention_mask, self.new_cache(None, len(batch.input_ids)))
+        else:
+            hidden = self.packed_forward(prefix, batch.input_ids, batch.attention_mask, prefix_mask)
+        return hidden[batch.loss_rows, batch.loss_positions]
+
+    def stack_prefixes(self, prefixes: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One per-row prefix for a mixed batch: each row's (num_layers, 2, kv_heads, n_i, head_dim) prefix (None: no
+        prompt) left-padded with masked slots to the longest. Returns the prefix (B, num_layers, 2, kv_heads, n,
+        head_dim) and its mask (B, n), 1 on real slots; pass both to `new_cache` and `forward(past_mask=...)`."""
+        s = self.shapes
+        n = max((p.shape[-2] for p in prefixes if p is not None), default=0)
+        stacked = torch.zeros(len(prefixes), s.num_layers, 2, s.num_kv_heads, n, s.head_dim, dtype=self.dtype,
+                              device=self.device)  # fmt: skip
+        mask = torch.zeros(len(prefixes), n, dtype=torch.long, device=self.device)
+        for row, prefix in enumerate(prefixes):
+            if prefix is not None and prefix.shape[-2]:
+                stacked[row, ..., n - prefix.shape[-2] :, :] = prefix
+                mask[row, n - prefix.shape[-2] :] = 1
+        return stacked, mask
 
     def forward(
         self,
@@ -96,14 +158,117 @@ class Backbone:
         # Each real token's position counts only the real slots before it; pads get a harmless clamp.
         positions = past_mask.sum(-1, keepdim=True) + attention_mask.cumsum(-1) - 1
         full_mask = torch.cat([past_mask, attention_mask], dim=-1)
-        out = self.decoder(
-            input_ids=input_ids,
-            attention_mask=full_mask,
-            position_ids=positions.clamp(min=0),
-            past_key_values=cache,
-            use_cache=True,
-        )
+        with self._checkpointed(cache):
+            out = self.decoder(
+                input_ids=input_ids,
+                attention_mask=full_mask,
+                position_ids=positions.clamp(min=0),
+                past_key_values=cache,
+                use_cache=True,
+            )
         return out.last_hidden_state, full_mask
+
+    def packed_forward(
+        self,
+        prefix: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix_mask: torch.Tensor | None = None,
+        width: int = PACK_WIDTH,
+    ) -> torch.Tensor:
+        """Training forward after a shared prefix without computing on pads: the real tokens of all rows are packed
+        into ceil(real tokens / width) rows, each token seeing the prefix and the earlier tokens of its own row only,
+        at the position it has in `forward`. Same numbers as `new_cache` + `forward` up to float rounding; a batch
+        costs what its real tokens cost, not its padded width.
+
+        prefix: (num_layers, 2, kv_heads, n, head_dim); input_ids, attention_mask: (B, T), any padding side.
+        prefix_mask: (B, n) for a per-row prefix from `stack_prefixes` (which takes the padded path).
+        Returns the final hidden states (B, T, hidden), zeros at pads. The cache is internal (nothing to continue).
+        Falls back to `forward` where a custom mask would not be honoured (per-row prefixes, attention kernels
+        without dense masks, sliding windows shorter than a row).
+        """
+        batch, T = input_ids.shape
+        n = prefix.shape[-2]
+        config = self.model.config.get_text_config(decoder=True)
+        lengths = attention_mask.sum(-1).tolist()
+        window = getattr(config, "sliding_window", None) or float("inf")
+        if (prefix.dim() != 5 or config._attn_implementation not in ("sdpa", "eager")
+                or getattr(config, "attention_chunk_size", None) or n + max(lengths) > window):  # fmt: skip
+            hidden, _ = self.forward(input_ids, attention_mask, self.new_cache(prefix, batch), prefix_mask)
+            return hidden.masked_fill(~attention_mask.bool()[..., None], 0)
+        # Longest rows first, each into the emptiest packed row: loads stay within one row's length of each other.
+        bins: list[list[int]] = [[] for _ in range(max(1, min(batch, -(-sum(lengths) // width))))]
+        loads = [0] * len(bins)
+        for row in sorted(range(batch), key=lambda r: -lengths[r]):
+            b = loads.index(min(loads))
+            bins[b].append(row)
+            loads[b] += lengths[row]
+        width = max(loads)  # the longest packed row
+        real = attention_mask.bool()
+        ids = input_ids.new_full((len(bins), width), self.tokenizer.pad_token_id or 0)
+        segment = torch.full((len(bins), width), -1, device=input_ids.device)  # which row each slot holds
+        positions = torch.zeros_like(ids)
+        source, target = [], []  # flat (B*T) index of each real token, its flat index in the packed rows
+        for b, rows in enumerate(bins):
+            start = 0
+            for row in rows:
+                where = real[row].nonzero().squeeze(-1)  # (length,) the row's real tokens
+                span = slice(start, start + len(where))
+                ids[b, span], segment[b, span] = input_ids[row, where], row
+                positions[b, span] = n + torch.arange(len(where), device=ids.device)
+                source.append(row * T + where)
+                target.append(b * width + torch.arange(span.start, span.stop, device=ids.device))
+                start = span.stop
+        # A slot sees the whole prefix and the earlier slots of its own row; empty slots see only the prefix.
+        causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
+        same_row = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0) & causal
+        allowed = torch.cat([same_row.new_ones(len(bins), width, n), same_row], dim=-1)  # (R, width, n + width)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=ids.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # (R, 1, width, n + width) additive
+        cache = self.new_cache(prefix, len(bins))
+        with self._checkpointed(cache):
+            out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                               use_cache=True)  # fmt: skip
+        packed = out.last_hidden_state.reshape(len(bins) * width, -1)  # (R * width, hidden)
+        hidden = packed.new_zeros(batch * T, packed.shape[-1])
+        hidden = hidden.index_copy(0, torch.cat(source), packed[torch.cat(target)])
+        return hidden.view(batch, T, -1)
+
+    def gradient_checkpointing(self, enabled: bool = True) -> "Backbone":
+        """Trade compute for memory: keep only each decoder layer's inputs and recompute its activations during the
+        backward pass (one extra forward). Gradients are unchanged; works for both methods.
+
+        transformers' own switch (`model.gradient_checkpointing_enable()`) cannot be used: it acts only in train mode
+        and it drops `past_key_values`, which holds our prefix (a replayed layer would append its keys to the cache a
+        second time). So we checkpoint each layer ourselves and, before a replay, put the layer's cache entry back as
+        the first run found it: the replay then reads the same prefix and appends the same keys. The model stays in
+        eval mode and frozen; the prefix's gradient flows through the recorded graph as usual.
+        """
+        layers = [m for m in self.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if enabled and len(layers) != self.shapes.num_layers:
+            raise SoftPromptError(
+                f"gradient checkpointing: found {len(layers)} decoder layers in {type(self.model).__name__}, "
+                f"expected {self.shapes.num_layers}"
+            )
+        self._checkpointed_layers = layers if enabled else []
+        return self
+
+    @property
+    def checkpointing(self) -> bool:
+        return bool(self._checkpointed_layers)
+
+    @contextmanager
+    def _checkpointed(self, cache: DynamicCache):
+        """While active (checkpointing on and gradients recorded), decoder layer i runs under torch's non-reentrant
+        checkpoint and replays against cache.layers[i] as it was on entry."""
+        layers = self._checkpointed_layers if torch.is_grad_enabled() else []
+        for i, layer in enumerate(layers):
+            layer.forward = partial(_replayable, layer.forward, cache, i)  # instance attribute shadows the class's
+        try:
+            yield
+        finally:
+            for layer in layers:
+                del layer.forward
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over any (..., hidden) selection of hidden states: callers pass only the positions they need."""
@@ -111,3 +276,16 @@ class Backbone:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
+
+
+def _replayable(forward, cache: DynamicCache, index: int, *args, **kwargs):
+    """One decoder layer under activation checkpointing; every run starts from the same cache entry."""
+    entry = cache.layers[index]
+    state = dict(vars(entry))  # keys/values as this layer finds them (the prefix): the tensors, not copies
+
+    def run(*args):
+        vars(entry).clear()
+        vars(entry).update(state)  # a replay appends to the prefix, not to the first run's result
+        return forward(*args, **kwargs)
+
+    return checkpoint(run, *args, use_reentrant=False)

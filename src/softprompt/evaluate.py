@@ -11,17 +11,20 @@ from .backbone import Backbone
 from .data import Batch, Example, Task, collate
 
 
-def position_logprobs(backbone: Backbone, batch: Batch, prefix: torch.Tensor | None) -> torch.Tensor:
-    """Full-vocabulary log-probabilities at the batch's loss positions, (K, vocab); the LM head runs only there."""
+def position_logprobs(
+    backbone: Backbone, batch: Batch, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Full-vocabulary log-probabilities at the batch's loss positions, (K, vocab); the LM head runs only there.
+    prefix: shared (5-D) or per row (6-D, with `prefix_mask` from `Backbone.stack_prefixes`)."""
     batch = batch.to(backbone.device)
-    cache = backbone.new_cache(prefix, batch.input_ids.shape[0])
-    hidden, _ = backbone.forward(batch.input_ids, batch.attention_mask, cache)
-    return backbone.logits(hidden[batch.loss_rows, batch.loss_positions]).log_softmax(-1)
+    return backbone.logits(backbone.target_hidden(batch, prefix, prefix_mask)).log_softmax(-1)
 
 
-def token_logprobs(backbone: Backbone, batch: Batch, prefix: torch.Tensor | None) -> torch.Tensor:
+def token_logprobs(
+    backbone: Backbone, batch: Batch, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """log p(token) of each of the batch's loss tokens, (K,)."""
-    logprobs = position_logprobs(backbone, batch, prefix)
+    logprobs = position_logprobs(backbone, batch, prefix, prefix_mask)
     return logprobs.gather(-1, batch.loss_tokens.to(logprobs.device)[:, None]).squeeze(-1)
 
 

@@ -1,0 +1,251 @@
+"""The speed work changes no numbers (issue 3, items 1-2), on tiny random models of several architectures:
+
+(a) the training loss computed with the LM head run only at the loss positions (`train.loss_on`) equals the full
+    computation: full-vocabulary logits at every position of `[P; E]` with labels = -100 everywhere else and
+    transformers' own loss, and equals PEFT's loss for the same prompt values (prompt and prefix tuning);
+(b) with `Backbone.gradient_checkpointing()` the loss and the gradients equal those of the unchecked run, for both
+    methods, and the layers really are recomputed in the backward pass (and fewer tensors are kept for it);
+(c) `Backbone.packed_forward` (the real tokens of all rows packed together, no compute on pads; what `loss_on` runs)
+    gives the hidden states of the padded `forward`, and the training loss and gradients equal transformers' own
+    computation, with and without checkpointing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import methods
+from softprompt.config import PromptConfig
+from softprompt.data import Example, collate
+from softprompt.train import loss_on
+
+from conftest import ARCHS, EOS, PAD, tiny_backbone  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
+
+N = 4  # virtual tokens
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+def make_method(backbone, method: str, n: int = N, seed: int = 1):
+    config = PromptConfig(method=method, num_tokens=n, init="random")
+    return methods.build(config, backbone, generator=torch.Generator().manual_seed(seed))
+
+
+def examples(kind: str, seed: int = 0) -> list[Example]:
+    """Rows of different lengths (so right padding is exercised): one label token (cls) or several target tokens
+    ending with EOS (gen)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, 128, (n,), generator=g).tolist()  # noqa: E731
+    if kind == "cls":
+        return [Example(ids(n), ids(1), label=0) for n in (6, 3, 5)]
+    return [Example(ids(n), ids(t) + [EOS]) for n, t in ((4, 3), (2, 5), (5, 1))]
+
+
+def labels_for(batch) -> torch.Tensor:
+    """transformers' convention: labels (B, T) with the target token at its own position, -100 elsewhere."""
+    labels = torch.full_like(batch.input_ids, -100)
+    labels[batch.loss_rows, batch.loss_positions + 1] = batch.loss_tokens
+    return labels
+
+
+def full_loss(backbone, method, batch) -> torch.Tensor:
+    """Full-vocabulary logits at every position, transformers' own masked loss."""
+    model, labels = backbone.model, labels_for(batch)
+    B = labels.shape[0]
+    if method.name == "prompt":  # the definition: the model reads inputs_embeds = [P; E]
+        P = method.embeddings[None].expand(B, -1, -1)
+        embeds = torch.cat([P, backbone.embed(batch.input_ids)], dim=1)
+        mask = torch.cat([batch.attention_mask.new_ones(B, N), batch.attention_mask], dim=1)
+        labels = torch.cat([labels.new_full((B, N), -100), labels], dim=1)
+        out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+    else:  # the key/values handed to the model as its past, positions after them
+        mask = torch.cat([batch.attention_mask.new_ones(B, N), batch.attention_mask], dim=1)
+        positions = N + torch.arange(batch.input_ids.shape[1]).expand(B, -1)
+        cache = backbone.new_cache(method.kv(backbone), B)
+        out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    labels=labels)  # fmt: skip
+    assert out.logits.shape[-1] == backbone.shapes.vocab_size and out.logits.shape[1] == mask.shape[1] - (
+        0 if method.name == "prompt" else N
+    )
+    return out.loss
+
+
+def peft_model_with(backbone, method):
+    """PEFT's own prompt or prefix tuning over the same model, its prompt encoder holding our values."""
+    peft = pytest.importorskip("peft")
+    if method.name == "prompt":
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
+        values = method.embeddings  # (n, hidden)
+    else:
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
+        values = method.prefix.permute(3, 0, 1, 2, 4).reshape(N, -1)  # (n, layers * 2 * kv_heads * head_dim)
+    peft_model = peft.get_peft_model(backbone.model, config)
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(values)
+    return peft_model
+
+
+# ---------------------------------------------------------------------------------------------------- (a) the loss
+@pytest.mark.parametrize("kind", ["cls", "gen"])
+@pytest.mark.parametrize("method_name", ["prompt", "prefix"])
+def test_loss_at_loss_positions_equals_full_computation_and_peft(backbone, method_name, kind):
+    method = make_method(backbone, method_name)
+    rows = examples(kind)
+    batch = collate(rows, PAD)
+    with torch.no_grad():
+        ours, tokens = loss_on(backbone, method.kv(backbone), rows)
+        full = full_loss(backbone, method, batch)
+        peft_loss = peft_model_with(backbone, method)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels_for(batch)
+        ).loss
+    assert tokens == int(batch.attention_mask.sum())
+    assert len(batch.loss_tokens) == (3 if kind == "cls" else 3 + 5 + 1 + 3)
+    torch.testing.assert_close(ours, full, **TOL)
+    torch.testing.assert_close(ours, peft_loss, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------- (b) checkpointing
+def gradient(backbone, method, rows, checkpointing: bool):
+    backbone.gradient_checkpointing(checkpointing)
+    method.zero_grad(set_to_none=True)
+    loss, _ = loss_on(backbone, method.kv(backbone), rows)
+    loss.backward()
+    backbone.gradient_checkpointing(False)
+    return loss.detach(), [p.grad.clone() for p in method.parameters()]
+
+
+@pytest.mark.parametrize("method_name", ["prompt", "prefix"])
+def test_checkpointed_gradients_equal_unchecked(backbone, method_name):
+    method = make_method(backbone, method_name)
+    rows = examples("gen")
+    loss, grads = gradient(backbone, method, rows, checkpointing=False)
+    loss_ckpt, grads_ckpt = gradient(backbone, method, rows, checkpointing=True)
+    torch.testing.assert_close(loss_ckpt, loss, atol=0, rtol=0)  # the same forward
+    assert all(g.abs().max() > 0 for g in grads)
+    for g, g_ckpt in zip(grads, grads_ckpt):
+        torch.testing.assert_close(g_ckpt, g, **TOL)
+    assert not backbone.model.training and not any(p.requires_grad for p in backbone.model.parameters())
+    assert all(p.grad is None for p in backbone.model.parameters())
+    assert not any("forward" in vars(layer) for layer in backbone.decoder.modules())  # wrappers removed
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method_name", ["prompt", "prefix"])
+def test_checkpointing_really_recomputes(arch, method_name):
+    """Each layer's inner modules run twice per step (forward, then the replay in backward), and far fewer tensors
+    are saved for the backward pass."""
+    backbone = tiny_backbone(arch)
+    method = make_method(backbone, method_name)
+    rows = examples("cls")
+    mlps = [layer.mlp for layer in backbone.decoder.modules() if hasattr(layer, "mlp")]
+    assert len(mlps) == backbone.shapes.num_layers
+    calls = []
+    for mlp in mlps:  # a pre-hook: the replay stops early, once the last tensor the backward needs is recomputed
+        mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def step(checkpointing: bool) -> tuple[int, int]:
+        calls.clear()
+        saved = []
+        backbone.gradient_checkpointing(checkpointing)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss, _ = loss_on(backbone, method.kv(backbone), rows)
+        loss.backward()
+        backbone.gradient_checkpointing(False)
+        return len(calls), sum(saved)
+
+    forwards = 2 if method_name == "prompt" else 1  # prompt tuning also runs the model over P in kv()
+    calls_plain, saved_plain = step(False)
+    calls_ckpt, saved_ckpt = step(True)
+    assert calls_plain == forwards * len(mlps)
+    assert calls_ckpt == 2 * forwards * len(mlps)
+    assert saved_ckpt < saved_plain / 2, (saved_ckpt, saved_plain)
+
+
+def test_checkpointing_is_off_without_gradients(make_backbone):
+    """Evaluation and generation (no_grad) never pay for it, and the result is the same."""
+    backbone = make_backbone("qwen3")
+    method = make_method(backbone, "prefix")
+    rows = examples("gen")
+    with torch.no_grad():
+        plain, _ = loss_on(backbone, method.kv(backbone), rows)
+        backbone.gradient_checkpointing(True)
+        ckpt, _ = loss_on(backbone, method.kv(backbone), rows)
+    assert backbone.checkpointing
+    torch.testing.assert_close(ckpt, plain, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpointed_training_steps_match(arch):
+    """A few optimizer steps with and without checkpointing end at the same prompt (both methods)."""
+    for method_name in ("prompt", "prefix"):
+        results = []
+        for checkpointing in (False, True):
+            backbone = tiny_backbone(arch).gradient_checkpointing(checkpointing)
+            method = make_method(backbone, method_name)
+            optimizer = torch.optim.AdamW(method.parameters(), lr=0.05)
+            for step in range(3):
+                optimizer.zero_grad()
+                loss_on(backbone, method.kv(backbone), examples("gen", seed=step))[0].backward()
+                optimizer.step()
+            results.append([p.detach().clone() for p in method.parameters()])
+        for plain, ckpt in zip(*results):
+            torch.testing.assert_close(ckpt, plain, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------- (c) packing
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method_name", ["prompt", "prefix"])
+def test_packed_forward_equals_padded_forward(make_backbone, arch, attn, method_name):
+    """Right and left padding; one packed row for all (the default width) and one packed row per row (width 1)."""
+    backbone = make_backbone(arch, attn=attn)
+    method = make_method(backbone, method_name)
+    batch = collate(examples("gen") + examples("cls", seed=1), PAD)
+    ids, mask = batch.input_ids, batch.attention_mask
+    left_ids, left_mask = torch.full_like(ids, PAD), torch.zeros_like(mask)
+    for row, n in enumerate(mask.sum(-1).tolist()):  # the same rows, left-padded
+        left_ids[row, ids.shape[1] - n :], left_mask[row, ids.shape[1] - n :] = ids[row, :n], 1
+    with torch.no_grad():
+        kv = method.kv(backbone)
+        for ids_, mask_ in ((ids, mask), (left_ids, left_mask)):
+            reference, _ = backbone.forward(ids_, mask_, backbone.new_cache(kv, ids_.shape[0]))
+            for width in (None, 1):
+                kwargs = {} if width is None else {"width": width}
+                packed = backbone.packed_forward(kv, ids_, mask_, **kwargs)
+                real = mask_.bool()
+                torch.testing.assert_close(packed[real], reference[real], **TOL)
+                assert not packed[~real].any()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("method_name", ["prompt", "prefix"])
+def test_training_loss_and_gradients_equal_the_full_computation(backbone, method_name, checkpointing):
+    """`loss_on` (packed rows, head at the loss positions, optionally checkpointed) against transformers' own loss
+    over full-vocabulary logits of the padded batch: the same loss and the same gradients."""
+    method = make_method(backbone, method_name)
+    rows = examples("gen")
+    full_loss(backbone, method, collate(rows, PAD)).backward()
+    reference = [p.grad.clone() for p in method.parameters()]
+    method.zero_grad(set_to_none=True)
+    backbone.gradient_checkpointing(checkpointing)
+    loss, _ = loss_on(backbone, method.kv(backbone), rows)
+    loss.backward()
+    backbone.gradient_checkpointing(False)
+    with torch.no_grad():
+        torch.testing.assert_close(loss, full_loss(backbone, method, collate(rows, PAD)), **TOL)
+    for p, g in zip(method.parameters(), reference):
+        torch.testing.assert_close(p.grad, g, **TOL)
+
+
+def test_packed_forward_falls_back_where_it_cannot_pack(make_backbone):
+    """Per-row prefixes (6-dim) and attention kernels without dense masks take the padded path: same result."""
+    backbone = make_backbone("llama")
+    method = make_method(backbone, "prefix")
+    batch = collate(examples("cls"), PAD)
+    with torch.no_grad():
+        kv = method.kv(backbone)
+        per_row = kv[None].expand(3, *kv.shape)  # (B, layers, 2, kv_heads, n, head_dim)
+        reference, _ = backbone.forward(batch.input_ids, batch.attention_mask, backbone.new_cache(kv, 3))
+        packed = backbone.packed_forward(per_row, batch.input_ids, batch.attention_mask)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(packed[real], reference[real], **TOL)
+    assert not packed[~real].any()
