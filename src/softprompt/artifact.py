@@ -6,13 +6,14 @@ prompt tuning stores `prompt_embeddings` (num_tokens, hidden_size); prefix tunin
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from . import __version__, methods
 from .atomic import write_atomic, write_json
@@ -53,9 +54,38 @@ def save(out_dir: str | Path, method, task: TaskConfig, backbone: Backbone, trai
         "softprompt_version": __version__,
         "training": training or {},
     }
-    write_atomic(out_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    metadata = {"format": FORMAT, "sha256": digest(tensors)}
+    write_atomic(out_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_json(out_dir / CONFIG, config)
     return out_dir
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' names, shapes and bytes. Kept in the file's own header, so the file checks itself
+    (safetensors checks only sizes: a flipped byte would otherwise load as a silently wrong prompt)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().float().contiguous().cpu()
+        h.update(f"{name}:{list(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise SoftPromptError(
+            f"{path} is corrupted or truncated ({error}); retrain, or restore it from a checkpoint."
+        ) from None
+    if "sha256" in metadata and metadata["sha256"] != digest(tensors):  # artifacts of older versions have none
+        raise SoftPromptError(
+            f"{path} is corrupted: its tensors no longer match the checksum written with them; retrain, or "
+            "restore it from a checkpoint."
+        )
+    return tensors
 
 
 def load(prompt_dir: str | Path) -> Artifact:
@@ -67,19 +97,29 @@ def load(prompt_dir: str | Path) -> Artifact:
             raise SoftPromptError(f"{path} is missing: {prompt_dir} is not a softprompt artifact (train --out makes one).")
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SoftPromptError(f"{config_path} is not valid JSON ({error}); the artifact is damaged.") from None
+    if not isinstance(data, dict):
+        raise SoftPromptError(f"{config_path} holds no JSON object; the artifact is damaged.")
+    tensors = _read_weights(weights_path)
     try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise SoftPromptError(
-            f"{weights_path} is corrupted or truncated ({error}); retrain, or restore it from a checkpoint."
-        ) from None
-    prompt = from_dict(PromptConfig, {**data, "prefix_mlp": False})  # a saved prefix is always folded
-    task = from_dict(TaskConfig, data)
+        prompt = from_dict(PromptConfig, {**data, "prefix_mlp": False})  # a saved prefix is always folded
+        task = from_dict(TaskConfig, data)
+    except (SoftPromptError, TypeError) as error:
+        raise SoftPromptError(f"{config_path} describes no valid prompt: {error}") from None
     expected = {"prompt": "prompt_embeddings", "prefix": "prefix"}[prompt.method]
     if expected not in tensors:
         raise SoftPromptError(f"{weights_path} lacks the tensor {expected!r} that method={prompt.method} needs.")
+    recorded = (data.get("tensor_shapes") or {}).get(expected)
+    actual = list(tensors[expected].shape)
+    tokens = actual[-2 if prompt.method == "prefix" else 0]  # (n, hidden) or (L, 2, kv, n, d)
+    if (recorded is not None and recorded != actual) or tokens != prompt.num_tokens:
+        raise SoftPromptError(
+            f"{weights_path} holds {expected} of shape {actual}, but {config_path} describes "
+            f"{recorded or f'{prompt.num_tokens} virtual tokens'}: the two files come from different runs."
+        )
+    if not torch.isfinite(tensors[expected]).all():
+        raise SoftPromptError(f"{weights_path} holds non-finite values (NaN or inf); retrain with a lower --lr.")
     extra = {k: v for k, v in data.items() if k not in to_dict(prompt) and k not in to_dict(task)}
     return Artifact(prompt, task, tensors, data.get("base_model", "?"), data.get("base_model_fingerprint", ""), extra)
 

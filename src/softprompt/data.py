@@ -10,38 +10,69 @@ from pathlib import Path
 
 import torch
 
-from .config import PLACEHOLDER, TaskConfig
+from .config import PLACEHOLDER, TOO_LONG, TaskConfig
 from .errors import SoftPromptError
 
 
-def read_records(path: str | Path) -> list[dict]:
+class Records(list):
+    """Rows read from one file (a list of dicts) that remember the file and the line each row starts on, so
+    problems found later, while encoding, can name them. Slices keep that memory."""
+
+    def __init__(self, rows: list[dict], path: str | Path, lines: list[int]):
+        super().__init__(rows)
+        self.path, self.lines = str(path), list(lines)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Records(list.__getitem__(self, index), self.path, self.lines[index])
+        return list.__getitem__(self, index)
+
+    def where(self, i: int) -> str:
+        return f"{self.path}, line {self.lines[i]} (example {i + 1})"
+
+
+def read_records(path: str | Path) -> Records:
     """Rows of a JSONL (.jsonl/.json, one object per line) or CSV/TSV file, as dicts of strings and values."""
     path = Path(path)
     if not path.is_file():
         raise SoftPromptError(f"Data file {path} does not exist.")
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
-        if suffix in (".csv", ".tsv"):
-            records = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-        elif suffix in (".jsonl", ".json", ".ndjson"):
-            records = []
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise SoftPromptError(
-                        f"{path}, line {number}: not valid JSON ({error.msg}). Each line must hold one JSON object."
-                    ) from None
-                if not isinstance(record, dict):
-                    raise SoftPromptError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}.")
-                records.append(record)
-        else:
-            raise SoftPromptError(f"{path}: unknown data format {suffix!r}; use .jsonl, .csv or .tsv.")
+    records, lines = [], []
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
+            if suffix in (".csv", ".tsv"):
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                end = 1  # the header's last line; a quoted field may span lines, so a row starts after the last
+                for row in reader:
+                    records.append(row)
+                    lines.append(end + 1)
+                    end = reader.line_num
+            elif suffix in (".jsonl", ".json", ".ndjson"):
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise SoftPromptError(
+                            f"{path}, line {number}, column {error.colno}: not valid JSON ({error.msg}). "
+                            "Each line must hold one JSON object."
+                        ) from None
+                    if not isinstance(record, dict):
+                        raise SoftPromptError(
+                            f"{path}, line {number}: expected a JSON object, got {type(record).__name__}."
+                        )
+                    records.append(record)
+                    lines.append(number)
+            else:
+                raise SoftPromptError(f"{path}: unknown data format {suffix!r}; use .jsonl, .csv or .tsv.")
+    except UnicodeDecodeError as error:
+        raise SoftPromptError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}).") from None
+    except csv.Error as error:
+        raise SoftPromptError(f"{path}, line {reader.line_num}: malformed CSV ({error}).") from None
     if not records:
-        raise SoftPromptError(f"{path} holds no examples.")
-    return records
+        raise SoftPromptError(f"{path} holds no examples: the data set is empty.")
+    return Records(records, path, lines)
 
 
 def fill(template: str, record: dict) -> str:
@@ -65,10 +96,33 @@ class Example:
 class Task:
     """A TaskConfig bound to a tokenizer: formats, tokenizes and checks records."""
 
-    def __init__(self, config: TaskConfig, tokenizer, max_length: int = 512):
+    def __init__(
+        self, config: TaskConfig, tokenizer, max_length: int = 512, too_long: str = "truncate",
+        context: int | None = None, virtual_tokens: int = 0,
+    ):
+        """`too_long`: an example longer than the limit has its input cut from the left with a warning
+        ("truncate"), or the data is refused ("refuse"). `context`: positions the model attends over
+        (max_position_embeddings); the virtual tokens take `virtual_tokens` of them, and max_length is capped
+        to what is left."""
+        if too_long not in TOO_LONG:
+            raise SoftPromptError(f"too_long {too_long!r} is not one of {', '.join(TOO_LONG)}")
         self.config = config
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        self.too_long = too_long
+        self.max_length, self.limit_reason = max_length, f"max_length {max_length}"
+        if context is not None:
+            room = context - virtual_tokens
+            if room < 2:
+                raise SoftPromptError(
+                    f"{virtual_tokens} virtual tokens leave no room for an example in the model's context of "
+                    f"{context} positions; use fewer (--num-tokens)."
+                )
+            if room < max_length:
+                self.max_length = room
+                self.limit_reason = (
+                    f"max_length {max_length} capped by the model's context: {context} positions minus "
+                    f"{virtual_tokens} virtual tokens"
+                )
         # Each label word is tokenized on its own, with a leading space and no special tokens.
         self.label_ids = [tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in config.labels]
 
@@ -92,26 +146,51 @@ class Task:
             return int(text)
         raise KeyError(text)
 
+    def _absent_fields(self, records: list[dict], source: str) -> list[str]:
+        """A field that no record has is a mistake in the template or the options, not in the data: one line
+        for it instead of one per example."""
+        c = self.config
+        present = {key for record in records for key in record if key is not None}
+        seen = ", ".join(sorted(map(str, present)))
+        problems = []
+        for name in dict.fromkeys(c.fields):
+            if name not in present:
+                problems.append(
+                    f"{source}: the template {c.template!r} names the field {{{name}}}, but no record has it "
+                    f"(the records have: {seen})"
+                )
+        option = "--label-field" if self.is_classification else "--target-field"
+        name = c.label_field if self.is_classification else c.target_field
+        if name not in present and name not in c.fields:
+            problems.append(f"{source}: {option} {name!r} names a field no record has (the records have: {seen})")
+        return problems
+
     def encode(self, records: list[dict], source: str = "data") -> list[Example]:
-        """Encode all records, collecting every problem into one message."""
-        problems, examples, truncated = [], [], 0
+        """Encode all records, collecting every problem into one message. `records` from read_records know
+        their file and lines, which the messages then name."""
+        source = records.path if isinstance(records, Records) else source
+        where = records.where if isinstance(records, Records) else lambda i: f"{source}, example {i + 1}"
+        if not records:
+            raise SoftPromptError(f"{source} holds no examples: the data set is empty.")
+        absent = self._absent_fields(records, source)  # stated first, above the examples that lack them
+        problems, examples, too_long = [], [], []
         c = self.config
         needed = c.fields + [c.label_field if self.is_classification else c.target_field]
-        for number, record in enumerate(records, start=1):
-            missing = [f for f in needed if f not in record or record[f] is None]
+        for i, record in enumerate(records):
+            missing = list(dict.fromkeys(f for f in needed if f not in record or record[f] is None))
             if missing:
-                problems.append(f"{source}, example {number}: missing field(s) {', '.join(missing)}")
+                problems.append(f"{where(i)}: missing field(s) {', '.join(missing)}")
                 continue
             ids = self.input_ids(fill(c.template, record))
             if not ids:
-                problems.append(f"{source}, example {number}: the template gives an empty input")
+                problems.append(f"{where(i)}: the template gives an empty input")
                 continue
             if self.is_classification:
                 try:
                     label = self.label_index(record[c.label_field])
                 except KeyError as error:
                     problems.append(
-                        f"{source}, example {number}: label {error.args[0]!r} in field {c.label_field!r} "
+                        f"{where(i)}: label {error.args[0]!r} in field {c.label_field!r} "
                         f"is not among the label words {c.labels} (or their indices)"
                     )
                     continue
@@ -121,23 +200,36 @@ class Task:
                 example = Example(ids, self.target_ids(target), target=target)
             room = self.max_length - len(example.target_ids)
             if room < 1:
+                field = c.label_field if self.is_classification else c.target_field
                 problems.append(
-                    f"{source}, example {number}: the target alone takes {len(example.target_ids)} tokens, "
-                    f"no room for the input within max_length {self.max_length}; raise --max-length"
+                    f"{where(i)}: the target of field {field!r} alone takes {len(example.target_ids)} "
+                    f"tokens, leaving no room for the input within {self.limit_reason}"
                 )
                 continue
             if len(ids) > room:
-                truncated += 1
+                too_long.append(f"{where(i)}: {len(ids) + len(example.target_ids)} tokens")
                 example.input_ids = ids[len(ids) - room :]  # keep the end, next to the answer
             examples.append(example)
-        if problems:
-            shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-            raise SoftPromptError("Problems in the data:\n  - " + "\n  - ".join(shown))
-        if not examples:
-            raise SoftPromptError(f"{source} holds no examples.")
-        if truncated:
-            warnings.warn(f"{source}: {truncated} example(s) longer than {self.max_length} tokens were truncated.")
+        sections = absent + ([_listed(problems, "\n  - ")] if problems else [])
+        if too_long and self.too_long == "refuse":
+            sections.append(
+                f"{len(too_long)} example(s) longer than {self.max_length} tokens ({self.limit_reason}); "
+                "shorten them, raise --max-length, or pass --too-long truncate to cut their inputs:\n    "
+                + _listed(too_long, "\n    ")
+            )
+        if sections:
+            raise SoftPromptError("Problems in the data:\n  - " + "\n  - ".join(sections))
+        if too_long:
+            warnings.warn(
+                f"{source}: {len(too_long)} example(s) longer than {self.max_length} tokens ({self.limit_reason}) "
+                f"had their input cut from the left to fit: {_listed(too_long, '; ')}",
+                stacklevel=2,
+            )
         return examples
+
+
+def _listed(items: list[str], sep: str, cap: int = 10) -> str:
+    return sep.join(items[:cap] + ([f"... and {len(items) - cap} more"] if len(items) > cap else []))
 
 
 @dataclass

