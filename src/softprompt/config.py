@@ -14,6 +14,7 @@ INITS = ("random", "vocab", "text", "labels")
 TASKS = ("classification", "generation")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("linear", "cosine", "constant")
+TOO_LONG = ("truncate", "refuse")
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 """A `{field}` in a template."""
 
@@ -131,7 +132,13 @@ class TrainConfig:
     """Stop after this many evaluations without improvement (0: never stop early)."""
     seed: int = 0
     max_length: int = 512
-    """Longest input in tokens; longer inputs are truncated from the left of the record text."""
+    """Longest example (input + target) in tokens."""
+    too_long: Literal["truncate", "refuse"] = "truncate"
+    """An example longer than max_length: cut its input from the left with a warning, or refuse the data."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint every this many steps (0: only on interruption)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass: less memory, one more forward per step."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -146,7 +153,9 @@ class TrainConfig:
             problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        for name in ("warmup_steps", "eval_every", "patience", "weight_decay", "max_grad_norm"):
+        if self.too_long not in TOO_LONG:
+            problems.append(f"too_long {self.too_long!r} is not one of {', '.join(TOO_LONG)}")
+        for name in ("warmup_steps", "eval_every", "patience", "weight_decay", "max_grad_norm", "checkpoint_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.eval_size < 1 or self.max_length < 2:

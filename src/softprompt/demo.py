@@ -78,7 +78,7 @@ def run_demo(out: Path, steps: int = 150, method: str = "prompt", test_size: int
     run = train(
         backbone, task, prompt_config, TrainConfig(steps=steps, **DEMO_TRAINING),
         task.encode(splits["train"], "train"), out / "prompt", task.encode(splits["valid"], "valid"),
-        progress=progress,
+        progress=progress, resume=True,  # a demo run again continues (or just reuses) the run already in `out`
     )
     with torch.no_grad():
         prefix = run.method.kv(backbone)

@@ -2,27 +2,38 @@
 
 Only the prompt method's parameters reach the optimizer; the base model was frozen once by Backbone. The
 artifact written to `out_dir` is always the best prompt seen on the validation set (the last one without one).
+
+Runs unchanged under `accelerate launch`: every process draws the same global batch from the seeded data order and
+trains on its own slice of it; the prompt's gradients are averaged across processes (DDP over the prompt module
+only); the main process validates, logs and writes. Checkpoints hold everything needed to continue exactly, and
+SIGTERM/SIGINT write one before the run stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
 from . import artifact, methods
-from .checkpoint import save_checkpoint
 from .backbone import Backbone
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PromptConfig, TrainConfig, to_dict
 from .data import Example, Task, collate
 from .errors import SoftPromptError
@@ -39,6 +50,14 @@ class Run:
     """Also stored in the artifact's config.json under `training`."""
 
 
+class TrainingInterrupted(SoftPromptError):
+    """SIGTERM or SIGINT arrived; a checkpoint was written first."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -53,23 +72,39 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def batch_stream(examples: list[Example], batch_size: int, generator: torch.Generator):
-    """Endless seeded shuffles of the data cut into full batches (each epoch drops its short tail)."""
-    while True:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield [examples[i] for i in order[start : start + batch_size]]
-        if len(order) < batch_size:
-            yield [examples[i] for i in order]
+class BatchOrder:
+    """The global batches of a run as a pure function of (seed, batch index): epoch e is a seeded shuffle of the
+    data cut into full batches (its short tail dropped), so a resumed run continues with the very next batch."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.per_epoch = max(1, len(examples) // batch_size)
+        self._epoch, self._order = -1, []
+
+    def __getitem__(self, index: int) -> list[Example]:
+        epoch, start = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.examples), generator=generator).tolist()
+        start *= self.batch_size
+        return [self.examples[i] for i in self._order[start : start + self.batch_size]]
 
 
-def loss_on(backbone: Backbone, kv: torch.Tensor, examples: list[Example]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the examples' target tokens (full vocabulary, head run only at those positions)."""
+def loss_on(
+    backbone: Backbone,
+    kv: torch.Tensor,
+    examples: list[Example],
+    normalizer: float | None = None,
+    prefix_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Cross-entropy summed over the examples' target tokens (full vocabulary, the head run only at those positions)
+    and divided by `normalizer` (default: their count, i.e. the mean). Returns it and the real input tokens.
+    kv: a shared prefix, or one per row with its `prefix_mask` (see `row_prefixes`)."""
     batch = collate(examples, backbone.tokenizer.pad_token_id).to(backbone.device)
-    cache = backbone.new_cache(kv, batch.input_ids.shape[0])
-    hidden, _ = backbone.forward(batch.input_ids, batch.attention_mask, cache)
-    logits = backbone.logits(hidden[batch.loss_rows, batch.loss_positions])  # (K, vocab)
-    return F.cross_entropy(logits, batch.loss_tokens), batch.num_input_tokens
+    hidden = backbone.target_hidden(batch, kv, prefix_mask)  # (K, hidden)
+    logits = backbone.logits(hidden)  # (K, vocab)
+    total = F.cross_entropy(logits, batch.loss_tokens, reduction="sum")
+    return total / (normalizer or len(batch.loss_tokens)), batch.num_input_tokens
 
 
 def selection_key(result: dict) -> tuple:
@@ -77,6 +112,74 @@ def selection_key(result: dict) -> tuple:
     if "accuracy" in result:
         return (result["accuracy"], result["gold_logprob"])
     return (-result["loss"],)
+
+
+@contextlib.contextmanager
+def signals_caught():
+    """SIGTERM and SIGINT set a flag that the loop reads after each step (a second one stops at once)."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield caught
+        return
+
+    def handler(number, _frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(number)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def resume_state(out_dir: Path, prompt_config: PromptConfig, cfg: TrainConfig) -> dict | None:
+    """The newest checkpoint's state, after checking that it belongs to this very run."""
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        return None
+    state = load_checkpoint(path)
+    saved = {**state.get("prompt_config", {}), **state.get("train_config", {})}
+    now = {**to_dict(prompt_config), **to_dict(cfg)}
+    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        raise SoftPromptError(
+            f"cannot resume from {path}: the run was started with other settings ({'; '.join(changed)}). "
+            "Resume with the original settings, or train into a new --out."
+        )
+    return state
+
+
+@dataclass
+class TaskData:
+    """One task of a run: how records become examples, its data, and optionally a prompt to start from."""
+
+    task: Task
+    train: list[Example]
+    valid: list[Example] = field(default_factory=list)
+    init: methods.PromptMethod | None = None
+    """Start from this prompt (e.g. a trained one: transfer) instead of building one from the prompt config."""
+
+
+class PromptSet(nn.Module):
+    """The prompts of a run, one per task; one module, so one optimizer and one DDP wrapper cover them all."""
+
+    def __init__(self, prompts: dict[str, methods.PromptMethod]):
+        super().__init__()
+        self.prompts = nn.ModuleDict(prompts)
+
+    def forward(self, backbone: Backbone) -> dict[str, torch.Tensor]:
+        return {name: prompt.kv(backbone) for name, prompt in self.prompts.items()}
+
+
+def row_prefixes(backbone: Backbone, kvs: dict[str, torch.Tensor], names: list[str]):
+    """The prefix for a batch whose rows belong to `names`' tasks: shared (5-D, no mask) when they are all one task,
+    else per row, shorter prefixes left-padded with masked slots."""
+    if len(set(names)) == 1:
+        return kvs[names[0]], None
+    return backbone.stack_prefixes([kvs[name] for name in names])
 
 
 def train(
@@ -89,103 +192,233 @@ def train(
     valid_examples: list[Example] | None = None,
     init_method: methods.PromptMethod | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> Run:
-    cfg = train_config
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(cpu=backbone.device.type == "cpu")
+    """Train one prompt for one task; `out_dir` becomes its artifact (plus log, plot and checkpoints)."""
+    data = TaskData(task, train_examples, valid_examples or [], init_method)
+    return _train(backbone, {"prompt": data}, prompt_config, train_config, Path(out_dir), progress, resume,
+                  single=True)["prompt"]
+
+
+def train_multitask(
+    backbone: Backbone,
+    tasks: dict[str, TaskData],
+    prompt_config: PromptConfig,
+    train_config: TrainConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    resume: bool = False,
+) -> dict[str, Run]:
+    """Train one prompt per task at once over the mixture of their data (each global batch a seeded draw from all
+    examples, so tasks are mixed in proportion to their sizes; each row runs behind its own task's prompt). Writes
+    the artifact of task `name` to `out_dir/name`, each selected on that task's own validation data."""
+    bad = [name for name in tasks if not name or not name.replace("-", "").replace("_", "").isalnum()]
+    if bad or not tasks:
+        raise SoftPromptError(f"task names must be non-empty letters, digits, '-' or '_' (they name folders); got "
+                              f"{bad or 'no tasks'}")  # fmt: skip
+    return _train(backbone, tasks, prompt_config, train_config, Path(out_dir), progress, resume, single=False)
+
+
+def _train(
+    backbone: Backbone,
+    tasks: dict[str, TaskData],
+    prompt_config: PromptConfig,
+    cfg: TrainConfig,
+    out_dir: Path,
+    progress: bool,
+    resume: bool,
+    single: bool,
+) -> dict[str, Run]:
+    """The loop behind both: `single` runs write their one artifact into `out_dir` itself."""
+    # Without CUDA, processes started by `accelerate launch`/torchrun train on the CPU and synchronise over gloo.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=len(tasks) > 1)])
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise SoftPromptError(
+            f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world} x {cfg.grad_accum}."
+        )
+    empty = [name for name, data in tasks.items() if not data.train]
+    if empty:
+        raise SoftPromptError(f"no training examples for {', '.join(empty)}: the training data is empty.")
+    state = resume_state(out_dir, prompt_config, cfg) if resume else None
+    if not resume and latest_checkpoint(out_dir):
+        raise SoftPromptError(
+            f"{out_dir} already holds a run (checkpoint {latest_checkpoint(out_dir).name}); pass --resume to "
+            "continue it, or choose another --out."
+        )
+    artifact_dir = {name: out_dir if single else out_dir / name for name in tasks}
+    backbone.model.to(accelerator.device)
+    backbone.gradient_checkpointing(cfg.gradient_checkpointing)
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    method = init_method or methods.build(prompt_config, backbone, task.config.labels, generator)
-    optimizer = make_optimizer(method.parameters(), cfg)
+    prompts = PromptSet({
+        name: data.init or methods.build(prompt_config, backbone, data.task.config.labels, generator)
+        for name, data in tasks.items()
+    }).to(accelerator.device)  # fmt: skip
+    optimizer = make_optimizer(prompts.parameters(), cfg)
+    # Not prepared by accelerate: its wrapper would step once per process; `steps` counts global optimizer steps.
     scheduler = get_scheduler(
         cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
         optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps,
     )
-    model, optimizer, scheduler = accelerator.prepare(method, optimizer, scheduler)
-    valid = (valid_examples or [])[: cfg.eval_size]
-    micro_size = cfg.batch_size // cfg.grad_accum
-    stream = batch_stream(train_examples, cfg.batch_size, generator)
+    model, optimizer = accelerator.prepare(prompts, optimizer)
+    valid = {name: data.valid[: cfg.eval_size] for name, data in tasks.items() if data.valid}
+    mixture = [(name, example) for name, data in tasks.items() for example in data.train]
+    order = BatchOrder(mixture, cfg.batch_size, cfg.seed)
+    shard = cfg.batch_size // world  # this process's rows of each global batch
+    micro = shard // cfg.grad_accum
     log_path = out_dir / "metrics.jsonl"
-    log_path.write_text("")
-    history, best, evals_without_gain = [], None, 0
-    tokens_seen, train_seconds, started = 0, 0.0, time.perf_counter()
+    history: list[dict] = []
+    best: dict[str, tuple] = {}  # per task: selection key, step, artifact tensors
+    evals_without_gain = dict.fromkeys(tasks, 0)
+    first_step, stopped_early, tokens_seen, train_seconds, started = 1, False, 0, 0.0, time.perf_counter()
+
+    if state:
+        prompts.load_state_dict(state["prompts"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        best, evals_without_gain, stopped_early = state["best"], state["evals_without_gain"], state["stopped_early"]
+        first_step = cfg.steps + 1 if state["finished"] else state["step"] + 1
+        tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
+        if log_path.is_file():  # the log as it was at the checkpoint: later lines are about to be redone
+            history = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
+            history = [r for r in history if r["step"] <= state["step"]]
+        if main:
+            tqdm.write(f"resuming from {latest_checkpoint(out_dir)} (step {state['step']} of {cfg.steps})",
+                       file=sys.stderr)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
 
     def log(record: dict) -> None:
         history.append(record)
-        with log_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if main:
+            with log_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
-    def validate(step: int) -> dict:
-        with torch.no_grad():
-            result = evaluate(backbone, task, valid, method.kv(backbone))
-        log({"step": step, "valid": result})
-        return result
+    def training_summary(name: str) -> dict:
+        step = best[name][1] if name in best else None
+        result = next((r["valid"] for r in history if r["step"] == step and r.get("task", name) == name
+                       and "valid" in r), {})  # fmt: skip
+        return {"best_step": step, "valid": result, **to_dict(cfg), "processes": world,
+                **({} if single else {"task": name, "tasks": sorted(tasks)})}  # fmt: skip
 
-    def save_best(step: int, result: dict) -> None:
-        nonlocal best_tensors, summary
-        best_tensors = method.artifact_tensors()
-        summary = {"best_step": step, "valid": result, **to_dict(cfg)}
-        artifact.save(out_dir, method, task.config, backbone, training=summary)  # kept on disk as we go
-
-    best_tensors, summary = {}, {}
-    if valid:
-        result = validate(0)
-        best = selection_key(result)
-        save_best(0, result)
-
-    bar = tqdm(range(1, cfg.steps + 1), desc="training", disable=not progress)
-    stopped_early = False
-    for step in bar:
-        step_started = time.perf_counter()
-        step_loss = 0.0
-        batch = next(stream)
-        for start in range(0, len(batch), micro_size):
-            # The prompt's K/V is computed once per micro-batch (once per step without accumulation), shared by rows.
-            kv = model(backbone)
-            loss, tokens = loss_on(backbone, kv, batch[start : start + micro_size])
-            accelerator.backward(loss / cfg.grad_accum)
-            step_loss += loss.item() / cfg.grad_accum
-            tokens_seen += tokens
-        if not math.isfinite(step_loss):
-            raise SoftPromptError(
-                f"The loss became {step_loss} at step {step}; the best prompt so far stays in {out_dir}. "
-                f"Try a lower learning rate (now {cfg.lr}) or gradient clipping (--max-grad-norm)."
-            )
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_seconds += time.perf_counter() - step_started
-        log({"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-             "tokens_per_s": round(tokens_seen / train_seconds, 1)})
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-
-        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-            if valid:
-                result = validate(step)
-                if selection_key(result) > best:
-                    best, evals_without_gain = selection_key(result), 0
-                    save_best(step, result)
+    def validate_and_keep_best(step: int) -> bool:
+        """Validate each task on the main process, keeping each task's best prompt; True when training should stop
+        early: no task improved for `patience` evaluations (the same answer on every process)."""
+        stop = [False]
+        if main:
+            for name, examples in valid.items():
+                prompt = prompts.prompts[name]
+                with torch.no_grad(), accelerator.autocast():
+                    result = evaluate(backbone, tasks[name].task, examples, prompt.kv(backbone))
+                log({"step": step, **({} if single else {"task": name}), "valid": result})
+                if name not in best or selection_key(result) > best[name][0]:
+                    best[name], evals_without_gain[name] = (selection_key(result), step, prompt.artifact_tensors()), 0
+                    artifact.save(artifact_dir[name], prompt, tasks[name].task.config, backbone,
+                                  training=training_summary(name))  # fmt: skip
                 else:
-                    evals_without_gain += 1
-            save_checkpoint(out_dir, step, {
-                "method": method.checkpoint_tensors(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "best": best, "evals_without_gain": evals_without_gain,
-            })
-            if valid and cfg.patience and evals_without_gain >= cfg.patience:
-                stopped_early = True
-                break
-    bar.close()
+                    evals_without_gain[name] += 1
+            stop = [bool(cfg.patience) and all(evals_without_gain[n] >= cfg.patience for n in valid)]
+        return broadcast_object_list(stop)[0]
 
-    if not valid:
-        save_best(step, {})
-    plot_losses(history, out_dir / "loss.png")
-    summary.update(last_step=step, stopped_early=stopped_early, seconds=round(time.perf_counter() - started, 1))
-    best_method = methods.from_tensors(method.config, backbone, best_tensors)
-    artifact.save(out_dir, best_method, task.config, backbone, training=summary)
-    return Run(best_method, summary)
+    def checkpoint(step: int, finished: bool = False) -> Path | None:
+        if not main:
+            return None
+        return save_checkpoint(out_dir, step, {
+            "prompts": {k: v.detach().clone() for k, v in prompts.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "batches_consumed": step,
+            "best": best, "evals_without_gain": evals_without_gain, "tokens_seen": tokens_seen,
+            "train_seconds": train_seconds, "prompt_config": to_dict(prompt_config), "train_config": to_dict(cfg),
+            "finished": finished, "stopped_early": stopped_early,
+        })  # fmt: skip
+
+    if valid and state is None:
+        validate_and_keep_best(0)
+
+    step = state["step"] if state else 0
+    bar = tqdm(range(first_step, cfg.steps + 1), desc="training", disable=not (progress and main),
+               initial=first_step - 1, total=cfg.steps)  # fmt: skip
+    try:
+        with signals_caught() as caught:
+            for step in bar:
+                step_started = time.perf_counter()
+                batch = order[step - 1]  # (task name, example) pairs
+                rows = batch[rank * shard : (rank + 1) * shard]
+                # Every process knows the whole global batch, so each divides its summed loss by the global target
+                # count (times `world`, which DDP's gradient averaging undoes): the gradient of the global mean.
+                normalizer = sum(len(e.target_ids) for _, e in batch) / world
+                step_loss = torch.zeros((), device=accelerator.device)
+                for start in range(0, shard, micro):
+                    names, examples = zip(*rows[start : start + micro])
+                    last = start + micro >= shard
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+                        # Each prompt's K/V, once per micro-batch, shared by the rows of its task.
+                        kv, prefix_mask = row_prefixes(backbone, model(backbone), list(names))
+                        loss, _ = loss_on(backbone, kv, list(examples), normalizer, prefix_mask)
+                        accelerator.backward(loss)
+                    step_loss += loss.detach() / world
+                tokens_seen += sum(len(e.input_ids) + len(e.target_ids) for _, e in batch)
+                step_loss = float(accelerator.reduce(step_loss, "sum"))
+                if not math.isfinite(step_loss):
+                    last_good = latest_checkpoint(out_dir)
+                    raise SoftPromptError(
+                        f"The training loss became {step_loss} at step {step} (learning rate "
+                        f"{scheduler.get_last_lr()[0]:.3g}); training stopped. The best prompt so far stays in "
+                        f"{out_dir}" + (f", and the last good checkpoint is {last_good}" if last_good else "")
+                        + f". Try a lower --lr (now {cfg.lr}), more --warmup-steps, or --max-grad-norm 1.0."
+                    )
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                train_seconds += time.perf_counter() - step_started
+                log({"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                     "tokens_per_s": round(tokens_seen / train_seconds, 1)})  # fmt: skip
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+
+                evaluating = valid and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
+                stopped_early = bool(evaluating) and validate_and_keep_best(step)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpoint(step)
+                number = caught[0] if caught else 0
+                if world > 1:  # a signal that reached one process stops them all
+                    number = int(accelerator.reduce(torch.tensor(number, device=accelerator.device), "max"))
+                if number:
+                    path = checkpoint(step)
+                    raise TrainingInterrupted(
+                        f"{signal.Signals(number).name} received: stopped after step {step}"
+                        + (f", checkpoint written to {path}" if path else "")
+                        + ". Run the same command with --resume to continue.",
+                        number,
+                    )
+                if stopped_early:
+                    break
+    finally:
+        bar.close()
+        backbone.gradient_checkpointing(False)
+
+    for name in tasks:  # a task without validation data keeps its last prompt
+        if name not in valid:
+            best[name] = ((), step, prompts.prompts[name].artifact_tensors())
+    best = broadcast_object_list([best])[0]  # only the main process validated
+    runs = {}
+    for name, data in tasks.items():
+        summary = training_summary(name)
+        summary.update(last_step=step, stopped_early=stopped_early, seconds=round(time.perf_counter() - started, 1))
+        best_method = methods.from_tensors(prompts.prompts[name].config, backbone, best[name][2])
+        if main:
+            artifact.save(artifact_dir[name], best_method, data.task.config, backbone, training=summary)
+        runs[name] = Run(best_method, summary)
+    if main:
+        checkpoint(step, finished=True)
+        plot_losses(history, out_dir / "loss.png")
+    accelerator.wait_for_everyone()
+    return runs
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
@@ -209,11 +442,13 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.set_ylabel("loss")
     evals = [r for r in history if "valid" in r]
     if evals:
-        key = "accuracy" if "accuracy" in evals[0]["valid"] else "loss"
         other = ax.twinx()
-        other.plot([r["step"] for r in evals], [r["valid"][key] for r in evals], "o-", color="tab:green",
-                   label=f"valid {key}")
-        other.set_ylabel(f"valid {key}")
+        for task in dict.fromkeys(r.get("task") for r in evals):  # one line per task, in order of appearance
+            mine = [r for r in evals if r.get("task") == task]
+            key = "accuracy" if "accuracy" in mine[0]["valid"] else "loss"
+            other.plot([r["step"] for r in mine], [r["valid"][key] for r in mine], "o-",
+                       label=f"{task + ' ' if task else ''}valid {key}")
+        other.set_ylabel("validation")
         other.legend(loc="upper right")
     ax.legend(loc="upper left")
     fig.tight_layout()

@@ -1,0 +1,5 @@
+"""`python -m softprompt`, e.g. under `accelerate launch -m softprompt train ...`."""
+
+from .cli import main
+
+main()
