@@ -23,7 +23,8 @@ class PromptMethod(nn.Module):
         self.shapes = shapes
 
     def kv(self, backbone) -> torch.Tensor:
-        """The prefix, (num_layers, 2, kv_heads, num_tokens, head_dim), differentiable w.r.t. this module."""
+        """The prefix, (num_layers, 2, kv_heads, num_tokens, head_dim), differentiable w.r.t. this module. On an
+        encoder-decoder, what `Seq2SeqBackbone` takes as a prefix (soft tokens for prompt tuning; see seq2seq.py)."""
         raise NotImplementedError
 
     def forward(self, backbone) -> torch.Tensor:  # so DDP-style wrappers see a forward call

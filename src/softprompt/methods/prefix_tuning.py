@@ -3,7 +3,8 @@
 Li & Liang (2021), "Prefix-Tuning: Optimizing Continuous Prompts for Generation"; deep prompts as in
 Liu et al. (2022), "P-Tuning v2". Optionally trained through an MLP reparameterization P = MLP(P'), which
 `artifact_tensors()` folds ("ejects") into plain key/values. Li & Liang advise, for little data, starting from
-the frozen model's own activations on real words: the non-random inits do that.
+the frozen model's own activations on real words: the non-random inits do that. On an encoder-decoder (T5) the
+layers are the encoder's self-attention then the decoder's (`Seq2SeqBackbone.shapes.num_layers` counts both).
 """
 
 from __future__ import annotations

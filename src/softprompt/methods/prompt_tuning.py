@@ -3,6 +3,8 @@
 Lester, Al-Rfou & Constant (2021), "The Power of Scale for Parameter-Efficient Prompt Tuning".
 In a causal model P attends only to itself, so the frozen model run once over P (batch 1) yields the exact
 per-layer keys/values every row sees: that is `kv()`, recomputed once per training step, not once per row.
+In a bidirectional encoder (T5) P attends to the input, so there `kv()` is P itself and the encoder reads [P; E]:
+the backbone decides (`prefix_from_embeddings`, seq2seq.py), nothing here changes.
 """
 
 from __future__ import annotations
