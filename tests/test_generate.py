@@ -20,7 +20,7 @@ from softprompt import methods
 from softprompt.backbone import Backbone
 from softprompt.config import PromptConfig
 from softprompt.errors import SoftPromptError
-from softprompt.generate import _next_tokens, decode_new, generate
+from softprompt.generate import next_tokens, decode_new, generate
 
 VOCAB = 100
 PAD, EOS = 0, 1
@@ -255,14 +255,14 @@ def test_sampling_is_seeded_and_plausible():
 def test_next_token_distribution():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(4000, 1)  # (rows, vocab)
     g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(_next_tokens(logits, 1.0, 1.0, g), minlength=4) / 4000
+    counts = torch.bincount(next_tokens(logits, 1.0, 1.0, g), minlength=4) / 4000
     assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
     # top_p 0.7: the nucleus is {0, 1} (0.5 falls short, 0.8 reaches it), renormalized to 5/8, 3/8
-    counts = torch.bincount(_next_tokens(logits, 1.0, 0.7, g), minlength=4) / 4000
+    counts = torch.bincount(next_tokens(logits, 1.0, 0.7, g), minlength=4) / 4000
     assert counts[2:].sum() == 0 and abs(float(counts[0]) - 0.625) < 0.03
     # temperature 2 flattens: p ∝ sqrt(p)
     flat = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
-    counts = torch.bincount(_next_tokens(logits, 2.0, 1.0, g), minlength=4) / 4000
+    counts = torch.bincount(next_tokens(logits, 2.0, 1.0, g), minlength=4) / 4000
     assert torch.allclose(counts, flat / flat.sum(), atol=0.03)
 
 

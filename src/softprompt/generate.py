@@ -28,7 +28,7 @@ def decode_new(tokenizer, ids: list[int], stop: list[str] | None = None) -> str:
     return text if cut < 0 else text[:cut]
 
 
-def _trim_to_stop(tokenizer, ids: list[int], stop: list[str]) -> list[int] | None:
+def trim_to_stop(tokenizer, ids: list[int], stop: list[str]) -> list[int] | None:
     """None while the text of `ids` holds no stop string; else the longest leading run of `ids` whose text ends
     before the stop string begins (a token straddling the boundary goes too: tokens cannot be split)."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -68,31 +68,14 @@ def _check(backbone, prompts, prefix, prefix_mask, max_new_tokens, temperature, 
     if not 0 < top_p <= 1:
         problems.append(f"top_p must be in (0, 1], got {top_p}")
     if prefix is not None:
-        s = backbone.shapes
-        expected = (s.num_layers, 2, s.num_kv_heads, s.head_dim)
-        if prefix.dim() not in (5, 6):
-            problems.append(f"prefix must have 5 dims (shared) or 6 (per row), got shape {tuple(prefix.shape)}")
-        else:
-            got = tuple(prefix.shape[-5:-2]) + (prefix.shape[-1],)
-            if got != expected:
-                problems.append(
-                    f"prefix shape {tuple(prefix.shape)} does not match the model: expected "
-                    f"(..., {s.num_layers}, 2, {s.num_kv_heads}, n, {s.head_dim})"
-                )
-            if prefix.dim() == 6 and prefix.shape[0] != len(prompts):
-                problems.append(f"per-row prefix has {prefix.shape[0]} rows for {len(prompts)} prompts")
-            if prefix_mask is not None and tuple(prefix_mask.shape) != (len(prompts), prefix.shape[-2]):
-                problems.append(
-                    f"prefix_mask shape {tuple(prefix_mask.shape)} should be (rows, prefix slots) = "
-                    f"({len(prompts)}, {prefix.shape[-2]})"
-                )
+        problems += backbone.prefix_problems(prefix, prefix_mask, len(prompts))
     elif prefix_mask is not None:
         problems.append("prefix_mask given without a prefix")
     if problems:
         raise SoftPromptError("Cannot generate:\n  - " + "\n  - ".join(problems))
 
 
-def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     """One token per row from (B, vocab) logits."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -166,7 +149,7 @@ def generate(
     done = [False] * batch
     bar = tqdm(total=max_new_tokens, desc="generating", disable=not progress, leave=False)
     for step in range(max_new_tokens):
-        tokens = _next_tokens(logits, temperature, top_p, generator)  # (B,)
+        tokens = next_tokens(logits, temperature, top_p, generator)  # (B,)
         is_eos = torch.isin(tokens, eos).tolist()
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
@@ -176,7 +159,7 @@ def generate(
                 continue
             outputs[row].append(token)
             if stop:
-                trimmed = _trim_to_stop(tokenizer, outputs[row], stop)
+                trimmed = trim_to_stop(tokenizer, outputs[row], stop)
                 if trimmed is not None:
                     outputs[row], done[row] = trimmed, True
         bar.update(1)

@@ -1,0 +1,276 @@
+"""Serving many prompts on one model: softprompt's engine (mixed-prompt continuous batching) against PEFT serving
+the same requests group by group, side by side in one process (issue 4).
+
+The embedded SmolLM2-135M (float32, CPU) is loaded once; both libraries use this very model object.
+
+- Prompts: 16 soft prompts (prompt tuning) of 10 to 40 virtual tokens, random vocabulary-initialized
+  (`methods.build` with init="vocab", seeds 0-15), untrained: the work, hence the speed, does not depend on the
+  values. PEFT gets the same embeddings: one PromptTuningConfig adapter per prompt in one PeftModel, each adapter's
+  embedding weight = our embeddings.
+- Workload: 64 requests (4 per prompt, different texts), all arriving at once, each generating exactly 32 new tokens
+  greedily (ours: `ignore_eos`; PEFT: min_new_tokens = max_new_tokens = 32).
+- Ours: `Engine.step()` until all are done: every request in one mixed batch, each prompt's K/V computed once
+  beforehand (as the server's registry does when it loads a prompt; its time is reported apart).
+- PEFT: for each prompt in turn, `set_adapter` then `generate` on its 4 requests in one left-padded batch (PEFT
+  cannot put different prompts in one batch); a request's latency is when its group finishes.
+- Throughput: 64 x 32 tokens / makespan; latency p50/p95 over the 64 requests; ratio = ours / PEFT.
+- Time to first token: one request after a 100-token soft prompt; ours: submit + the engine's first step (prefill
+  of the request's text after the cached K/V); PEFT: `generate(max_new_tokens=1)`, which runs the virtual tokens
+  too. Median of --ttft-repeats, the two alternating; ratio = PEFT / ours.
+- The workload runs --repeats times, the order of the two flipping each time; ratios per repetition, then medians.
+- Greedy outputs are compared (before any EOS, where the two rules differ). PEFT's own output for a request
+  can change with the left padding its batch gives it (measured here: a padded row's batched output differs from
+  the same request run alone), so differing ones (up to --check-alone) are re-run through PEFT alone, outside the
+  timing, and compared again.
+
+    python benchmarks/serve_speed.py            # table
+    python benchmarks/serve_speed.py --json     # {"throughput_ratio": ..., "ttft_ratio": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+STARTS = ["Write a short story about", "Explain to a child how", "List three facts about", "Describe the smell of",
+          "Give me a recipe for", "What is the history of", "Summarize the plot of a film about",
+          "Translate into French: I love", "Write a haiku about", "Why do people enjoy", "Compose an email about",
+          "Tell a joke about", "How would you teach", "Invent a new sport involving", "Describe a city built on",
+          "Argue for and against"]  # fmt: skip
+TOPICS = ["the sea", "old trains and rainy afternoons", "a cat", "mountains in winter"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def build_prompt(backbone, num_tokens: int, seed: int):
+    """A random vocab-initialized soft prompt (untrained)."""
+    from softprompt import methods
+    from softprompt.config import PromptConfig
+
+    config = PromptConfig(method="prompt", num_tokens=num_tokens, init="vocab")
+    return methods.build(config, backbone, generator=torch.Generator().manual_seed(seed))
+
+
+def peft_model_with(backbone, prompts: list, names: list[str]):
+    """One PeftModel over this very model, one prompt-tuning adapter per prompt, holding our embeddings."""
+    import peft
+
+    model = None
+    for name, prompt in zip(names, prompts):
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt.embeddings.shape[0])
+        if model is None:
+            model = peft.get_peft_model(backbone.model, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        with torch.no_grad():
+            model.prompt_encoder[name].embedding.weight.copy_(prompt.embeddings)  # (n, hidden)
+    assert model.get_base_model() is backbone.model
+    return model.eval()
+
+
+def run_ours(engine, requests, new_tokens: int):
+    """requests: (ids, prefix) each. Returns (seconds, per-request latencies, outputs)."""
+    from softprompt.serve.engine import Sampling, Sequence
+
+    done: dict[int, tuple[float, list[int]]] = {}
+    start = time.perf_counter()
+    rows = [Sequence(ids, prefix, Sampling(max_tokens=new_tokens, ignore_eos=True),
+                     lambda u, i=i: done.__setitem__(i, (time.perf_counter(), u.tokens)))
+            for i, (ids, prefix) in enumerate(requests)]  # fmt: skip
+    engine.submit(rows)
+    while len(done) < len(rows):
+        engine.step()
+    seconds = time.perf_counter() - start
+    return seconds, [done[i][0] - start for i in range(len(rows))], [done[i][1] for i in range(len(rows))]
+
+
+def peft_generate(model, tokenizer, texts: list[str], new_tokens: int) -> list[list[int]]:
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+    return out[:, -new_tokens:].tolist()
+
+
+def run_peft(model, tokenizer, groups: dict[str, list[int]], texts: list[str], new_tokens: int):
+    """Prompt by prompt, one batch each. Returns (seconds, latencies, outputs) in request order."""
+    latencies, outputs = [0.0] * len(texts), [None] * len(texts)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for name, members in groups.items():
+            model.set_adapter(name)
+            for i, tokens in zip(members, peft_generate(model, tokenizer, [texts[i] for i in members], new_tokens)):
+                latencies[i], outputs[i] = time.perf_counter() - start, tokens
+    return time.perf_counter() - start, latencies, outputs
+
+
+def same_before_eos(ours: list[int], theirs: list[int], eos: set[int]) -> bool:
+    cut = next((i for i, t in enumerate(ours) if t in eos), len(ours))
+    return ours[:cut] == theirs[:cut]
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.+)", f.read()).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), torch threads {torch.get_num_threads()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--ttft-prompt-tokens", type=int, default=100)
+    parser.add_argument("--ttft-repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=2, help="Workload repetitions, the order flipping each time.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on shared cores a second thread mostly spin-waits).")
+    parser.add_argument("--check-alone", type=int, default=8,
+                        help="Differing outputs to re-check against PEFT on the request alone (table mode).")
+    parser.add_argument("--json", action="store_true", help='Print only {"throughput_ratio": ..., "ttft_ratio": ...}.')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))  # noqa: E731
+
+    from transformers.utils import logging as hf_logging
+
+    from softprompt.backbone import Backbone
+    from softprompt.generate import eos_ids
+    from softprompt.models import load_model
+    from softprompt.serve.engine import Engine, EngineConfig, Sampling, Sequence
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    began = time.perf_counter()
+    backbone = Backbone(*load_model("smollm2-135m"))
+    tokenizer = backbone.tokenizer
+    lengths = [10 + (i * 2) % 31 for i in range(args.prompts)]  # 10 ... 40
+    prompts = [build_prompt(backbone, n, seed) for seed, n in enumerate(lengths)]
+    names = [f"p{i}" for i in range(args.prompts)]
+    ttft_prompt = build_prompt(backbone, args.ttft_prompt_tokens, seed=args.prompts)
+    peft_model = peft_model_with(backbone, prompts + [ttft_prompt], names + ["ttft"])
+
+    t = time.perf_counter()
+    with torch.no_grad():  # what the server's registry does once per loaded prompt
+        prefixes = [p.kv(backbone).detach() for p in prompts]
+        ttft_prefix = ttft_prompt.kv(backbone).detach()
+    kv_ms = (time.perf_counter() - t) * 1000 / (args.prompts + 1)
+
+    texts = [f"{STARTS[i % len(STARTS)]} {TOPICS[(i // len(STARTS)) % len(TOPICS)]}." for i in range(args.requests)]
+    owner = [i % args.prompts for i in range(args.requests)]
+    requests = [(tokenizer(text)["input_ids"], prefixes[k]) for text, k in zip(texts, owner)]
+    groups = {names[k]: [i for i in range(args.requests) if owner[i] == k] for k in range(args.prompts)}
+    engine = Engine(backbone, EngineConfig(max_batch=args.requests, max_queue=args.requests))
+
+    log("warming up ...")
+    run_ours(engine, requests[:4], 2)
+    run_peft(peft_model, tokenizer, {names[0]: [0, 1]}, texts, 2)
+
+    ours_runs, peft_runs, ratios = [], [], []
+    for rep in range(args.repeats):
+        order = ["ours", "peft"] if rep % 2 == 0 else ["peft", "ours"]
+        got = {}
+        for side in order:
+            log(f"repetition {rep + 1}/{args.repeats}: {side} ...")
+            if side == "ours":
+                got[side] = run_ours(engine, requests, args.new_tokens)
+            else:
+                got[side] = run_peft(peft_model, tokenizer, groups, texts, args.new_tokens)
+        ours_runs.append(got["ours"])
+        peft_runs.append(got["peft"])
+        ratios.append(got["peft"][0] / got["ours"][0])  # same tokens: throughput ratio = inverse time ratio
+
+    ttft_ids = tokenizer(texts[0])["input_ids"]
+    ours_ttft, peft_ttft = [], []
+    log("time to first token ...")
+    for rep in range(args.ttft_repeats):
+        for side in (["ours", "peft"] if rep % 2 == 0 else ["peft", "ours"]):
+            if side == "ours":
+                first = []
+                t = time.perf_counter()
+                engine.submit([Sequence(ttft_ids, ttft_prefix, Sampling(max_tokens=1), first.append)])
+                while not first:
+                    engine.step()
+                ours_ttft.append(time.perf_counter() - t)
+            else:
+                peft_model.set_adapter("ttft")
+                t = time.perf_counter()
+                with torch.no_grad():
+                    peft_generate(peft_model, tokenizer, [texts[0]], 1)
+                peft_ttft.append(time.perf_counter() - t)
+
+    total_tokens = args.requests * args.new_tokens
+    eos = eos_ids(backbone)
+    ours_out, peft_out = ours_runs[0][2], peft_runs[0][2]
+    differing = [i for i in range(args.requests) if not same_before_eos(ours_out[i], peft_out[i], eos)]
+    checked = differing[: args.check_alone]
+    alone_equal = 0
+    if checked and not args.json:  # PEFT's left-padded rows drift; run a few of them alone (outside the timing)
+        log(f"checking {len(checked)} differing outputs against PEFT on the request alone ...")
+        for i in checked:
+            peft_model.set_adapter(names[owner[i]])
+            with torch.no_grad():
+                alone = peft_generate(peft_model, tokenizer, [texts[i]], args.new_tokens)[0]
+            alone_equal += same_before_eos(ours_out[i], alone, eos)
+    throughput_ratio = statistics.median(ratios)
+    ttft_ratio = statistics.median(peft_ttft) / statistics.median(ours_ttft)
+    if args.json:
+        print(json.dumps({"throughput_ratio": round(throughput_ratio, 2), "ttft_ratio": round(ttft_ratio, 2)}))
+        return
+
+    import peft
+    import transformers
+
+    med = lambda runs, f: statistics.median(f(r) for r in runs)  # noqa: E731
+    rows = [
+        ("throughput (tokens/s)", med(ours_runs, lambda r: total_tokens / r[0]),
+         med(peft_runs, lambda r: total_tokens / r[0]), throughput_ratio, "ours / PEFT"),
+        ("latency p50 (s)", med(ours_runs, lambda r: statistics.median(r[1])),
+         med(peft_runs, lambda r: statistics.median(r[1])), None, ""),
+        ("latency p95 (s)", med(ours_runs, lambda r: percentile(r[1], 95)),
+         med(peft_runs, lambda r: percentile(r[1], 95)), None, ""),
+        (f"TTFT, {args.ttft_prompt_tokens}-token prompt (ms)", statistics.median(ours_ttft) * 1000,
+         statistics.median(peft_ttft) * 1000, ttft_ratio, "PEFT / ours"),
+    ]  # fmt: skip
+    load = "load average %.1f %.1f %.1f" % os.getloadavg()
+    print(f"softprompt serving vs PEFT group by group: {args.requests} requests over {args.prompts} prompts, "
+          f"{args.new_tokens} new tokens each (greedy), SmolLM2-135M float32 on CPU")
+    print(f"date     : {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    print(f"machine  : {machine()}, {load} at the end (other jobs share these cores)")
+    print(f"versions : torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
+    print(f"command  : {' '.join(shlex.quote(a) for a in ['python', *sys.argv])}")
+    print(f"prompts  : {args.prompts} random vocab-initialized soft prompts (init=vocab, seeds 0-{args.prompts - 1}), "
+          f"{min(lengths)}-{max(lengths)} virtual tokens; K/V computed once per prompt beforehand "
+          f"({kv_ms:.0f} ms each)")
+    print(f"runs     : {args.repeats} repetition(s), order flipping; ratios per repetition, then medians; "
+          f"TTFT median of {args.ttft_repeats}; {(time.perf_counter() - began) / 60:.1f} min in all")
+    print(f"outputs  : {args.requests - len(differing)}/{args.requests} greedy outputs identical to PEFT's batched "
+          f"ones (before any EOS); of the others, {alone_equal}/{len(checked)} checked equal PEFT run on the request "
+          "alone\n")
+    print(f"{'':<34}{'ours':>10}{'PEFT':>10}{'ratio':>8}")
+    for name, ours, theirs, ratio, how in rows:
+        shown = f"{ratio:>7.2f}x  {how}" if ratio is not None else ""
+        print(f"{name:<34}{ours:>10.2f}{theirs:>10.2f}{shown}")
+    print(json.dumps({"throughput_ratio": round(throughput_ratio, 2), "ttft_ratio": round(ttft_ratio, 2)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Serving many prompts on one frozen model: a registry of loaded prompts (K/V computed once), a continuous-batching
+engine, and an OpenAI-compatible HTTP app. `serve(ServeConfig(...))` runs it all (the `softprompt serve` command)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SoftPromptError
+from ..models import DEFAULT_MODEL
+
+
+@dataclass
+class ServeConfig:
+    """What `softprompt serve` runs."""
+
+    model: str = DEFAULT_MODEL
+    """Base model: the embedded short name, a local folder or a hub name."""
+    prompts: Path | None = None
+    """Folder whose subfolders are prompt artifacts; each subfolder's name is its model id."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    """When set, every endpoint but /health needs `Authorization: Bearer <key>`."""
+    max_batch: int = 64
+    """Rows decoded together."""
+    max_queue: int = 256
+    """Rows that may wait; more are refused with 429."""
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 512
+    """Most new tokens per choice."""
+    max_n: int = 16
+    """Most choices per prompt."""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "max_n"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            problems.append(f"port must be in 0..65535, got {self.port}")
+        if self.prompts is not None and not Path(self.prompts).is_dir():
+            problems.append(f"--prompts {self.prompts} is not a directory (give a folder of prompt artifacts)")
+        if self.api_key is not None and not self.api_key.strip():
+            problems.append("api_key is empty: give a key or leave the option out")
+        if problems:
+            raise SoftPromptError("Invalid serve settings:\n  - " + "\n  - ".join(problems))
+
+
+def context_length(model) -> int | None:
+    config = model.config.get_text_config(decoder=True)
+    return next((getattr(config, n) for n in ("max_position_embeddings", "n_positions")
+                 if getattr(config, n, None)), None)  # fmt: skip
+
+
+def build(config: ServeConfig):
+    """(app, engine, registry) for `config`: the model loaded, every prompt's K/V computed, the engine started."""
+    from ..backbone import Backbone
+    from ..models import load_model
+    from .app import Limits, create_app
+    from .engine import Engine, EngineConfig
+    from .registry import Registry
+
+    backbone = Backbone(*load_model(config.model))
+    registry = Registry(backbone, config.model, config.prompts)
+    registry.reload(strict=True)  # a broken artifact at startup is an error, not a silent gap
+    engine = Engine(backbone, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue)).start()
+    limits = Limits(config.max_prompt_tokens, config.max_tokens, config.max_n, context_length(backbone.model))
+    return create_app(registry, engine, limits, config.api_key), engine, registry
+
+
+def serve(config: ServeConfig) -> None:
+    """Load everything, then answer HTTP until interrupted."""
+    import uvicorn
+
+    app, engine, registry = build(config)
+    names = sorted(p for p in registry.prompts if p != registry.base.name)
+    print(f"softprompt: serving {registry.base.name} and {len(names)} prompt(s) {', '.join(names[:10])}"
+          f"{' ...' if len(names) > 10 else ''} on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    finally:
+        engine.stop()
+
+
+__all__ = ["ServeConfig", "build", "serve"]

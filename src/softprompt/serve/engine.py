@@ -1,0 +1,357 @@
+"""The scheduler: continuous batching of generation requests across prompts, in one worker thread.
+
+Each running row (one generated choice) holds its own prompt's K/V prefix, its prompt tokens and what it generated,
+all in one batch cache. Between decode steps, rows that finished leave (index-selected out of the batch) and
+waiting rows join: they are prefilled together (their prefixes stacked, shorter ones left-padded with masked slots)
+and merged into the running cache, the shorter side left-padded with masked slots. Since positions count real slots
+only, a row's tokens do not depend on who shares its batch. Classification requests are scored between steps, all
+waiting ones in one mixed batch. Every torch call happens in the worker thread; other threads submit work and get
+updates through callbacks (the HTTP side forwards them to asyncio queues).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..backbone import Backbone
+from ..errors import SoftPromptError
+from ..generate import next_tokens, trim_to_stop, eos_ids
+from ..mixed import label_scores_mixed, stack
+from . import batch_cache
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class QueueFull(SoftPromptError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 64
+    """Rows decoded together; more wait in the queue and join as rows finish."""
+    max_queue: int = 256
+    """Rows and scoring requests that may wait; beyond this a submission is refused (HTTP 429)."""
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be at least 1, got {getattr(self, name)}" for name in ("max_batch", "max_queue")
+                    if getattr(self, name) < 1]  # fmt: skip
+        if problems:
+            raise SoftPromptError("Invalid engine settings:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class Sampling:
+    """How one row decodes."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    """0: greedy."""
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+    """Keep going past EOS (benchmarks that need exact lengths)."""
+
+
+@dataclass
+class Update:
+    """What a row reports: all its tokens so far (cut before a stop string), and whether it is done."""
+
+    tokens: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    """stop (EOS or a stop string), length (max_tokens) or error."""
+    error: str | None = None
+
+
+class Sequence:
+    """One generated choice: prompt, prefix, sampling, and a callback `sink(Update)` called from the worker thread
+    (after every token when `stream`, else only when finished)."""
+
+    def __init__(self, prompt_ids: list[int], prefix: torch.Tensor | None, sampling: Sampling,
+                 sink: Callable[[Update], None], stream: bool = False):  # fmt: skip
+        self.prompt_ids, self.prefix, self.sampling, self.sink, self.stream = prompt_ids, prefix, sampling, sink, stream
+        self.tokens: list[int] = []
+        self.cancelled = False
+        """Set by the caller (client gone): the row leaves at the next step."""
+        self.generator: torch.Generator | None = None
+        """A seeded row's own random numbers (made on the model's device when the row joins)."""
+
+
+class ScoreRequest:
+    """Classification: which of `label_ids` follows `input_ids` after `prefix`. `sink(scores or None, error)`."""
+
+    def __init__(self, input_ids: list[int], label_ids: list[list[int]], prefix: torch.Tensor | None,
+                 sink: Callable[[torch.Tensor | None, str | None], None]):  # fmt: skip
+        self.input_ids, self.label_ids, self.prefix, self.sink = input_ids, label_ids, prefix, sink
+        self.cancelled = False
+
+
+@dataclass
+class Stats:
+    """Counters for /metrics; written by the worker thread only."""
+
+    decode_steps: int = 0
+    prefills: int = 0
+    generated_tokens: int = 0
+    rows_joined_running: int = 0
+    """Rows that joined a batch whose other rows were mid-generation (continuous batching at work)."""
+    scored: int = 0
+    batch_size_counts: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
+    """Decode steps by rows in the batch, per bucket of BATCH_BUCKETS (upper bounds; the last one: above all)."""
+    batch_size_sum: int = 0
+
+    def record_batch(self, size: int) -> None:
+        self.batch_size_counts[next((i for i, b in enumerate(BATCH_BUCKETS) if size <= b), len(BATCH_BUCKETS))] += 1
+        self.batch_size_sum += size
+
+
+class Engine:
+    def __init__(self, backbone: Backbone, config: EngineConfig | None = None):
+        batch_cache.check_supported(backbone)
+        self.backbone, self.config = backbone, config or EngineConfig()
+        tokenizer = backbone.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = pad if pad is not None else 0
+        self.eos = eos_ids(backbone)
+        self.stats = Stats()
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._scoring: collections.deque[ScoreRequest] = collections.deque()
+        self._jobs: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self._rows: list[Sequence] = []  # running, in batch order
+        self._cache = None  # their DynamicCache
+        self._mask: torch.Tensor | None = None  # (B, T) real cache slots
+        self._last: torch.Tensor | None = None  # (B,) each row's newest token, fed at the next step
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- submitting (any thread) ----
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting) + len(self._scoring)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def _enqueue(self, queue: collections.deque, items: list) -> None:
+        with self._lock:
+            if self.queue_depth + len(items) > self.config.max_queue:
+                raise QueueFull(
+                    f"the server is busy: {self.queue_depth} requests are waiting (limit {self.config.max_queue}, "
+                    f"this request adds {len(items)}); retry later"
+                )
+            queue.extend(items)
+            self._lock.notify()
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queue rows for generation, all or none (QueueFull)."""
+        self._enqueue(self._waiting, sequences)
+
+    def submit_scoring(self, requests: list[ScoreRequest]) -> None:
+        self._enqueue(self._scoring, requests)
+
+    def call(self, fn: Callable) -> Future:
+        """Run `fn()` in the worker thread between steps (torch work such as loading prompts)."""
+        future: Future = Future()
+        with self._lock:
+            self._jobs.append((fn, future))
+            self._lock.notify()
+        if self._thread is None:  # not started (tests driving `step` by hand)
+            self._run_jobs()
+        return future
+
+    # ---- the worker ----
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._loop, name="softprompt-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopping or self._waiting or self._scoring or self._jobs or self._rows):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One round: jobs, classification scoring, rows joining, one decode step for all running rows."""
+        self._run_jobs()
+        self._score()
+        try:
+            self._keep(list(range(len(self._rows))))  # cancelled rows leave before they cost a step
+            self._admit()
+            if self._rows:
+                self._decode()
+        except Exception as error:  # a failure ends the rows it touched, never the server
+            self._fail_running(f"generation failed: {type(error).__name__}: {error}")
+
+    def _run_jobs(self) -> None:
+        while self._jobs:
+            with self._lock:
+                fn, future = self._jobs.popleft()
+            try:
+                future.set_result(fn())
+            except BaseException as error:  # handed to the caller
+                future.set_exception(error)
+
+    def _take(self, queue: collections.deque, limit: int) -> list:
+        with self._lock:
+            taken = []
+            while queue and len(taken) < limit:
+                item = queue.popleft()
+                if not item.cancelled:
+                    taken.append(item)
+            return taken
+
+    def _score(self) -> None:
+        requests = self._take(self._scoring, self.config.max_queue)
+        if not requests:
+            return
+        try:
+            scores = label_scores_mixed(self.backbone, [r.input_ids for r in requests],
+                                        [r.label_ids for r in requests], [r.prefix for r in requests])  # fmt: skip
+        except Exception as error:
+            for r in requests:
+                _emit(r, None, f"scoring failed: {type(error).__name__}: {error}")
+            return
+        self.stats.scored += len(requests)
+        for r, s in zip(requests, scores):
+            _emit(r, s, None)
+
+    def _admit(self) -> None:
+        """Prefill waiting rows (as many as fit) and merge them into the running batch."""
+        joining = self._take(self._waiting, self.config.max_batch - len(self._rows))
+        for seq in [s for s in joining if s.sampling.max_tokens <= 0]:
+            _emit(seq, Update([], True, "length"))
+        joining = [s for s in joining if s.sampling.max_tokens > 0]
+        if not joining:
+            return
+        for seq in joining:
+            if seq.sampling.seed is not None and seq.sampling.temperature > 0:
+                seq.generator = torch.Generator(device=self.backbone.device).manual_seed(seq.sampling.seed)
+        try:
+            cache, mask, logits = self._prefill(joining)
+        except Exception as error:
+            message = f"generation failed: {type(error).__name__}: {error}"
+            for seq in joining:
+                _emit(seq, Update(list(seq.tokens), True, "error", message))
+            return
+        self.stats.prefills += 1
+        tokens = self._sample(logits, joining)
+        keep = [i for i, (seq, token) in enumerate(zip(joining, tokens)) if not self._advance(seq, token)]
+        if not keep:
+            return
+        if len(keep) < len(joining):
+            mask = batch_cache.select(cache, mask, keep)
+        last = torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=self.backbone.device)
+        if self._rows:
+            self.stats.rows_joined_running += len(keep)
+            self._mask = batch_cache.merge(self._cache, self._mask, cache, mask)
+            self._last = torch.cat([self._last, last])
+        else:
+            self._cache, self._mask, self._last = cache, mask, last
+        self._rows += [joining[i] for i in keep]
+
+    def _prefill(self, rows: list[Sequence]):
+        """Prefix + prompt of each joining row, one left-padded batch: (cache, mask (G, T), next-token logits)."""
+        device = self.backbone.device
+        width = max(len(s.prompt_ids) for s in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long, device=device)  # (G, T)
+        attention = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # (G, T)
+        for row, seq in enumerate(rows):
+            ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids, dtype=torch.long)
+            attention[row, width - len(seq.prompt_ids) :] = 1
+        prefix, prefix_mask = stack(self.backbone, [s.prefix for s in rows])
+        cache = self.backbone.new_cache(prefix, len(rows))
+        hidden, mask = self.backbone.forward(ids, attention, cache, prefix_mask)
+        return cache, mask, self.backbone.logits(hidden[:, -1])  # left padding: every row ends in the last column
+
+    def _decode(self) -> None:
+        """Feed every running row its newest token; sample the next; finished and cancelled rows leave."""
+        rows = self._rows
+        self.stats.decode_steps += 1
+        self.stats.record_batch(len(rows))
+        step = torch.ones(len(rows), 1, dtype=torch.long, device=self._last.device)  # (B, 1)
+        hidden, self._mask = self.backbone.forward(self._last[:, None], step, self._cache, self._mask)
+        tokens = self._sample(self.backbone.logits(hidden[:, -1]), rows)
+        keep = [i for i, (seq, token) in enumerate(zip(rows, tokens)) if not self._advance(seq, token)]
+        self._last = torch.tensor(tokens, dtype=torch.long, device=self._last.device)
+        self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        keep = [i for i in keep if not self._rows[i].cancelled]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask, self._last = [], None, None, None
+            return
+        self._mask = batch_cache.select(self._cache, self._mask, keep)
+        self._last = self._last[keep]
+        self._rows = [self._rows[i] for i in keep]
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int]:
+        """One token per row from (B, vocab) logits: greedy rows at once, sampled rows each with its own generator
+        (so a seeded row draws the same numbers whoever shares its batch)."""
+        tokens = [0] * len(rows)
+        greedy = [i for i, s in enumerate(rows) if s.sampling.temperature == 0]
+        if greedy:
+            for i, token in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                tokens[i] = token
+        for i, seq in enumerate(rows):
+            if seq.sampling.temperature > 0:
+                p = seq.sampling
+                tokens[i] = int(next_tokens(logits[i : i + 1], p.temperature, p.top_p, seq.generator)[0])
+        return tokens
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Add a sampled token to a row (the rules of `generate`); report it; True when the row is done."""
+        p, reason = seq.sampling, None
+        if token in self.eos and not p.ignore_eos:
+            reason = "stop"  # EOS ends the row and is not returned
+        else:
+            seq.tokens.append(token)
+            self.stats.generated_tokens += 1
+            trimmed = trim_to_stop(self.backbone.tokenizer, seq.tokens, p.stop) if p.stop else None
+            if trimmed is not None:
+                seq.tokens, reason = trimmed, "stop"
+            elif len(seq.tokens) >= p.max_tokens:
+                reason = "length"
+        if reason or seq.stream:
+            _emit(seq, Update(list(seq.tokens), reason is not None, reason))
+        return reason is not None or seq.cancelled
+
+    def _fail_running(self, message: str) -> None:
+        for seq in self._rows:
+            _emit(seq, Update(list(seq.tokens), True, "error", message))
+        self._rows, self._cache, self._mask, self._last = [], None, None, None
+
+
+def _emit(target, *update) -> None:
+    """Hand an update to its callback; a failing callback (its client gone) cancels that request only."""
+    try:
+        target.sink(*update)
+    except Exception:
+        target.cancelled = True

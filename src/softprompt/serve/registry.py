@@ -1,0 +1,115 @@
+"""The prompts a server offers: each artifact directory under the prompts folder is one model id (its directory
+name), next to the bare base model. Each prompt's per-layer K/V is computed once when it is loaded, so a request
+never re-runs its soft prompt; `reload` picks up new, changed and removed directories without a restart."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import artifact
+from ..backbone import Backbone
+from ..config import TaskConfig
+from ..data import Task, fill
+from ..errors import SoftPromptError
+
+
+@dataclass
+class Prompt:
+    """One servable model id."""
+
+    name: str
+    prefix: torch.Tensor | None
+    """(num_layers, 2, kv_heads, n, head_dim), computed once; None for the bare base model."""
+    task: TaskConfig | None = None
+    """The artifact's template and labels; None for the bare base model."""
+    label_ids: list[list[int]] = field(default_factory=list)
+    """Token ids of each label word (classification prompts)."""
+    method: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    signature: tuple = ()
+    """Sizes and modification times of the artifact's files: a change means reload."""
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if self.prefix is None else self.prefix.shape[-2]
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task is not None and self.task.task == "classification"
+
+    def format(self, text: str) -> str:
+        """The text put into the prompt's template (every {field} gets it), as the prompt saw inputs in training."""
+        return fill(self.task.template, {f: text for f in self.task.fields}) if self.task else text
+
+
+def base_id(model_name: str) -> str:
+    """The bare model's id: the name given, or a local folder's own name."""
+    return Path(model_name).name if ("/" in model_name and Path(model_name).exists()) else model_name
+
+
+def _signature(folder: Path) -> tuple:
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()
+             and p.name in (artifact.CONFIG, artifact.WEIGHTS)]  # fmt: skip
+    return tuple(stats)
+
+
+class Registry:
+    """Model id -> Prompt. Reads may come from any thread: `reload` swaps in a new dict in one assignment."""
+
+    def __init__(self, backbone: Backbone, base_name: str, prompts_dir: str | Path | None = None):
+        self.backbone = backbone
+        self.base = Prompt(base_id(base_name), None)
+        self.prompts_dir = Path(prompts_dir) if prompts_dir else None
+        if self.prompts_dir is not None and not self.prompts_dir.is_dir():
+            raise SoftPromptError(f"--prompts {self.prompts_dir} is not a directory.")
+        self.prompts: dict[str, Prompt] = {self.base.name: self.base}
+
+    def get(self, name: str) -> Prompt | None:
+        return self.prompts.get(name)
+
+    def __len__(self) -> int:
+        return len(self.prompts) - 1  # prompts, not counting the base model
+
+    def _load(self, folder: Path) -> Prompt:
+        saved = artifact.load(folder)
+        with torch.no_grad():
+            prefix = artifact.attach(saved, self.backbone, str(folder)).kv(self.backbone).detach()
+        labels = Task(saved.task, self.backbone.tokenizer).label_ids if saved.task.task == "classification" else []
+        return Prompt(folder.name, prefix, saved.task, labels, saved.prompt.method, signature=_signature(folder))
+
+    def reload(self, strict: bool = False) -> dict:
+        """Load new and changed prompt directories, drop removed ones. A broken directory keeps its previous version
+        (if any) and is reported; with `strict` (at startup) it is an error instead."""
+        report = {"loaded": [], "unloaded": [], "unchanged": [], "errors": {}}
+        if self.prompts_dir is None:
+            return report
+        current = {self.base.name: self.base}
+        folders = sorted(p for p in self.prompts_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for folder in folders:
+            if not any((folder / name).is_file() for name in (artifact.CONFIG, artifact.WEIGHTS)):
+                continue  # not an artifact (a plain subfolder)
+            name, old = folder.name, self.prompts.get(folder.name)
+            if name == self.base.name:
+                report["errors"][name] = f"the prompt directory {folder} has the base model's name {name!r}; rename it"
+                continue
+            if old is not None and old.signature == _signature(folder):
+                current[name] = old
+                report["unchanged"].append(name)
+                continue
+            try:
+                current[name] = self._load(folder)
+                report["loaded"].append(name)
+            except Exception as error:  # a broken artifact must not take the server down
+                report["errors"][name] = str(error) if isinstance(error, SoftPromptError) else repr(error)
+                if old is not None:
+                    current[name] = old
+        report["unloaded"] = sorted(set(self.prompts) - set(current))
+        if strict and report["errors"]:
+            problems = "\n".join(f"  - {name}: {message}" for name, message in report["errors"].items())
+            raise SoftPromptError(f"Cannot serve the prompts in {self.prompts_dir}:\n{problems}")
+        self.prompts = current
+        return report

@@ -1,0 +1,431 @@
+"""Serving: the continuous-batching engine in-process (rows joining and leaving mid-generation give each row the
+tokens `generate` gives it alone), then a real `softprompt serve` process on loopback driven with the official
+`openai` client: completions, chat, streaming, n, stop, seed, classification, limits, auth, reload, metrics, and
+100 concurrent requests over 8 prompts, each greedy answer equal to that prompt's single-request output from the
+library's plain `generate` (an independent path from the engine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from softprompt import artifact, methods
+from softprompt.backbone import Backbone
+from softprompt.cli import main
+from softprompt.config import PromptConfig, TaskConfig
+from softprompt.generate import decode_new, generate
+from softprompt.models import load_model
+from softprompt.serve.app import TextStream
+from softprompt.serve.engine import Engine, EngineConfig, QueueFull, Sampling, Sequence
+from softprompt.serve.registry import Registry
+
+from conftest import ARCHS, WORDS, tiny_backbone, tiny_model, tiny_tokenizer
+from test_mixed import reference_label_logprob
+
+KEY = "test-key-123"
+GEN_TEMPLATE = "question {text} answer"
+CLS_TEMPLATE = "review {text} sentiment"
+LABELS = ["negative", "positive"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}answer{% endif %}")  # fmt: skip
+GEN_PROMPTS = [f"task{i}" for i in range(8)]
+
+
+def build(backbone, method: str, num_tokens: int, seed: int):
+    config = PromptConfig(method=method, num_tokens=num_tokens, init="random")
+    return methods.build(config, backbone, generator=torch.Generator().manual_seed(seed))
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+# ---- the engine, in-process ----
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_rows_join_and_leave_mid_generation(arch):
+    backbone = tiny_backbone(arch, seed=1)
+    with torch.no_grad():
+        prefixes = [build(backbone, "prompt", 3, 1).kv(backbone), build(backbone, "prefix", 6, 2).kv(backbone),
+                    build(backbone, "prompt", 1, 3).kv(backbone), None]  # fmt: skip
+    rng = random.Random(0)
+    requests = [([rng.randrange(3, 128) for _ in range(rng.randint(1, 8))], prefixes[i % 4], 3 + i % 7)
+                for i in range(12)]  # fmt: skip
+    engine = Engine(backbone, EngineConfig(max_batch=5))
+    finals = {}
+    rows = [Sequence(ids, prefix, Sampling(max_tokens=m), lambda u, i=i: finals.__setitem__(i, u))
+            for i, (ids, prefix, m) in enumerate(requests)]  # fmt: skip
+    engine.submit(rows[:3])
+    engine.step()
+    engine.step()
+    engine.submit(rows[3:])  # these join a batch mid-generation, in groups, as earlier rows finish
+    for _ in range(200):
+        if len(finals) == len(rows):
+            break
+        engine.step()
+    assert engine.stats.rows_joined_running > 0 and engine.running == 0
+    for i, (ids, prefix, m) in enumerate(requests):
+        alone = generate(backbone, [ids], prefix, max_new_tokens=m)[0]
+        assert finals[i].tokens == alone, i
+        assert finals[i].finish_reason == ("length" if len(alone) == m else "stop")
+
+
+def test_cancelled_row_leaves_and_others_continue():
+    backbone = tiny_backbone("qwen2", seed=2)
+    prefix = build(backbone, "prefix", 4, 1).kv(backbone).detach()
+    prompts = [[5, 6, 7], [8, 9], [10]]
+    updates: dict[int, list] = {0: [], 1: [], 2: []}
+    rows = [Sequence(p, prefix, Sampling(max_tokens=12), updates[i].append, stream=True)
+            for i, p in enumerate(prompts)]  # fmt: skip
+    engine = Engine(backbone)
+    engine.submit(rows)
+    engine.step()  # prefill (first token) and one decode step
+    engine.step()
+    rows[1].cancelled = True
+    while engine.running:
+        engine.step()
+    assert [len(u.tokens) for u in updates[1]] == [1, 2, 3] and not updates[1][-1].finished  # left at once
+    for i in (0, 2):
+        final = updates[i][-1]
+        assert final.finished and final.tokens == generate(backbone, [prompts[i]], prefix, max_new_tokens=12)[0]
+        assert len(final.tokens) > 3, "the random model ended too early for this test"
+        counts = [len(u.tokens) for u in updates[i]]
+        assert counts[: len(final.tokens)] == list(range(1, len(final.tokens) + 1))  # one update per token
+
+
+def test_queue_limit_refuses_whole_submissions():
+    engine = Engine(tiny_backbone("llama"), EngineConfig(max_batch=2, max_queue=3))
+    row = lambda: Sequence([5, 6], None, Sampling(max_tokens=2), lambda u: None)  # noqa: E731
+    engine.submit([row(), row()])
+    with pytest.raises(QueueFull, match="2 requests are waiting .limit 3, this request adds 2"):
+        engine.submit([row(), row()])
+    assert engine.queue_depth == 2
+
+
+def test_prompt_kv_is_computed_once_per_prompt(tmp_path, monkeypatch):
+    backbone = tiny_backbone("llama", seed=3)
+    task = TaskConfig(template=GEN_TEMPLATE, task="generation", target_field="answer")
+    for i, method in enumerate(["prompt", "prefix", "prompt"]):
+        artifact.save(tmp_path / f"p{i}", build(backbone, method, 2 + i, i), task, backbone)
+    calls = []
+    original = Backbone.prefix_from_embeddings
+    monkeypatch.setattr(Backbone, "prefix_from_embeddings", lambda self, e: calls.append(1) or original(self, e))
+    registry = Registry(backbone, "tiny", tmp_path)
+    registry.reload(strict=True)
+    assert len(calls) == 2  # the two prompt-tuning artifacts, once each
+    engine, done = Engine(backbone), []
+    engine.submit([Sequence([5 + i, 6], registry.get(f"p{i % 3}").prefix, Sampling(max_tokens=4), done.append)
+                   for i in range(9)])  # fmt: skip
+    while engine.running or engine.queue_depth:
+        engine.step()
+    assert len(done) == 9 and len(calls) == 2  # requests never re-run a soft prompt
+    assert registry.reload()["unchanged"] == ["p0", "p1", "p2"] and len(calls) == 2
+
+
+def test_text_stream_holds_back_what_a_stop_string_may_remove():
+    tok = tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids(["the", "cat", "was", "red"])
+    # The engine finds "was red" at the 4th token and finishes with the tokens before it ("the cat").
+    stream = TextStream(tok, ["was red", "xyz"])  # 7 characters: tokens ending in the last 6 stay back
+    assert [stream.delta(ids[:k], False) for k in range(1, 4)] == ["", "", "the"]
+    assert stream.delta(ids[:2], True) == " cat"
+    stream = TextStream(tok, ["red dog"])  # never completed: everything comes out by the end
+    assert [stream.delta(ids[:k], False) for k in range(1, 5)] == ["", "", "the", " cat"]
+    assert stream.delta(ids, True) == " was red"
+    plain = TextStream(tok, [])
+    assert [plain.delta(ids[:k], k == 4) for k in range(1, 5)] == ["the", " cat", " was", " red"]
+
+
+def test_serve_command_refuses_bad_settings_before_loading_anything(monkeypatch, capsys, tmp_path):
+    cases = [(["--prompts", tmp_path / "missing"], "is not a directory"),
+             (["--prompts", tmp_path, "--max-batch", 0, "--max-n", 0],
+              "max_batch must be at least 1, got 0\n  - max_n must be at least 1"),
+             (["--api-key", " "], "api_key is empty")]  # fmt: skip
+    for args, message in cases:
+        monkeypatch.setattr(sys, "argv", ["softprompt", "serve", "--model", tmp_path / "no-model", *map(str, args)])
+        with pytest.raises(SystemExit) as exit:
+            main()
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+# ---- a real server process ----
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A tiny Llama on disk (with a chat template), 8 generation prompts and a classification prompt of both methods
+    and several lengths, a spare prompt for the reload test, and an in-process copy of everything for oracles."""
+    root = tmp_path_factory.mktemp("serve")
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tiny_model("llama", seed=4).save_pretrained(root / "tiny")
+    tok.save_pretrained(root / "tiny")
+    backbone = Backbone(*load_model(str(root / "tiny")))
+    gen = TaskConfig(template=GEN_TEMPLATE, task="generation", target_field="answer")
+    cls = TaskConfig(template=CLS_TEMPLATE, labels=LABELS, label_field="label")
+    made = {}
+    for i, name in enumerate(GEN_PROMPTS):
+        made[name] = build(backbone, ["prompt", "prefix"][i % 2], 1 + i, 10 + i)
+        artifact.save(root / "prompts" / name, made[name], gen, backbone)
+    made["sentiment"] = build(backbone, "prompt", 3, 30)
+    artifact.save(root / "prompts" / "sentiment", made["sentiment"], cls, backbone)
+    made["late"] = build(backbone, "prefix", 5, 40)
+    artifact.save(root / "spare" / "late", made["late"], gen, backbone)
+    with torch.no_grad():
+        kv = {name: method.kv(backbone).detach() for name, method in made.items()}
+    return dict(root=root, backbone=backbone, made=made, kv=kv)
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "SOFTPROMPT_CACHE": str(site["root"] / "cache")}  # fmt: skip
+    command = [sys.executable, "-c", "from softprompt.cli import main; main()", "serve",
+               "--model", str(site["root"] / "tiny"), "--prompts", str(site["root"] / "prompts"),
+               "--port", str(port), "--api-key", KEY, "--max-batch", "16", "--max-queue", "120",
+               "--max-tokens", "64", "--max-prompt-tokens", "40", "--max-n", "4"]  # fmt: skip
+    log = (site["root"] / "server.log").open("w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                log_text = (site["root"] / "server.log").read_text()
+                pytest.fail(f"the server exited with {process.returncode}:\n{log_text}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up within 180 s"
+            time.sleep(0.3)
+        yield dict(url=url, process=process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server['url']}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def expected(site, name: str, text: str, max_tokens: int, template: str = GEN_TEMPLATE, **options) -> str:
+    """The library's plain single-request `generate` on the same input: the oracle for the server."""
+    backbone = site["backbone"]
+    ids = backbone.tokenizer(template.replace("{text}", text))["input_ids"]
+    out = generate(backbone, [ids], site["kv"].get(name), max_new_tokens=max_tokens, **options)[0]
+    return decode_new(backbone.tokenizer, out)
+
+
+def http(server, path: str, method: str = "GET", key: str | None = KEY, body: bytes | None = None):
+    """(status, text) of a raw HTTP call."""
+    request = urllib.request.Request(server["url"] + path, data=body, method=method)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_models_lists_every_prompt_and_the_base(client):
+    ids = {m.id for m in client.models.list()}
+    assert ids == {"tiny", "sentiment", *GEN_PROMPTS}
+
+
+def test_completions_equal_plain_generate(site, client):
+    rng = random.Random(1)
+    for name in ["task0", "task3", "task6", "tiny"]:
+        text = sentence(rng, 4)
+        template = "{text}" if name == "tiny" else GEN_TEMPLATE  # the bare model reads the text as it is
+        reply = client.completions.create(model=name, prompt=text, max_tokens=10, temperature=0)
+        assert reply.choices[0].text == expected(site, name, text, 10, template)
+        assert reply.usage.completion_tokens <= 10 and reply.model == name
+    raw = client.completions.create(model="task1", prompt="hello world", max_tokens=6, temperature=0,
+                                    extra_body={"raw": True})  # fmt: skip
+    assert raw.choices[0].text == expected(site, "task1", "hello world", 6, "{text}")
+
+
+def test_chat_applies_the_base_models_chat_template(site, client):
+    messages = [{"role": "user", "content": "hello world"}]
+    reply = client.chat.completions.create(model="task2", messages=messages, max_tokens=8, temperature=0)
+    # the test's own template renders this conversation as "user hello world answer"
+    assert reply.choices[0].message.content == expected(site, "task2", "user hello world answer", 8, "{text}")
+    assert reply.choices[0].message.role == "assistant"
+
+
+def test_streaming_gives_the_same_text(site, client):
+    full = client.completions.create(model="task4", prompt="the cat", max_tokens=12, temperature=0)
+    chunks = list(client.completions.create(model="task4", prompt="the cat", max_tokens=12, temperature=0,
+                                            stream=True))  # fmt: skip
+    assert len(chunks) > 2, "one chunk per token"
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text == expected(site, "task4", "the cat", 12)
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    messages = [{"role": "user", "content": "red dog"}]
+    chat = client.chat.completions.create(model="task5", messages=messages, max_tokens=8, temperature=0)
+    parts = client.chat.completions.create(model="task5", messages=messages, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in parts if c.choices) == chat.choices[0].message.content
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(site, client):
+    free = expected(site, "task7", "good film", 16)
+    words = free.split()
+    assert len(words) >= 6, "the random model ended too early for this test"
+    stop = " ".join(words[3:5])
+    want = expected(site, "task7", "good film", 16, stop=[stop, "zzz"])
+    assert want == decode_new(site["backbone"].tokenizer, site["backbone"].tokenizer(free)["input_ids"][:3])
+    reply = client.completions.create(model="task7", prompt="good film", max_tokens=16, temperature=0,
+                                      stop=[stop, "zzz"])  # fmt: skip
+    assert reply.choices[0].text == want and reply.choices[0].finish_reason == "stop"
+    chunks = client.completions.create(model="task7", prompt="good film", max_tokens=16, temperature=0,
+                                       stop=stop, stream=True)  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == want
+
+
+def test_n_and_seed(site, client):
+    args = dict(model="task1", prompt="this movie", max_tokens=10, temperature=1.0)
+    one = client.completions.create(**args, seed=7)
+    assert one.choices[0].text == expected(site, "task1", "this movie", 10, temperature=1.0, seed=7)
+    three = client.completions.create(**args, n=3, seed=7)
+    texts = [c.text for c in sorted(three.choices, key=lambda c: c.index)]
+    assert [c.index for c in three.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert texts == [expected(site, "task1", "this movie", 10, temperature=1.0, seed=7 + j) for j in range(3)]
+    assert [c.text for c in client.completions.create(**args, n=3, seed=7).choices] == texts  # reproducible
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(**args, n=3, seed=7, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == texts
+    nucleus = client.completions.create(**args, top_p=1e-6, seed=3)  # the nucleus is the top token alone
+    assert nucleus.choices[0].text == expected(site, "task1", "this movie", 10)
+
+
+def test_classification_prompt_answers_with_its_best_label(site, client):
+    backbone, tok = site["backbone"], site["backbone"].tokenizer
+    embeddings = site["made"]["sentiment"].embeddings.detach()
+    label_ids = [tok(" " + label, add_special_tokens=False)["input_ids"] for label in LABELS]
+    rng = random.Random(2)
+    texts = [sentence(rng, 3) for _ in range(4)]
+    reply = client.completions.create(model="sentiment", prompt=texts, max_tokens=4, temperature=0)
+    for text, c in zip(texts, sorted(reply.choices, key=lambda c: c.index)):
+        ids = tok(CLS_TEMPLATE.replace("{text}", text))["input_ids"]
+        scores = [reference_label_logprob(backbone, "prompt", embeddings, ids, w) for w in label_ids]
+        assert c.text == LABELS[scores.index(max(scores))]
+    chat = client.chat.completions.create(model="sentiment", messages=[{"role": "user", "content": texts[0]}])
+    assert chat.choices[0].message.content == sorted(reply.choices, key=lambda c: c.index)[0].text
+
+
+def test_limits_and_mistakes_answer_4xx_and_the_server_stays_up(server, client):
+    cases = [
+        (openai.BadRequestError, "more than this server's limit of 40",
+         dict(model="task0", prompt=" ".join(["good"] * 45), max_tokens=4)),
+        (openai.BadRequestError, "max_tokens must be between 1 and 64", dict(model="task0", prompt="a", max_tokens=65)),
+        (openai.BadRequestError, "n must be between 1 and 4", dict(model="task0", prompt="a", n=5)),
+        (openai.BadRequestError, "temperature must be between 0 and 2", dict(model="task0", prompt="a", temperature=3)),
+        (openai.BadRequestError, "logprobs is not supported", dict(model="task0", prompt="a", logprobs=2)),
+        (openai.NotFoundError, "The model 'nope' does not exist", dict(model="nope", prompt="a")),
+        (openai.RateLimitError, "the server is busy", dict(model="task0", prompt=["good"] * 31, n=4)),  # 124 rows
+    ]  # fmt: skip
+    for error, message, args in cases:
+        with pytest.raises(error, match=message):
+            client.completions.create(**args)
+    status, text = http(server, "/v1/completions", "POST", body=b"{not json")
+    assert status == 400 and "Invalid request" in json.loads(text)["error"]["message"]
+    status, text = http(server, "/v1/completions", "POST", body=json.dumps({"model": "task0"}).encode())
+    assert status == 400 and "prompt: Field required" in json.loads(text)["error"]["message"]
+    assert http(server, "/v1/nothing")[0] == 404
+    assert http(server, "/health", key=None)[0] == 200 and server["process"].poll() is None
+
+
+def test_api_key_guards_everything_but_health(server):
+    bad = openai.OpenAI(base_url=f"{server['url']}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="Invalid or missing API key"):
+        bad.completions.create(model="task0", prompt="a", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    body = json.dumps({"model": "task0", "prompt": "a", "max_tokens": 2}).encode()
+    for key in (None, "wrong"):
+        assert http(server, "/v1/completions", "POST", key=key, body=body)[0] == 401
+        assert http(server, "/v1/models", key=key)[0] == 401
+        assert http(server, "/metrics", key=key)[0] == 401
+        assert http(server, "/admin/reload", "POST", key=key)[0] == 401
+    assert http(server, "/health", key=None)[0] == 200
+    assert http(server, "/v1/completions", "POST", body=body)[0] == 200
+
+
+def test_reload_adds_changes_and_removes_prompts(site, server, client):
+    prompts = site["root"] / "prompts"
+    shutil.copytree(site["root"] / "spare" / "late", prompts / "late")
+    shutil.copytree(site["root"] / "spare" / "late", prompts / "broken")
+    weights = prompts / "broken" / "prompt.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    try:
+        status, text = http(server, "/admin/reload", "POST")
+        report = json.loads(text)
+        assert status == 200 and report["loaded"] == ["late"] and "corrupted or truncated" in report["errors"]["broken"]
+        assert "late" in {m.id for m in client.models.list()} and "broken" not in {m.id for m in client.models.list()}
+        reply = client.completions.create(model="late", prompt="one two", max_tokens=8, temperature=0)
+        assert reply.choices[0].text == expected(site, "late", "one two", 8)
+        for name in ("config.json", "prompt.safetensors"):  # the folder now holds task0's prompt
+            shutil.copyfile(prompts / "task0" / name, prompts / "late" / name)
+        assert json.loads(http(server, "/admin/reload", "POST")[1])["loaded"] == ["late"]
+        reply = client.completions.create(model="late", prompt="one two", max_tokens=8, temperature=0)
+        assert reply.choices[0].text == expected(site, "task0", "one two", 8)
+    finally:
+        shutil.rmtree(prompts / "late")
+        shutil.rmtree(prompts / "broken")
+    report = json.loads(http(server, "/admin/reload", "POST")[1])
+    assert report["unloaded"] == ["late"] and not report["errors"] and not report["loaded"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="late", prompt="one two", max_tokens=2)
+
+
+def test_100_concurrent_requests_over_8_prompts(site, server, client):
+    rng = random.Random(3)
+    jobs = [(GEN_PROMPTS[i % 8], sentence(rng, rng.randint(1, 6)), 4 + i % 13) for i in range(100)]
+
+    def ask(job):
+        name, text, max_tokens = job
+        return client.completions.create(model=name, prompt=text, max_tokens=max_tokens, temperature=0).choices[0]
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        replies = list(pool.map(ask, jobs))
+    for (name, text, max_tokens), reply in zip(jobs, replies):
+        assert reply.text == expected(site, name, text, max_tokens), (name, text, max_tokens)
+    assert sum(len(r.text) > 0 for r in replies) > 80, "too many empty answers to test anything"
+    assert http(server, "/health", key=None)[0] == 200 and server["process"].poll() is None
+    metrics = dict(line.rsplit(" ", 1) for line in http(server, "/metrics")[1].splitlines() if line[:1] != "#")
+    assert float(metrics["softprompt_rows_joined_running_total"]) > 0  # rows joined mid-generation
+    assert float(metrics['softprompt_batch_size_bucket{le="8"}']) < float(metrics["softprompt_batch_size_count"])
+    assert float(metrics['softprompt_requests_total{endpoint="/v1/completions",status="200"}']) >= 100
+    assert float(metrics["softprompt_generated_tokens_total"]) >= sum(len(r.text.split()) for r in replies)
+    assert float(metrics["softprompt_queue_depth"]) == 0
