@@ -129,3 +129,18 @@ def real_backbone() -> Backbone:
     except SoftPromptError as error:
         pytest.skip(f"embedded model unavailable: {error}")
     return Backbone(model, tok)
+
+
+def run_main(monkeypatch, capsys, args) -> tuple[int, str, str]:
+    """`softprompt ARGS` in this process (the same code path as the command): exit code, stdout, stderr."""
+    from softprompt.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr("sys.argv", ["softprompt", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
