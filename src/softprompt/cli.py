@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -52,9 +53,13 @@ def _backbone(model_name: str):
 
 @app.command()
 def train(
-    train_file: Annotated[Path, Opt("--train", help="Training data (.jsonl or .csv).")],
-    template: Annotated[str, Opt(help="Input template with {field} placeholders, e.g. 'Review: {text}\\nSentiment:'.")],
     out: Annotated[Path, Opt(help="Output directory: the artifact (best prompt), log, plot, checkpoints.")],
+    train_file: Annotated[Optional[Path], Opt("--train", help="Training data (.jsonl or .csv).")] = None,
+    template: Annotated[Optional[str], Opt(help="Input template with {field} placeholders, e.g. "
+                                                "'Review: {text}\\nSentiment:'.")] = None,
+    tasks: Annotated[Optional[Path], Opt(help="Multi-task: a JSON tasks file (see softprompt.multitask) instead of "
+                                              "--train/--valid/--template/--labels; one prompt per task, written "
+                                              "to OUT/<task>.")] = None,
     model: Annotated[str, Opt(help="Embedded short name, local folder or hub name.")] = DEFAULT_MODEL,
     valid_file: Annotated[Optional[Path], Opt("--valid", help="Validation data for model selection.")] = None,
     labels: Annotated[Optional[str], Opt(help="Comma-separated label words (classification).")] = None,
@@ -80,42 +85,81 @@ def train(
     eval_size: Annotated[int, Opt(help="Validation examples used.")] = 300,
     patience: Annotated[int, Opt(help="Early stop after N evaluations without gain (0: never).")] = 6,
     max_length: Annotated[int, Opt(help="Longest example in tokens.")] = 512,
+    too_long: Annotated[str, Opt(help="A longer example: truncate its input (with a warning) or refuse.")] = "truncate",
     seed: Annotated[int, Opt()] = 0,
+    checkpoint_every: Annotated[int, Opt(help="Write a resumable checkpoint every N steps (0: only when stopped).")] = 50,
+    resume: Annotated[bool, Opt(help="Continue the run in --out from its newest checkpoint.")] = False,
+    gradient_checkpointing: Annotated[bool, Opt(help="Recompute activations in backward: less memory, slower.")] = False,
+    init_from: Annotated[Optional[Path], Opt(help="Start from a trained prompt directory (transfer, SPoT).")] = None,
     progress: Annotated[bool, Opt(help="Progress bars.")] = True,
 ):
-    """Train a soft prompt or prefix on a frozen model; --out becomes the artifact."""
+    """Train a soft prompt or prefix on a frozen model; --out becomes the artifact (with --tasks, one per task)."""
     from .config import PLACEHOLDER, PromptConfig, TrainConfig
     from .data import Task, read_records
+    from .models import context_size
+    from .multitask import TaskSpec, read_tasks_file
+    from .train import TaskData, train_multitask
     from .train import train as run_training
 
-    task_config = _task_config(template, labels, label_field, target_field)
-    if init == "text" and not init_text:
-        init_text = " ".join(PLACEHOLDER.sub(" ", task_config.template).split()) or "Answer:"
+    if tasks and (train_file or template or valid_file or labels or init_from):
+        raise SoftPromptError("--tasks names each task's data, template and labels; drop --train, --valid, "
+                              "--template, --labels and --init-from.")  # fmt: skip
+    if not tasks and not (train_file and template):
+        raise SoftPromptError("train needs --train and --template (or --tasks FILE for several tasks).")
+    specs = read_tasks_file(tasks) if tasks else {
+        "prompt": TaskSpec(_task_config(template, labels, label_field, target_field), train_file, valid_file)}
+    if init == "text" and not init_text:  # the literal words of the (first) template
+        init_text = " ".join(PLACEHOLDER.sub(" ", next(iter(specs.values())).config.template).split()) or "Answer:"
     prompt_config, train_config = _all_or_errors(
         lambda: PromptConfig(method=method, num_tokens=num_tokens, init=init, init_text=init_text,
                              init_range=init_range, prefix_mlp=prefix_mlp, mlp_hidden=mlp_hidden),
         lambda: TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, optimizer=optimizer,
                             schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
                             max_grad_norm=max_grad_norm, eval_every=eval_every, eval_size=eval_size,
-                            patience=patience, max_length=max_length, seed=seed),
+                            patience=patience, max_length=max_length, too_long=too_long, seed=seed,
+                            checkpoint_every=checkpoint_every,
+                            gradient_checkpointing=gradient_checkpointing),
     )
-    train_records = read_records(train_file)
-    valid_records = read_records(valid_file) if valid_file else None
+    records = {name: (read_records(spec.train), read_records(spec.valid) if spec.valid else None)
+               for name, spec in specs.items()}  # fmt: skip
     backbone = _backbone(model)
-    task = Task(task_config, backbone.tokenizer, train_config.max_length)
-    train_examples = task.encode(train_records, str(train_file))
-    valid_examples = task.encode(valid_records, str(valid_file)) if valid_records else None
-    run = run_training(backbone, task, prompt_config, train_config, train_examples, out, valid_examples,
-                       progress=progress)
-    best = run.summary.get("valid") or {}
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float))
-    typer.echo(f"Saved the best prompt (step {run.summary['best_step']}{': ' + shown if shown else ''}) to {out}")
+    init_method = None
+    if init_from:  # the source prompt's method and length replace --method/--num-tokens/--init
+        from . import artifact
+
+        init_method = artifact.attach(artifact.load(init_from), backbone, f"--init-from {init_from}")
+        prompt_config = init_method.config
+    data = {}
+    for name, spec in specs.items():
+        task = Task(spec.config, backbone.tokenizer, train_config.max_length, too_long=train_config.too_long,
+                    context=context_size(backbone.model), virtual_tokens=prompt_config.num_tokens)
+        train_records, valid_records = records[name]
+        data[name] = TaskData(task, task.encode(train_records, str(spec.train)),
+                              task.encode(valid_records, str(spec.valid)) if valid_records else [], init_method)
+    if tasks:
+        runs = train_multitask(backbone, data, prompt_config, train_config, out, progress=progress, resume=resume)
+    else:
+        d = data["prompt"]
+        runs = {"prompt": run_training(backbone, d.task, prompt_config, train_config, d.train, out, d.valid,
+                                       init_method=init_method, progress=progress, resume=resume)}
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one report
+        return
+    for name, run in runs.items():
+        best = run.summary.get("valid") or {}
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float))
+        where = out / name if tasks else out
+        typer.echo(f"Saved the best prompt (step {run.summary['best_step']}{': ' + shown if shown else ''}) to "
+                   f"{where}")
 
 
 @app.command("eval")
 def evaluate_command(
     data: Annotated[Path, Opt(help="Data to score (.jsonl or .csv).")],
-    prompt: Annotated[Optional[Path], Opt(help="A trained prompt directory.")] = None,
+    prompt: Annotated[Optional[list[Path]], Opt(help="A trained prompt directory; repeat for an ensemble.")] = None,
+    combine: Annotated[str, Opt(help="Ensemble rule for several --prompt: vote (majority; ties go to the higher mean "
+                                     "probability) or mean (mean label probability).")] = "vote",
     model: Annotated[Optional[str], Opt(help="Base model (default: the prompt's own, or the embedded one).")] = None,
     template: Annotated[Optional[str], Opt(help="Template, without --prompt.")] = None,
     labels: Annotated[Optional[str], Opt(help="Label words, without --prompt.")] = None,
@@ -130,8 +174,16 @@ def evaluate_command(
     from . import artifact
     from .data import Task, read_records
     from .evaluate import evaluate
+    from .models import context_size
 
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise SoftPromptError(f"--batch-size and --limit must be at least 1, got {batch_size} and {limit}.")
+    if combine not in ("vote", "mean"):
+        raise SoftPromptError(f"--combine {combine!r} is not one of vote, mean.")
     records = read_records(data)[:limit]
+    if prompt and len(prompt) > 1:
+        return _evaluate_ensemble(data, records, prompt, combine, model, batch_size, as_json, progress)
+    prompt = prompt[0] if prompt else None
     if prompt:
         saved = artifact.load(prompt)
         task_config = saved.task
@@ -142,12 +194,38 @@ def evaluate_command(
             raise SoftPromptError("eval needs --prompt DIR, or --template with --labels/--label-field or --target-field.")
         task_config = _task_config(template, labels, label_field, target_field)
         backbone, prefix = _backbone(model or DEFAULT_MODEL), None
-    task = Task(task_config, backbone.tokenizer)
+    task = Task(task_config, backbone.tokenizer, context=context_size(backbone.model),
+                virtual_tokens=saved.prompt.num_tokens if prompt else 0)
     result = evaluate(backbone, task, task.encode(records, str(data)), prefix, batch_size, progress and not as_json)
     if as_json:
         typer.echo(json.dumps(result))
     else:
         typer.echo("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+
+
+def _evaluate_ensemble(data, records, prompts, combine, model, batch_size, as_json, progress):
+    """`eval` with several prompts: all members in one mixed batch, then the ensemble."""
+    from . import artifact
+    from .data import Task
+    from .ensemble import evaluate_ensemble, format_table
+    from .models import context_size
+
+    saved = [artifact.load(p) for p in prompts]
+    differ = [f"{p}: {s.task}" for p, s in zip(prompts, saved) if s.task != saved[0].task]
+    if differ:
+        raise SoftPromptError(f"an ensemble needs prompts of one task; {prompts[0]} has {saved[0].task}, but\n  - "
+                              + "\n  - ".join(differ))  # fmt: skip
+    backbone = _backbone(model or saved[0].base_model)
+    prefixes = [artifact.attach(s, backbone, str(p)).kv(backbone).detach() for p, s in zip(prompts, saved)]
+    task = Task(saved[0].task, backbone.tokenizer, context=context_size(backbone.model),
+                virtual_tokens=max(s.prompt.num_tokens for s in saved))
+    result = evaluate_ensemble(backbone, task, task.encode(records, str(data)), prefixes, combine, batch_size,
+                               progress and not as_json)  # fmt: skip
+    if as_json:
+        members = [{"prompt": str(p), **r} for p, r in zip(prompts, result.members)]
+        typer.echo(json.dumps({"members": members, "ensemble": {"combine": combine, **result.ensemble}}))
+    else:
+        typer.echo(format_table(result, [str(p) for p in prompts]))
 
 
 @app.command()
@@ -167,6 +245,7 @@ def generate(
     from .data import fill
     from .generate import decode_new
     from .generate import generate as run_generate
+    from .models import context_size
 
     saved = artifact.load(prompt) if prompt else None
     backbone = _backbone(model or (saved.base_model if saved else DEFAULT_MODEL))
@@ -174,6 +253,11 @@ def generate(
     fields = saved.task.fields if saved and not raw else []
     inputs = [fill(saved.task.template, {f: text for f in fields}) if fields else text for text in texts]
     ids = [backbone.tokenizer(text)["input_ids"] for text in inputs]
+    context, n = context_size(backbone.model), saved.prompt.num_tokens if saved else 0
+    over = [f"{t!r} ({len(i)} tokens)" for t, i in zip(texts, ids) if context and n + len(i) + max_new_tokens > context]
+    if over:
+        raise SoftPromptError(f"Longer than the model's context of {context} positions with {n} virtual tokens and "
+                              f"--max-new-tokens {max_new_tokens}: {', '.join(over)}; shorten them or generate less.")
     outputs = run_generate(backbone, ids, prefix, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, stop=stop, seed=seed)
     for text, out in zip(texts, outputs):
@@ -186,17 +270,80 @@ def inspect(
     top_k: Annotated[int, Opt(help="Nearest tokens per vector.")] = 5,
     model: Annotated[Optional[str], Opt(help="Base model for nearest tokens (default: the prompt's own).")] = None,
     as_json: Annotated[bool, Opt("--json")] = False,
+    out: Annotated[Optional[Path], Opt(help="Folder for similarity.png and nearest_tokens.tsv (default: the "
+                                            "prompt directory).")] = None,
 ):
-    """Shapes, parameter count, size on disk and the nearest vocabulary tokens of each soft token."""
+    """Shapes, size, vector norms, cosine between the soft tokens (PNG heatmap) and the nearest vocabulary tokens of
+    each soft token (TSV table)."""
     from . import artifact
-    from .inspection import describe, format_report
+    from .inspection import describe, format_report, write_files
 
     saved = artifact.load(prompt)
     backbone = _backbone(model or saved.base_model) if saved.prompt.method == "prompt" else None
     if backbone is not None:
         artifact.check_base(saved, backbone, str(prompt))
     report = describe(saved, prompt, backbone, top_k)
-    typer.echo(json.dumps(report, ensure_ascii=False) if as_json else format_report(report))
+    report["files"] = [str(path) for path in write_files(report, out or prompt)]
+    typer.echo(json.dumps(report, ensure_ascii=False) if as_json else
+               format_report(report) + "".join(f"\nwrote         {path}" for path in report["files"]))
+
+
+@app.command()
+def compare(
+    prompts: Annotated[list[Path], typer.Argument(help="Two or more trained prompt directories.")],
+    out: Annotated[Optional[Path], Opt(help="Where to write the heatmap PNG.")] = None,
+    as_json: Annotated[bool, Opt("--json")] = False,
+):
+    """Cosine similarity between prompts (whole prompts token by token, and their mean vectors) and their norms."""
+    from . import artifact
+    from .inspection import compare as compare_prompts
+    from .inspection import compare_heatmap, format_compare
+
+    if len(prompts) < 2:
+        raise SoftPromptError("compare needs at least two prompt directories.")
+    report = compare_prompts([artifact.load(p) for p in prompts], [str(p) for p in prompts])
+    if out:
+        report["files"] = [str(compare_heatmap(report, out))]
+    typer.echo(json.dumps(report, ensure_ascii=False) if as_json else
+               format_compare(report) + "".join(f"\nwrote {path}" for path in report.get("files", [])))
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="The folder to write.")],
+    prompt: Annotated[Path, Opt(help="A trained prompt directory.")],
+    to: Annotated[str, Opt(help="Target format: peft (adapter_config.json + adapter_model.safetensors).")] = "peft",
+):
+    """Write a prompt as a PEFT adapter: `PeftModel.from_pretrained(base_model, OUT)` loads it."""
+    from .peft_interop import export_peft
+
+    if to != "peft":
+        raise SoftPromptError(f"--to {to!r}: the one export format is peft.")
+    export_peft(prompt, out)
+    typer.echo(f"Wrote a PEFT adapter to {out}; load it with PeftModel.from_pretrained(<the same base model>, "
+               f"{str(out)!r}).")
+
+
+@app.command("import")
+def import_command(
+    peft_dir: Annotated[Path, typer.Argument(help="A PEFT prompt-tuning, P-tuning or prefix-tuning adapter folder.")],
+    out: Annotated[Path, Opt(help="The artifact directory to write.")],
+    model: Annotated[Optional[str], Opt(help="Base model (default: the adapter's base_model_name_or_path).")] = None,
+    template: Annotated[str, Opt(help="How records become input (PEFT adapters carry no template).")] = "{text}",
+    labels: Annotated[Optional[str], Opt(help="Comma-separated label words (classification).")] = None,
+    label_field: Annotated[Optional[str], Opt(help="Field holding the label.")] = None,
+    target_field: Annotated[Optional[str], Opt(help="Field holding the target text (generation).")] = "target",
+):
+    """Read a PEFT adapter into a softprompt artifact (checked against the base model's shapes)."""
+    from .peft_interop import import_peft, read_adapter
+
+    task_config = _task_config(template, labels, label_field, None if labels else target_field)
+    config, _ = read_adapter(peft_dir)
+    model = model or config.get("base_model_name_or_path")
+    if not model:
+        raise SoftPromptError(f"{peft_dir} names no base model; pass --model.")
+    import_peft(peft_dir, out, _backbone(model), task_config)
+    typer.echo(f"Imported the {config['peft_type']} adapter in {peft_dir} into {out} (base model {model}).")
 
 
 @app.command()
@@ -212,9 +359,45 @@ def demo(
     run_demo(out, steps=steps, method=method, progress=progress)
 
 
+@app.command()
+def serve(
+    model: Annotated[str, Opt(help="Base model: embedded short name, local folder or hub name.")] = DEFAULT_MODEL,
+    prompts: Annotated[Optional[Path], Opt(help="Folder of prompt artifacts; each subfolder's name is a model id.")] = None,
+    host: Annotated[str, Opt()] = "127.0.0.1",
+    port: Annotated[int, Opt()] = 8000,
+    api_key: Annotated[Optional[str], Opt(help="Require 'Authorization: Bearer KEY' (all but /health).")] = None,
+    max_batch: Annotated[int, Opt(help="Rows decoded together.")] = 64,
+    max_queue: Annotated[int, Opt(help="Rows that may wait; more get 429.")] = 256,
+    max_prompt_tokens: Annotated[int, Opt(help="Longest prompt in tokens.")] = 2048,
+    max_tokens: Annotated[int, Opt(help="Most new tokens per choice.")] = 512,
+    max_n: Annotated[int, Opt(help="Most choices per prompt.")] = 16,
+):
+    """OpenAI-compatible server: every prompt in --prompts, and the bare model, in mixed continuous batches."""
+    from .serve import ServeConfig
+    from .serve import serve as run_server
+
+    run_server(ServeConfig(model=model, prompts=prompts, host=host, port=port, api_key=api_key, max_batch=max_batch,
+                           max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
+                           max_n=max_n))
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings (truncated examples) read as one line, like errors; others keep Python's format."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main() -> None:
+    warnings.formatwarning = _format_warning
     try:
         app()
     except SoftPromptError as error:
         typer.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(error, "exit_code", 2))
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now (anything saved so far was written atomically)
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
