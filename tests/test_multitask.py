@@ -160,6 +160,7 @@ def test_cli_tasks_file(tmp_path, capsys, monkeypatch):
         assert artifact.load(tmp_path / "out" / name).task.template == tasks[name]["template"]
 
     tasks["colors"]["labelz"] = "x"
+    tasks["colors"]["template"] = 5
     del tasks["sentiment"]["train"]
     (tmp_path / "tasks.json").write_text(json.dumps(tasks))
     monkeypatch.setattr("sys.argv", args + [str(tmp_path / "out2")])
@@ -168,4 +169,5 @@ def test_cli_tasks_file(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert "task 'sentiment': missing train" in err and "task 'colors': unknown key(s) labelz" in err
+    assert "not text: template" in err
     assert not (tmp_path / "out2").exists()

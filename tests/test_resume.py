@@ -121,8 +121,14 @@ def test_resume_with_other_settings_and_reuse_of_out_are_refused(setup, referenc
     out = setup["root"] / "uninterrupted"
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     args = [str(a) for a in train_args(setup, out, *PREFIX_MLP)[3:]]
-    for extra, expected in ((["--resume", "--lr", "0.1"], "lr: 0.05 -> 0.1"), ([], "pass --resume")):
-        monkeypatch.setattr("sys.argv", ["softprompt", *args, *extra])
+    other_data = write_data(setup["root"] / "other.jsonl", 64, 5)
+    cases = (
+        (args + ["--resume", "--lr", "0.1"], "lr: 0.05 -> 0.1"),
+        ([str(other_data) if a == str(setup["train"]) else a for a in args] + ["--resume"], "training data differ"),
+        (args, "pass --resume"),
+    )
+    for argv, expected in cases:
+        monkeypatch.setattr("sys.argv", ["softprompt", *argv])
         with pytest.raises(SystemExit) as exit_info:
             main()
         assert exit_info.value.code == 2

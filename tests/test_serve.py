@@ -2,10 +2,13 @@
 tokens `generate` gives it alone), then a real `softprompt serve` process on loopback driven with the official
 `openai` client: completions, chat, streaming, n, stop, seed, classification, limits, auth, reload, metrics, and
 100 concurrent requests over 8 prompts, each greedy answer equal to that prompt's single-request output from the
-library's plain `generate` (an independent path from the engine)."""
+library's plain `generate` (an independent path from the engine). Failures (a row that cannot join, a stop, a client
+that leaves) end only the requests they concern, and every request hears of its end."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import os
 import random
@@ -13,28 +16,33 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
 import torch
+import uvicorn
 
 from softprompt import artifact, methods
 from softprompt.backbone import Backbone
 from softprompt.cli import main
 from softprompt.config import PromptConfig, TaskConfig
+from softprompt.errors import SoftPromptError
 from softprompt.generate import decode_new, generate
 from softprompt.models import load_model
-from softprompt.serve.app import TextStream
-from softprompt.serve.engine import Engine, EngineConfig, QueueFull, Sampling, Sequence
+from softprompt.serve import batch_cache
+from softprompt.serve.app import TextStream, create_app
+from softprompt.serve.engine import (STOPPED, Engine, EngineConfig, QueueFull, Sampling, ScoreRequest, Sequence,
+                                     Stopped, Update)  # fmt: skip
 from softprompt.serve.registry import Registry
 
 from conftest import ARCHS, WORDS, tiny_backbone, tiny_model, tiny_tokenizer
 from test_mixed import reference_label_logprob
+from test_seq2seq import tiny_t5
 
 KEY = "test-key-123"
 GEN_TEMPLATE = "question {text} answer"
@@ -43,6 +51,7 @@ LABELS = ["negative", "positive"]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}answer{% endif %}")  # fmt: skip
 GEN_PROMPTS = [f"task{i}" for i in range(8)]
+TWO_FIELDS = "context {context} question {question} answer"
 
 
 def build(backbone, method: str, num_tokens: int, seed: int):
@@ -52,6 +61,14 @@ def build(backbone, method: str, num_tokens: int, seed: int):
 
 def sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def wait_until(condition, what: str) -> None:
+    """Poll another thread's progress (a deadline against hangs, not a timing assertion)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.01)
 
 
 # ---- the engine, in-process ----
@@ -137,6 +154,139 @@ def test_prompt_kv_is_computed_once_per_prompt(tmp_path, monkeypatch):
     assert registry.reload()["unchanged"] == ["p0", "p1", "p2"] and len(calls) == 2
 
 
+def test_a_failure_while_rows_join_ends_those_rows_only(monkeypatch):
+    backbone = tiny_backbone("qwen2", seed=2)
+    prefix = build(backbone, "prefix", 4, 1).kv(backbone).detach()
+    prompts = [[5, 6, 7], [10]]
+    finals: dict[str, Update] = {}
+    sink = lambda key: lambda u: finals.__setitem__(key, u)  # noqa: E731
+    engine = Engine(backbone)
+    engine.submit([Sequence(p, prefix, Sampling(max_tokens=12), sink(f"run{i}")) for i, p in enumerate(prompts)])
+    engine.step()
+    assert engine.running == 2
+    # a seed torch cannot take: creating the row's generator raises
+    engine.submit([Sequence([8, 9], prefix, Sampling(max_tokens=5, temperature=1.0, seed=2**64), sink("seed"))])
+    engine.step()
+    assert finals["seed"].finish_reason == "error" and "Overflow" in finals["seed"].error
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(batch_cache, "merge", out_of_memory)  # merging the joining rows into the running batch
+    engine.submit([Sequence([11], None, Sampling(max_tokens=5), sink("merge"))])
+    engine.step()
+    monkeypatch.undo()
+    assert finals["merge"].finish_reason == "error" and "out of memory" in finals["merge"].error
+    assert engine.running == 2  # the running rows went on
+    while engine.running:
+        engine.step()
+    for i, p in enumerate(prompts):
+        alone = generate(backbone, [p], prefix, max_new_tokens=12)[0]
+        assert finals[f"run{i}"].finish_reason != "error" and finals[f"run{i}"].tokens == alone
+        assert len(alone) > 3, "the random model ended too early for this test"
+
+
+def test_stop_ends_every_waiting_and_running_request():
+    engine = Engine(tiny_backbone("llama", seed=5), EngineConfig(max_batch=2)).start()
+    updates: dict[int, list[Update]] = collections.defaultdict(list)
+    row = lambda i: Sequence([5 + i, 6], None, Sampling(max_tokens=10**6, ignore_eos=True), updates[i].append)  # noqa: E731
+    engine.submit([row(0), row(1)])
+    wait_until(lambda: engine.running == 2, "two running rows")
+    inside, release = threading.Event(), threading.Event()
+    blocker = engine.call(lambda: inside.set() or release.wait(60))  # holds the worker between steps
+    assert inside.wait(60)
+    engine.submit([row(2), row(3)])  # queued: the batch is full
+    scored = []
+    engine.submit_scoring([ScoreRequest([5, 6], [[7], [8]], None, lambda s, e: scored.append((s, e)))])
+    pending = engine.call(lambda: "never run")
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    wait_until(lambda: engine._stopping, "the stop to begin")
+    release.set()
+    stopper.join(60)
+    assert not stopper.is_alive()
+    for i in range(4):
+        assert [(u.finished, u.finish_reason, u.error) for u in updates[i]] == [(True, "error", STOPPED)], i
+    assert scored == [(None, STOPPED)]
+    assert blocker.result(timeout=0) is True
+    with pytest.raises(Stopped, match="shutting down"):
+        pending.result(timeout=0)
+    with pytest.raises(Stopped, match="shutting down"):
+        engine.submit([row(4)])
+    assert engine.running == 0 and engine.queue_depth == 0
+
+
+def test_a_client_leaving_a_plain_request_cancels_its_rows():
+    backbone = tiny_backbone("llama", seed=6)
+    engine = Engine(backbone)  # not started: its rows wait in the queue until the test steps it
+    app = create_app(Registry(backbone, "tiny"), engine)
+    body = json.dumps({"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8, "n": 3}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}  # fmt: skip
+
+    async def scenario() -> list[dict]:
+        left, sent = asyncio.Event(), []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        handler = asyncio.ensure_future(app(scope, receive, send))
+        for _ in range(6000):
+            if engine.queue_depth == 3 or handler.done():
+                break
+            await asyncio.sleep(0.01)
+        assert engine.queue_depth == 3, sent
+        left.set()  # the client hangs up
+        await asyncio.wait_for(handler, 60)
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    engine.step()
+    assert engine.stats.prefills == 0 and engine.running == 0 and engine.queue_depth == 0  # nothing computed
+
+
+def test_serve_refuses_encoder_decoder_models(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SoftPromptError, match="t5 is an encoder-decoder model"):
+        Engine(Backbone(tiny_t5(), tiny_tokenizer()))
+    tiny_t5().save_pretrained(tmp_path / "t5")
+    tiny_tokenizer().save_pretrained(tmp_path / "t5")
+    capsys.readouterr()  # saving's progress bar
+
+    def started(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(sys, "argv", ["softprompt", "serve", "--model", str(tmp_path / "t5")])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and any(line.startswith("error: t5 is an encoder-decoder model") for line in err.splitlines()) and "Traceback" not in err
+
+
+def test_reload_keeps_the_prompts_when_their_folder_is_gone(tmp_path):
+    backbone = tiny_backbone("llama", seed=3)
+    task = TaskConfig(template=GEN_TEMPLATE, task="generation", target_field="answer")
+    artifact.save(tmp_path / "prompts" / "p0", build(backbone, "prefix", 2, 0), task, backbone)
+    registry = Registry(backbone, "tiny", tmp_path / "prompts")
+    assert registry.reload(strict=True)["loaded"] == ["p0"]
+    (tmp_path / "prompts").rename(tmp_path / "moved")
+    report = registry.reload()
+    assert "is not a directory (any more)" in report["errors"][str(tmp_path / "prompts")]
+    assert registry.get("p0") is not None and not report["unloaded"]
+    with pytest.raises(SoftPromptError, match="is not a directory"):
+        registry.reload(strict=True)
+
+
 def test_text_stream_holds_back_what_a_stop_string_may_remove():
     tok = tiny_tokenizer()
     ids = tok.convert_tokens_to_ids(["the", "cat", "was", "red"])
@@ -185,6 +335,9 @@ def site(tmp_path_factory):
         artifact.save(root / "prompts" / name, made[name], gen, backbone)
     made["sentiment"] = build(backbone, "prompt", 3, 30)
     artifact.save(root / "prompts" / "sentiment", made["sentiment"], cls, backbone)
+    made["two"] = build(backbone, "prefix", 2, 50)
+    two = TaskConfig(template=TWO_FIELDS, task="generation", target_field="answer")
+    artifact.save(root / "prompts" / "two", made["two"], two, backbone)
     made["late"] = build(backbone, "prefix", 5, 40)
     artifact.save(root / "spare" / "late", made["late"], gen, backbone)
     with torch.no_grad():
@@ -259,7 +412,7 @@ def http(server, path: str, method: str = "GET", key: str | None = KEY, body: by
 
 def test_models_lists_every_prompt_and_the_base(client):
     ids = {m.id for m in client.models.list()}
-    assert ids == {"tiny", "sentiment", *GEN_PROMPTS}
+    assert ids == {"tiny", "sentiment", "two", *GEN_PROMPTS}
 
 
 def test_completions_equal_plain_generate(site, client):
@@ -281,6 +434,14 @@ def test_chat_applies_the_base_models_chat_template(site, client):
     # the test's own template renders this conversation as "user hello world answer"
     assert reply.choices[0].message.content == expected(site, "task2", "user hello world answer", 8, "{text}")
     assert reply.choices[0].message.role == "assistant"
+
+
+def test_a_template_of_several_fields_takes_raw_text_only(site, client):
+    with pytest.raises(openai.BadRequestError, match='has 2 fields: one text cannot fill them.*"raw": true'):
+        client.completions.create(model="two", prompt="red dog", max_tokens=4)
+    text = TWO_FIELDS.format(context="the cat", question="red dog")
+    reply = client.completions.create(model="two", prompt=text, max_tokens=6, temperature=0, extra_body={"raw": True})
+    assert reply.choices[0].text == expected(site, "two", text, 6, "{text}")
 
 
 def test_streaming_gives_the_same_text(site, client):
@@ -354,6 +515,13 @@ def test_limits_and_mistakes_answer_4xx_and_the_server_stays_up(server, client):
         (openai.BadRequestError, "logprobs is not supported", dict(model="task0", prompt="a", logprobs=2)),
         (openai.NotFoundError, "The model 'nope' does not exist", dict(model="nope", prompt="a")),
         (openai.RateLimitError, "the server is busy", dict(model="task0", prompt=["good"] * 31, n=4)),  # 124 rows
+        (openai.BadRequestError, r"seed must be between 0 and 9223372036854775803, got 18446744073709551616",
+         dict(model="task0", prompt="a", seed=2**64)),
+        (openai.BadRequestError, "seed must be between 0", dict(model="task0", prompt="a", seed=-1)),
+        (openai.BadRequestError, r"has token ids outside the vocabulary \(0 to 127\): \[-1\]",
+         dict(model="task0", prompt=[5, -1, 6])),
+        (openai.BadRequestError, r"prompt 1 has token ids outside the vocabulary \(0 to 127\): \[128, 1000000\]",
+         dict(model="tiny", prompt=[[5], [5, 128, 1000000]])),
     ]  # fmt: skip
     for error, message, args in cases:
         with pytest.raises(error, match=message):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from softprompt import __version__, artifact, methods
@@ -21,7 +20,7 @@ from softprompt.evaluate import evaluate, label_scores
 from softprompt.models import fingerprint
 from softprompt.train import loss_on, selection_key, train
 
-from conftest import ARCHS, tiny_backbone
+from conftest import tiny_backbone
 
 LABELS = ["negative", "positive"]
 TEMPLATE = "review {text} sentiment"
@@ -212,7 +211,9 @@ def test_save_then_load_gives_identical_logits(llama, data, tmp_path, method, ml
     config = prompt_config(method, "random", prefix_mlp=mlp)
     trained = methods.build(config, llama, LABELS, torch.Generator().manual_seed(0))
     run = train(llama, task, config, train_config(steps=8), train_examples, tmp_path, init_method=trained,
-                progress=False)  # no validation: the artifact is the last prompt, i.e. `trained` itself
+                progress=False)  # no validation: the artifact is the last prompt
+    last = torch.load(max((tmp_path / "checkpoints").glob("*.pt")), weights_only=False)["prompts"]
+    trained.load_state_dict({k.removeprefix("prompts.prompt."): v for k, v in last.items()})  # with its MLP
     with torch.no_grad():
         expected = prefix_logits(llama, trained.kv(llama), valid_examples[:6])  # MLP-reparameterized when mlp
         returned = prefix_logits(llama, run.method.kv(llama), valid_examples[:6])
@@ -302,7 +303,9 @@ def test_saved_prompt_is_not_the_last_when_training_hurts_validation(llama, tmp_
     assert training["best_step"] == 0 and training["last_step"] == 12
     saved = load_file(tmp_path / "run" / "prompt.safetensors")["prompt_embeddings"]
     assert torch.equal(saved, before)  # the prompt it started from, not the last one
-    assert not torch.allclose(initial.embeddings.detach(), before)  # which did move
+    last = torch.load(max((tmp_path / "run" / "checkpoints").glob("*.pt")), weights_only=False)["prompts"]
+    assert not torch.allclose(last["prompts.prompt.embeddings"], before)  # the trained one did move
+    assert torch.equal(initial.embeddings.detach(), before)  # and the caller's starting prompt is left as it was
 
 
 def test_early_stopping_stops(llama, tmp_path):

@@ -8,16 +8,13 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from softprompt.cli import main
-
+from conftest import run_main
 from test_cli import save_tiny_model, write_data
 
 
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr("sys.argv", ["softprompt", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr().err
+    code, _, err = run_main(monkeypatch, capsys, args)
+    return code, err
 
 
 def test_init_from_starts_at_the_source_prompt(tmp_path, monkeypatch, capsys):

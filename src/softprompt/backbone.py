@@ -192,7 +192,7 @@ class Backbone:
         config = self.model.config.get_text_config(decoder=True)
         lengths = attention_mask.sum(-1).tolist()
         window = getattr(config, "sliding_window", None) or float("inf")
-        if (prefix.dim() != 5 or config._attn_implementation not in ("sdpa", "eager")
+        if (prefix.dim() != 5 or prefix_mask is not None or config._attn_implementation not in ("sdpa", "eager")
                 or getattr(config, "attention_chunk_size", None) or n + max(lengths) > window):  # fmt: skip
             hidden, _ = self.forward(input_ids, attention_mask, self.new_cache(prefix, batch), prefix_mask)
             return hidden.masked_fill(~attention_mask.bool()[..., None], 0)

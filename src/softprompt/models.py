@@ -148,9 +148,6 @@ def locate(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, not online
 
 
-def resolve(name_or_path: str) -> str:
-    return locate(name_or_path)[0]
-
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"

@@ -42,13 +42,17 @@ def read_tasks_file(path: str | Path) -> dict[str, TaskSpec]:
             continue
         unknown = sorted(set(entry) - KEYS)
         missing = sorted({"train", "template"} - set(entry))
-        if unknown or missing:
+        not_text = sorted(k for k in KEYS - {"labels"} if k in entry and not isinstance(entry[k], str))
+        labels = entry.get("labels") or []
+        labels = [x.strip() for x in labels.split(",")] if isinstance(labels, str) else labels
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            not_text.append("labels (a list of words, or one comma-separated string)")
+        if unknown or missing or not_text:
             problems.append(f"{where}: " + "; ".join(
                 ([f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(KEYS))})"] if unknown else [])
-                + ([f"missing {', '.join(missing)}"] if missing else [])))  # fmt: skip
+                + ([f"missing {', '.join(missing)}"] if missing else [])
+                + ([f"not text: {', '.join(not_text)}"] if not_text else [])))  # fmt: skip
             continue
-        labels = entry.get("labels") or []
-        labels = [x.strip() for x in labels.split(",")] if isinstance(labels, str) else list(labels)
         target = entry.get("target_field")
         try:
             config = TaskConfig(template=entry["template"], task="generation" if target and not labels else

@@ -12,6 +12,8 @@ SIGTERM/SIGINT write one before the run stops.
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import math
 import random
@@ -116,16 +118,20 @@ def selection_key(result: dict) -> tuple:
 
 @contextlib.contextmanager
 def signals_caught():
-    """SIGTERM and SIGINT set a flag that the loop reads after each step (a second one stops at once)."""
+    """SIGTERM and SIGINT set a flag that the loop reads after each step. A repeat within 2 s is the same request
+    (launchers forward a terminal's Ctrl-C to processes that already got it); a later one stops at once."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
         yield caught
         return
+    first = []
 
     def handler(number, _frame):
-        if caught:
+        if not caught:
+            caught.append(number)
+            first.append(time.monotonic())
+        elif time.monotonic() - first[0] > 2:
             raise KeyboardInterrupt
-        caught.append(number)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -135,19 +141,38 @@ def signals_caught():
             signal.signal(s, h)
 
 
-def resume_state(out_dir: Path, prompt_config: PromptConfig, cfg: TrainConfig) -> dict | None:
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_size", "patience", "checkpoint_every", "gradient_checkpointing"}
+"""Settings a resumed run may change: they do not alter the steps already taken (a new `steps` stretches or
+shortens the learning-rate schedule from here on)."""
+
+
+def data_fingerprint(tasks: dict[str, "TaskData"]) -> str:
+    """Task names and every training example's tokens, in order: a resumed run must see the very same batches."""
+    digest = hashlib.sha256()
+    for name, data in tasks.items():
+        digest.update(name.encode() + b"\0")
+        for example in data.train:
+            digest.update(bytes(str((example.input_ids, example.target_ids)), "ascii"))
+    return digest.hexdigest()[:16]
+
+
+def resume_state(out_dir: Path, prompt_config: PromptConfig, cfg: TrainConfig, data: str) -> dict | None:
     """The newest checkpoint's state, after checking that it belongs to this very run."""
     path = latest_checkpoint(out_dir)
     if path is None:
         return None
     state = load_checkpoint(path)
-    saved = {**state.get("prompt_config", {}), **state.get("train_config", {})}
+    saved = {**state["prompt_config"], **state["train_config"]}
     now = {**to_dict(prompt_config), **to_dict(cfg)}
-    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
+               if k in saved and saved[k] != now[k] and k not in RESUMABLE_CHANGES]  # fmt: skip
+    if state["data"] != data:
+        changed.append("the tasks or their training data differ")
     if changed:
         raise SoftPromptError(
             f"cannot resume from {path}: the run was started with other settings ({'; '.join(changed)}). "
-            "Resume with the original settings, or train into a new --out."
+            f"Resume with the original settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or "
+            "train into a new --out."
         )
     return state
 
@@ -170,8 +195,9 @@ class PromptSet(nn.Module):
         super().__init__()
         self.prompts = nn.ModuleDict(prompts)
 
-    def forward(self, backbone: Backbone) -> dict[str, torch.Tensor]:
-        return {name: prompt.kv(backbone) for name, prompt in self.prompts.items()}
+    def forward(self, backbone: Backbone, names: set[str]) -> dict[str, torch.Tensor]:
+        """The K/V prefix of each named task's prompt (only those: prompt tuning runs the model for each)."""
+        return {name: self.prompts[name].kv(backbone) for name in names}
 
 
 def row_prefixes(backbone: Backbone, kvs: dict[str, torch.Tensor], names: list[str]):
@@ -241,7 +267,12 @@ def _train(
     empty = [name for name, data in tasks.items() if not data.train]
     if empty:
         raise SoftPromptError(f"no training examples for {', '.join(empty)}: the training data is empty.")
-    state = resume_state(out_dir, prompt_config, cfg) if resume else None
+    available = sum(len(data.train) for data in tasks.values())
+    if available < cfg.batch_size:
+        raise SoftPromptError(f"the training data has {available} examples, fewer than one batch of "
+                              f"{cfg.batch_size}; lower --batch-size or add data.")  # fmt: skip
+    data_id = data_fingerprint(tasks)
+    state = resume_state(out_dir, prompt_config, cfg, data_id) if resume else None
     if not resume and latest_checkpoint(out_dir):
         raise SoftPromptError(
             f"{out_dir} already holds a run (checkpoint {latest_checkpoint(out_dir).name}); pass --resume to "
@@ -253,7 +284,8 @@ def _train(
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     prompts = PromptSet({
-        name: data.init or methods.build(prompt_config, backbone, data.task.config.labels, generator)
+        name: copy.deepcopy(data.init) if data.init else methods.build(prompt_config, backbone,
+                                                                      data.task.config.labels, generator)
         for name, data in tasks.items()
     }).to(accelerator.device)  # fmt: skip
     optimizer = make_optimizer(prompts.parameters(), cfg)
@@ -281,9 +313,9 @@ def _train(
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         best, evals_without_gain, stopped_early = state["best"], state["evals_without_gain"], state["stopped_early"]
-        first_step = cfg.steps + 1 if state["finished"] else state["step"] + 1
+        first_step = cfg.steps + 1 if stopped_early or state["step"] >= cfg.steps else state["step"] + 1
         tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
-        if log_path.is_file():  # the log as it was at the checkpoint: later lines are about to be redone
+        if main and log_path.is_file():  # only the main process reads or writes the log  # the log as it was at the checkpoint: later lines are about to be redone
             history = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
             history = [r for r in history if r["step"] <= state["step"]]
         if main:
@@ -334,7 +366,7 @@ def _train(
             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "batches_consumed": step,
             "best": best, "evals_without_gain": evals_without_gain, "tokens_seen": tokens_seen,
             "train_seconds": train_seconds, "prompt_config": to_dict(prompt_config), "train_config": to_dict(cfg),
-            "finished": finished, "stopped_early": stopped_early,
+            "data": data_id, "finished": finished, "stopped_early": stopped_early,
         })  # fmt: skip
 
     if valid and state is None:
@@ -358,12 +390,14 @@ def _train(
                     last = start + micro >= shard
                     with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
                         # Each prompt's K/V, once per micro-batch, shared by the rows of its task.
-                        kv, prefix_mask = row_prefixes(backbone, model(backbone), list(names))
+                        kv, prefix_mask = row_prefixes(backbone, model(backbone, set(names)), list(names))
                         loss, _ = loss_on(backbone, kv, list(examples), normalizer, prefix_mask)
                         accelerator.backward(loss)
                     step_loss += loss.detach() / world
                 tokens_seen += sum(len(e.input_ids) + len(e.target_ids) for _, e in batch)
-                step_loss = float(accelerator.reduce(step_loss, "sum"))
+                # One collective per step: the global loss, and whether any process was asked to stop.
+                totals = accelerator.reduce(torch.stack([step_loss, step_loss.new_tensor(float(bool(caught)))]), "sum")
+                step_loss, stop_requested = totals.tolist()
                 if not math.isfinite(step_loss):
                     last_good = latest_checkpoint(out_dir)
                     raise SoftPromptError(
@@ -385,10 +419,9 @@ def _train(
                 stopped_early = bool(evaluating) and validate_and_keep_best(step)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     checkpoint(step)
-                number = caught[0] if caught else 0
-                if world > 1:  # a signal that reached one process stops them all
-                    number = int(accelerator.reduce(torch.tensor(number, device=accelerator.device), "max"))
-                if number:
+                # Several processes decide together (a signal that reached one stops them all), one alone at once.
+                if stop_requested or (world == 1 and caught):
+                    number = caught[0] if caught else signal.SIGTERM
                     path = checkpoint(step)
                     raise TrainingInterrupted(
                         f"{signal.Signals(number).name} received: stopped after step {step}"

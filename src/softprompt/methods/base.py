@@ -34,10 +34,6 @@ class PromptMethod(nn.Module):
         """What a saved artifact stores: plain tensors, any reparameterization folded away."""
         raise NotImplementedError
 
-    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """What a training checkpoint stores, enough to continue training exactly."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items()}
-
     @classmethod
     def create(cls, config, backbone, labels: list[str], generator: torch.Generator | None) -> "PromptMethod":
         raise NotImplementedError

@@ -57,7 +57,7 @@ class Prefix(PromptMethod):
     def artifact_tensors(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             kv = self._mlp_kv() if self.config.prefix_mlp else self.prefix
-            return {self.artifact_key: kv.float().contiguous().clone()}
+            return {self.artifact_key: kv.float().contiguous().cpu().clone()}
 
     @classmethod
     def create(cls, config, backbone, labels, generator):

@@ -27,7 +27,7 @@ class SoftPrompt(PromptMethod):
         return backbone.prefix_from_embeddings(self.embeddings.to(backbone.dtype))
 
     def artifact_tensors(self) -> dict[str, torch.Tensor]:
-        return {self.artifact_key: self.embeddings.detach().clone()}
+        return {self.artifact_key: self.embeddings.detach().cpu().clone()}
 
     @classmethod
     def create(cls, config, backbone, labels, generator):

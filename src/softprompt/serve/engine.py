@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -355,3 +354,10 @@ def _emit(target, *update) -> None:
         target.sink(*update)
     except Exception:
         target.cancelled = True
+
+
+class Stopped(SoftPromptError):
+    pass
+
+
+STOPPED = "the server is shutting down: the request was not completed"
