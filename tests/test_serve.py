@@ -186,10 +186,35 @@ def test_a_failure_while_rows_join_ends_those_rows_only(monkeypatch):
         assert len(alone) > 3, "the random model ended too early for this test"
 
 
+def test_a_merge_that_fails_midway_leaves_the_running_cache_as_it_was(monkeypatch):
+    backbone = tiny_backbone("llama", seed=4)
+    prefix = build(backbone, "prefix", 3, 1).kv(backbone).detach()
+    running = backbone.new_cache(prefix, 2)  # (2, heads, 3, d) per layer
+    mask = torch.ones(2, 3, dtype=torch.long)
+    joining = backbone.new_cache(build(backbone, "prefix", 5, 2).kv(backbone).detach(), 1)  # longer: pads `running`
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in running.layers]
+    assert len(before) >= 2
+    cat, calls = torch.cat, []
+
+    def cat_failing_at_the_third_call(*args, **kwargs):  # the second layer's keys
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return cat(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", cat_failing_at_the_third_call)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batch_cache.merge(running, mask, joining, torch.ones(1, 5, dtype=torch.long))
+    monkeypatch.undo()
+    for layer, (keys, values) in zip(running.layers, before):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
 def test_stop_ends_every_waiting_and_running_request():
     engine = Engine(tiny_backbone("llama", seed=5), EngineConfig(max_batch=2)).start()
     updates: dict[int, list[Update]] = collections.defaultdict(list)
-    row = lambda i: Sequence([5 + i, 6], None, Sampling(max_tokens=10**6, ignore_eos=True), updates[i].append)  # noqa: E731
+    endless = Sampling(max_tokens=10**6, ignore_eos=True)
+    row = lambda i: Sequence([5 + i, 6], None, endless, updates[i].append)  # noqa: E731
     engine.submit([row(0), row(1)])
     wait_until(lambda: engine.running == 2, "two running rows")
     inside, release = threading.Event(), threading.Event()
@@ -270,7 +295,8 @@ def test_serve_refuses_encoder_decoder_models(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit:
         main()
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and any(line.startswith("error: t5 is an encoder-decoder model") for line in err.splitlines()) and "Traceback" not in err
+    assert exit.value.code == 2 and "Traceback" not in err
+    assert any(line.startswith("error: t5 is an encoder-decoder model") for line in err.splitlines()), err
 
 
 def test_reload_keeps_the_prompts_when_their_folder_is_gone(tmp_path):

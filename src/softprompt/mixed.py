@@ -18,21 +18,14 @@ from .evaluate import token_logprobs
 from .generate import generate
 
 
-def check_prefixes(backbone: Backbone, prefixes: list[torch.Tensor | None], rows: int) -> None:
-    """One 5-D prefix (or None) per row, each matching the model's layers, heads and head size."""
-    s = backbone.shapes
-    expected = (s.num_layers, 2, s.num_kv_heads, s.head_dim)
+def _check(backbone: Backbone, prefixes: list[torch.Tensor | None], rows: int) -> None:
+    """One prefix (or None) per row, each one the backbone accepts as a shared prefix."""
     problems = []
     if len(prefixes) != rows:
         problems.append(f"{len(prefixes)} prefixes for {rows} rows: give one per row (None for no prompt)")
     for row, prefix in enumerate(prefixes):
-        if prefix is None:
-            continue
-        if prefix.dim() != 5 or tuple(prefix.shape[:3]) + (prefix.shape[-1],) != expected:
-            problems.append(
-                f"row {row}: prefix shape {tuple(prefix.shape)} does not match the model's "
-                f"({s.num_layers}, 2, {s.num_kv_heads}, n, {s.head_dim})"
-            )
+        if prefix is not None:
+            problems += [f"row {row}: {problem}" for problem in backbone.prefix_problems(prefix, None, 1)]
     if problems:
         raise SoftPromptError("Cannot build a mixed batch:\n  - " + "\n  - ".join(problems[:10]))
 
@@ -53,7 +46,7 @@ def generate_mixed(
 
     options: those of `generate.generate` (max_new_tokens, temperature, top_p, stop, seed).
     """
-    check_prefixes(backbone, prefixes, len(prompts))
+    _check(backbone, prefixes, len(prompts))
     prefix, mask = stack(backbone, prefixes)
     return generate(backbone, prompts, prefix, prefix_mask=mask, **options)
 
@@ -69,7 +62,7 @@ def label_scores_mixed(
     """For each row, (num_labels_i,): the summed log-probability of each of its label words' tokens after its input,
     with its own prefix. Rows may come from different tasks, each with its own label words (token ids per word, as
     `Task.label_ids` gives them)."""
-    check_prefixes(backbone, prefixes, len(inputs))
+    _check(backbone, prefixes, len(inputs))
     if len(label_ids) != len(inputs):
         raise SoftPromptError(f"{len(label_ids)} label sets for {len(inputs)} inputs: give one per input")
     empty = [row for row, ids in enumerate(inputs) if not ids]

@@ -49,25 +49,21 @@ class ServeConfig:
             raise SoftPromptError("Invalid serve settings:\n  - " + "\n  - ".join(problems))
 
 
-def context_length(model) -> int | None:
-    config = model.config.get_text_config(decoder=True)
-    return next((getattr(config, n) for n in ("max_position_embeddings", "n_positions")
-                 if getattr(config, n, None)), None)  # fmt: skip
-
-
 def build(config: ServeConfig):
     """(app, engine, registry) for `config`: the model loaded, every prompt's K/V computed, the engine started."""
     from ..backbone import Backbone
-    from ..models import load_model
+    from ..models import context_size, load_model
+    from . import batch_cache
     from .app import Limits, create_app
     from .engine import Engine, EngineConfig
     from .registry import Registry
 
     backbone = Backbone(*load_model(config.model))
+    batch_cache.check_supported(backbone)  # before loading any prompt: an unservable model fails fast
     registry = Registry(backbone, config.model, config.prompts)
     registry.reload(strict=True)  # a broken artifact at startup is an error, not a silent gap
     engine = Engine(backbone, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue)).start()
-    limits = Limits(config.max_prompt_tokens, config.max_tokens, config.max_n, context_length(backbone.model))
+    limits = Limits(config.max_prompt_tokens, config.max_tokens, config.max_n, context_size(backbone.model))
     return create_app(registry, engine, limits, config.api_key), engine, registry
 
 

@@ -14,16 +14,20 @@ from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..generate import decode_new
 from . import metrics, protocol
-from .engine import Engine, QueueFull, Sampling, ScoreRequest, Sequence, Update
+from .engine import Engine, QueueFull, Sampling, ScoreRequest, Sequence, Stopped, Update
 from .registry import Prompt, Registry
 
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/admin/reload")
 MAX_STOPS = 4
+MAX_SEED = 2**63
+"""Seeds (plus the choice index) must stay below this: a torch generator takes a signed 64-bit seed."""
+CLIENT_GONE = 499
+"""The status logged for a request whose client left before the answer (nginx's convention)."""
 
 
 @dataclass
@@ -84,9 +88,17 @@ def _sse(data) -> str:
     return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
 
 
+async def disconnected(request: Request) -> None:
+    """Returns once the client has gone. The body is read by now, so a disconnect is the only message left to come
+    (streaming answers need no such watch: Starlette cancels their generator itself)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(registry: Registry, engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
     limits = limits or Limits()
     tokenizer = registry.backbone.tokenizer
+    vocab = min(len(tokenizer), registry.backbone.shapes.vocab_size)  # ids a client may send
     counters = metrics.Counters()
     app = FastAPI(title="softprompt", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -154,13 +166,18 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
             problems.append(f"top_p must be in (0, 1], got {top_p}")
         if len(stop) > MAX_STOPS or not all(stop):
             problems.append(f"stop takes up to {MAX_STOPS} non-empty strings, got {stop}")
+        if body.seed is not None and not 0 <= body.seed < MAX_SEED - limits.max_n:
+            problems.append(f"seed must be between 0 and {MAX_SEED - limits.max_n - 1}, got {body.seed}")
         if not inputs:
             problems.append("the prompt is empty")
         completion = max((len(w) for w in prompt.label_ids), default=0) if prompt.is_classification else max_tokens
         for i, ids in enumerate(inputs):
             where = f"prompt {i}" if len(inputs) > 1 else "the prompt"
+            bad = [t for t in ids if not 0 <= t < vocab]
             if not ids:
                 problems.append(f"{where} is empty: it needs at least one token")
+            elif bad:
+                problems.append(f"{where} has token ids outside the vocabulary (0 to {vocab - 1}): {bad[:5]}")
             elif len(ids) > limits.max_prompt_tokens:
                 problems.append(f"{where} has {len(ids)} tokens, more than this server's limit of "
                                 f"{limits.max_prompt_tokens}; shorten it")  # fmt: skip
@@ -176,6 +193,15 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
                             ignore_eos=body.ignore_eos)  # fmt: skip
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return Job(prompt, inputs, sampling, n, bool(body.stream), include_usage)
+
+    def fill(prompt: Prompt, text: str) -> str:
+        """The text put into the prompt's template, as in training; a template of several fields cannot take one
+        text (every field would get it), so the client formats it."""
+        if prompt.task is not None and len(set(prompt.task.fields)) > 1:
+            raise ApiError(400, f"{prompt.name!r} was trained on the template {prompt.task.template!r}, which has "
+                           f"{len(set(prompt.task.fields))} fields: one text cannot fill them. Fill the template "
+                           "yourself and send it to /v1/completions with \"raw\": true.")  # fmt: skip
+        return prompt.format(text)
 
     def tokenize(text: str, special: bool = True) -> list[int]:
         return tokenizer(text, add_special_tokens=special)["input_ids"]
@@ -196,6 +222,8 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
             engine.submit(rows)
         except QueueFull as error:
             raise ApiError(429, str(error), "rate_limit_error", code="queue_full") from None
+        except Stopped as error:
+            raise ApiError(503, str(error), "server_error") from None
         counters.model_requests[job.prompt.name] += 1
         counters.prompt_tokens += sum(map(len, job.inputs))
         return rows, queue
@@ -215,6 +243,8 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
             engine.submit_scoring(requests)
         except QueueFull as error:
             raise ApiError(429, str(error), "rate_limit_error", code="queue_full") from None
+        except Stopped as error:
+            raise ApiError(503, str(error), "server_error") from None
         counters.model_requests[job.prompt.name] += 1
         counters.prompt_tokens += sum(map(len, job.inputs))
         try:
@@ -239,7 +269,7 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": finish, **extra}  # fmt: skip
 
-    async def respond(job: Job, chat: bool):
+    async def respond(job: Job, chat: bool, request: Request):
         build = protocol.chat_completion if chat else protocol.completion
         rid, name = protocol.new_id("chatcmpl" if chat else "cmpl"), job.prompt.name
         prompt_tokens = sum(map(len, job.inputs))
@@ -267,12 +297,19 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
         rows, queue = await run_generation(job)
         if not job.stream:
             finals: dict[int, Update] = {}
+            gone = asyncio.ensure_future(disconnected(request))
             try:
                 while len(finals) < total:
-                    index, update = await queue.get()
+                    got = asyncio.ensure_future(queue.get())
+                    await asyncio.wait([got, gone], return_when=asyncio.FIRST_COMPLETED)
+                    if not got.done():
+                        got.cancel()
+                        return Response(status_code=CLIENT_GONE)  # nobody reads it; its rows leave below
+                    index, update = got.result()
                     if update.finished:
                         finals[index] = update
             finally:
+                gone.cancel()
                 for row in rows:
                     row.cancelled = True  # no-op for finished rows; frees the batch if the client went away
             failed = [u.error for u in finals.values() if u.finish_reason == "error"]
@@ -335,16 +372,17 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
-    async def completions(body: protocol.CompletionRequest):
+    async def completions(body: protocol.CompletionRequest, request: Request):
         prompt = lookup(body.model)
         raw = body.prompt
         if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
             raw = [raw]  # one prompt: a text or a list of token ids
-        inputs = [list(p) if isinstance(p, list) else tokenize(p if body.raw else prompt.format(p)) for p in raw]
-        return await respond(job_for(body, prompt, inputs, 16 if body.max_tokens is None else body.max_tokens), False)
+        inputs = [list(p) if isinstance(p, list) else tokenize(p if body.raw else fill(prompt, p)) for p in raw]
+        return await respond(job_for(body, prompt, inputs, 16 if body.max_tokens is None else body.max_tokens), False,
+                             request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: protocol.ChatRequest):
+    async def chat_completions(body: protocol.ChatRequest, request: Request):
         prompt = lookup(body.model)
         if not body.messages:
             raise ApiError(400, "messages is empty: send at least one message", param="messages")
@@ -353,7 +391,7 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
             users = [m.text() for m in body.messages if m.role == "user"]
             if not users:
                 raise ApiError(400, f"{prompt.name!r} classifies a user message; send one", param="messages")
-            inputs = [tokenize(prompt.format(users[-1]))]
+            inputs = [tokenize(fill(prompt, users[-1]))]
         else:
             if not getattr(tokenizer, "chat_template", None):
                 raise ApiError(400, f"the base model of {prompt.name!r} has no chat template; use /v1/completions")
@@ -367,7 +405,7 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
         if asked is None:  # chat's default: as much as the context and the limit allow
             room = (limits.context or 1 << 30) - prompt.num_tokens - len(inputs[0])
             asked = max(1, min(limits.max_tokens, room))
-        return await respond(job_for(body, prompt, inputs, asked), True)
+        return await respond(job_for(body, prompt, inputs, asked), True, request)
 
     @app.post("/admin/reload")
     async def reload():

@@ -18,8 +18,15 @@ from ..errors import SoftPromptError
 
 
 def check_supported(backbone: Backbone) -> None:
-    """Sliding-window layers keep only their last window of slots, which breaks the slot-for-slot mask."""
-    layers = DynamicCache(config=backbone.model.config).layers
+    """Refuse what the engine cannot batch: an encoder-decoder model (its cache is not a DynamicCache of decoder
+    layers) and sliding-window layers (they keep only their last window of slots, breaking the slot-for-slot mask)."""
+    config = backbone.model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise SoftPromptError(
+            f"{config.model_type} is an encoder-decoder model; the serving engine batches decoder-only (causal LM) "
+            "models only. Serve a causal LM, or use `softprompt generate` / `softprompt eval` with this model."
+        )
+    layers = DynamicCache(config=config).layers
     if any(getattr(layer, "is_sliding", False) for layer in layers):
         raise SoftPromptError(
             f"{type(backbone.model).__name__} uses sliding-window attention; the serving engine cannot batch its "
@@ -34,13 +41,24 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
 
 def merge(cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor) -> torch.Tensor:
     """Append `other`'s rows to `cache` in place (the shorter side left-padded with masked slots); returns the merged
-    mask (B + B', max(T, T'))."""
-    width = max(mask.shape[1], other_mask.shape[1])
-    for layer, extra in zip(cache.layers, other.layers):
-        layer.keys = torch.cat([_pad_left(layer.keys, width), _pad_left(extra.keys, width)])
-        layer.values = torch.cat([_pad_left(layer.values, width), _pad_left(extra.values, width)])
-    pad = lambda m: F.pad(m, (width - m.shape[1], 0))  # noqa: E731  (B, T) -> (B, width), zeros in front
-    return torch.cat([pad(mask), pad(other_mask)])
+    mask (B + B', max(T, T')). On a failure (out of memory) `cache` is put back as it was, so its rows can go on."""
+    (rows, length), width = mask.shape, max(mask.shape[1], other_mask.shape[1])
+    merged = 0
+    try:
+        for layer, extra in zip(cache.layers, other.layers):  # one layer at a time: no second copy of the cache
+            layer.keys = torch.cat([_pad_left(layer.keys, width), _pad_left(extra.keys, width)])
+            layer.values = torch.cat([_pad_left(layer.values, width), _pad_left(extra.values, width)])
+            merged += 1
+        pad = lambda m: F.pad(m, (width - m.shape[1], 0))  # noqa: E731  (B, T) -> (B, width), zeros in front
+        return torch.cat([pad(mask), pad(other_mask)])
+    except BaseException:
+        # Views, so undoing allocates nothing: the first rows and last columns are the running rows' cache as it was.
+        for layer in cache.layers[: merged + 1]:
+            if layer.keys.shape[0] != rows:
+                layer.keys = layer.keys[:rows, :, width - length :]  # (B, heads, T, d)
+            if layer.values.shape[0] != rows:
+                layer.values = layer.values[:rows, :, width - length :]
+        raise
 
 
 def select(cache: DynamicCache, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:

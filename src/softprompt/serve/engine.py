@@ -21,7 +21,7 @@ import torch
 
 from ..backbone import Backbone
 from ..errors import SoftPromptError
-from ..generate import next_tokens, trim_to_stop, eos_ids
+from ..generate import eos_ids, next_tokens, trim_to_stop
 from ..mixed import label_scores_mixed, stack
 from . import batch_cache
 
@@ -31,6 +31,13 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 class QueueFull(SoftPromptError):
     """Too many requests are waiting; the client should retry later."""
+
+
+class Stopped(SoftPromptError):
+    """The engine is stopping or stopped: it takes no more work."""
+
+
+STOPPED = "the server is shutting down: the request was not completed"
 
 
 @dataclass
@@ -146,6 +153,8 @@ class Engine:
 
     def _enqueue(self, queue: collections.deque, items: list) -> None:
         with self._lock:
+            if self._stopping:
+                raise Stopped(STOPPED)
             if self.queue_depth + len(items) > self.config.max_queue:
                 raise QueueFull(
                     f"the server is busy: {self.queue_depth} requests are waiting (limit {self.config.max_queue}, "
@@ -165,6 +174,9 @@ class Engine:
         """Run `fn()` in the worker thread between steps (torch work such as loading prompts)."""
         future: Future = Future()
         with self._lock:
+            if self._stopping:
+                future.set_exception(Stopped(STOPPED))
+                return future
             self._jobs.append((fn, future))
             self._lock.notify()
         if self._thread is None:  # not started (tests driving `step` by hand)
@@ -179,10 +191,14 @@ class Engine:
         return self
 
     def stop(self) -> None:
+        """Take no more work; every waiting or running row, scoring request and job ends with an error (after the
+        worker's current step), so no caller waits forever."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
-        if self._thread is not None:
+        if self._thread is None:
+            self._abandon()
+        else:
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
@@ -191,13 +207,31 @@ class Engine:
                 while not (self._stopping or self._waiting or self._scoring or self._jobs or self._rows):
                     self._lock.wait()
                 if self._stopping:
-                    return
+                    break
             self.step()
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """On stop: end everything still queued or running with an error (submissions are refused by now)."""
+        with self._lock:
+            waiting, scoring, jobs = list(self._waiting), list(self._scoring), list(self._jobs)
+            self._waiting.clear()
+            self._scoring.clear()
+            self._jobs.clear()
+        for seq in waiting:
+            _emit(seq, Update(list(seq.tokens), True, "error", STOPPED))
+        for request in scoring:
+            _emit(request, None, STOPPED)
+        for _, future in jobs:
+            future.set_exception(Stopped(STOPPED))
+        self._fail_running(STOPPED)
 
     @torch.no_grad()
     def step(self) -> None:
         """One round: jobs, classification scoring, rows joining, one decode step for all running rows."""
         self._run_jobs()
+        if self._stopping:
+            return
         self._score()
         try:
             self._keep(list(range(len(self._rows))))  # cancelled rows leave before they cost a step
@@ -208,7 +242,7 @@ class Engine:
             self._fail_running(f"generation failed: {type(error).__name__}: {error}")
 
     def _run_jobs(self) -> None:
-        while self._jobs:
+        while self._jobs and not self._stopping:  # jobs left at a stop fail in `_abandon`
             with self._lock:
                 fn, future = self._jobs.popleft()
             try:
@@ -241,38 +275,43 @@ class Engine:
             _emit(r, s, None)
 
     def _admit(self) -> None:
-        """Prefill waiting rows (as many as fit) and merge them into the running batch."""
+        """Prefill waiting rows (as many as fit) and merge them into the running batch. A failure here ends the
+        joining rows only: the running batch's state changes only after the last step that can fail (and a failed
+        merge puts its cache back as it was)."""
         joining = self._take(self._waiting, self.config.max_batch - len(self._rows))
         for seq in [s for s in joining if s.sampling.max_tokens <= 0]:
             _emit(seq, Update([], True, "length"))
         joining = [s for s in joining if s.sampling.max_tokens > 0]
         if not joining:
             return
-        for seq in joining:
-            if seq.sampling.seed is not None and seq.sampling.temperature > 0:
-                seq.generator = torch.Generator(device=self.backbone.device).manual_seed(seq.sampling.seed)
+        done: set[int] = set()  # joining rows that already sent their final update (or were cancelled)
         try:
+            for seq in joining:
+                if seq.sampling.seed is not None and seq.sampling.temperature > 0:
+                    seq.generator = torch.Generator(device=self.backbone.device).manual_seed(seq.sampling.seed)
             cache, mask, logits = self._prefill(joining)
+            self.stats.prefills += 1
+            tokens = self._sample(logits, joining)
+            for i, (seq, token) in enumerate(zip(joining, tokens)):
+                if self._advance(seq, token):
+                    done.add(i)
+            keep = [i for i in range(len(joining)) if i not in done]
+            if not keep:
+                return
+            if len(keep) < len(joining):
+                mask = batch_cache.select(cache, mask, keep)
+            last = torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=self.backbone.device)
+            if self._rows:
+                last = torch.cat([self._last, last])
+                mask, cache = batch_cache.merge(self._cache, self._mask, cache, mask), self._cache
+                self.stats.rows_joined_running += len(keep)
+            self._cache, self._mask, self._last = cache, mask, last
+            self._rows = self._rows + [joining[i] for i in keep]
         except Exception as error:
             message = f"generation failed: {type(error).__name__}: {error}"
-            for seq in joining:
-                _emit(seq, Update(list(seq.tokens), True, "error", message))
-            return
-        self.stats.prefills += 1
-        tokens = self._sample(logits, joining)
-        keep = [i for i, (seq, token) in enumerate(zip(joining, tokens)) if not self._advance(seq, token)]
-        if not keep:
-            return
-        if len(keep) < len(joining):
-            mask = batch_cache.select(cache, mask, keep)
-        last = torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=self.backbone.device)
-        if self._rows:
-            self.stats.rows_joined_running += len(keep)
-            self._mask = batch_cache.merge(self._cache, self._mask, cache, mask)
-            self._last = torch.cat([self._last, last])
-        else:
-            self._cache, self._mask, self._last = cache, mask, last
-        self._rows += [joining[i] for i in keep]
+            for i, seq in enumerate(joining):
+                if i not in done:
+                    _emit(seq, Update(list(seq.tokens), True, "error", message))
 
     def _prefill(self, rows: list[Sequence]):
         """Prefix + prompt of each joining row, one left-padded batch: (cache, mask (G, T), next-token logits)."""
@@ -354,10 +393,3 @@ def _emit(target, *update) -> None:
         target.sink(*update)
     except Exception:
         target.cancelled = True
-
-
-class Stopped(SoftPromptError):
-    pass
-
-
-STOPPED = "the server is shutting down: the request was not completed"

@@ -42,7 +42,8 @@ class Prompt:
         return self.task is not None and self.task.task == "classification"
 
     def format(self, text: str) -> str:
-        """The text put into the prompt's template (every {field} gets it), as the prompt saw inputs in training."""
+        """The text put into the prompt's template, as the prompt saw inputs in training (every {field} gets it: the
+        server refuses templates of several fields)."""
         return fill(self.task.template, {f: text for f in self.task.fields}) if self.task else text
 
 
@@ -63,9 +64,7 @@ class Registry:
     def __init__(self, backbone: Backbone, base_name: str, prompts_dir: str | Path | None = None):
         self.backbone = backbone
         self.base = Prompt(base_id(base_name), None)
-        self.prompts_dir = Path(prompts_dir) if prompts_dir else None
-        if self.prompts_dir is not None and not self.prompts_dir.is_dir():
-            raise SoftPromptError(f"--prompts {self.prompts_dir} is not a directory.")
+        self.prompts_dir = Path(prompts_dir) if prompts_dir else None  # ServeConfig checks that it is a folder
         self.prompts: dict[str, Prompt] = {self.base.name: self.base}
 
     def get(self, name: str) -> Prompt | None:
@@ -86,6 +85,12 @@ class Registry:
         (if any) and is reported; with `strict` (at startup) it is an error instead."""
         report = {"loaded": [], "unloaded": [], "unchanged": [], "errors": {}}
         if self.prompts_dir is None:
+            return report
+        if not self.prompts_dir.is_dir():  # moved away while serving: keep what is loaded
+            message = f"the prompts folder {self.prompts_dir} is not a directory (any more); nothing was reloaded"
+            if strict:
+                raise SoftPromptError(message)
+            report["errors"][str(self.prompts_dir)] = message
             return report
         current = {self.base.name: self.base}
         folders = sorted(p for p in self.prompts_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
