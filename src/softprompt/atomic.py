@@ -20,6 +20,11 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the data reaches the disk before the rename makes it the file
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # and the rename itself survives a power loss
+        finally:
+            os.close(directory)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
