@@ -72,8 +72,8 @@ def cli(saved, monkeypatch, capsys, tmp_path):
 
 def train_args(saved, data: Path, *extra) -> list:
     return ["train", "--model", saved["model"], "--train", data, "--template", TEMPLATE, "--labels", LABELS,
-            "--label-field", "label", "--steps", 2, "--num-tokens", 4, "--out", saved["prompt"], "--no-progress",
-            *extra]  # fmt: skip
+            "--label-field", "label", "--steps", 2, "--num-tokens", 4, "--batch-size", 2, "--out", saved["prompt"],
+            "--no-progress", *extra]  # fmt: skip
 
 
 def eval_args(saved, data: Path, *extra) -> list:
