@@ -20,7 +20,6 @@ from .atomic import write_atomic, write_json
 from .backbone import Backbone
 from .config import PromptConfig, TaskConfig, from_dict, to_dict
 from .errors import SoftPromptError
-from .models import fingerprint
 
 WEIGHTS, CONFIG = "prompt.safetensors", "config.json"
 FORMAT = "softprompt/1"
@@ -47,7 +46,7 @@ def save(out_dir: str | Path, method, task: TaskConfig, backbone: Backbone, trai
         **to_dict(method.config),
         **to_dict(task),
         "base_model": model.config.name_or_path,
-        "base_model_fingerprint": fingerprint(model),
+        "base_model_fingerprint": backbone.fingerprint,
         "base_model_type": model.config.model_type,
         "shapes": {**vars(backbone.shapes)},
         "tensor_shapes": {k: list(v.shape) for k, v in tensors.items()},
@@ -126,7 +125,7 @@ def load(prompt_dir: str | Path) -> Artifact:
 
 def check_base(artifact: Artifact, backbone: Backbone, where: str = "the prompt") -> None:
     """Refuse a prompt trained on another base model: it would load but produce nonsense."""
-    actual = fingerprint(backbone.model)
+    actual = backbone.fingerprint
     expected_shapes = artifact.extra.get("shapes")
     shapes_differ = expected_shapes is not None and expected_shapes != vars(backbone.shapes)
     if shapes_differ or (artifact.base_fingerprint and artifact.base_fingerprint != actual):

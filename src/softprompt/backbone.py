@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -234,6 +234,33 @@ class Backbone:
         hidden = hidden.index_copy(0, torch.cat(source), packed[torch.cat(target)])
         return hidden.view(batch, T, -1)
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """The base model's weight fingerprint (artifacts record it), taken once: sharding later hides the weights."""
+        from .models import fingerprint
+
+        return fingerprint(self.model)
+
+    def shard_layers(self) -> int:
+        """Shard every decoder layer's frozen weights across the processes of the running torch.distributed group
+        (FSDP2 `fully_shard`, each layer its own unit: its weights are gathered for its forward and freed after).
+        Embeddings, final norm and LM head stay whole on every process: the backbone calls them directly, and models
+        often tie the head to the embeddings. Returns the frozen parameters this process now holds."""
+        from torch.distributed.fsdp import fully_shard
+
+        self.fingerprint  # noqa: B018  (taken while the weights are whole)
+        for layer in self._decoder_layers():
+            fully_shard(layer)
+        return sum(getattr(p, "_local_tensor", p).numel() for p in self.model.parameters())
+
+    def _decoder_layers(self) -> list[torch.nn.Module]:
+        layers = [m for m in self.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if len(layers) != self.shapes.num_layers:
+            raise SoftPromptError(
+                f"found {len(layers)} decoder layers in {type(self.model).__name__}, expected {self.shapes.num_layers}"
+            )
+        return layers
+
     def gradient_checkpointing(self, enabled: bool = True) -> "Backbone":
         """Trade compute for memory: keep only each decoder layer's inputs and recompute its activations during the
         backward pass (one extra forward). Gradients are unchanged; works for both methods.
@@ -244,13 +271,7 @@ class Backbone:
         the first run found it: the replay then reads the same prefix and appends the same keys. The model stays in
         eval mode and frozen; the prefix's gradient flows through the recorded graph as usual.
         """
-        layers = [m for m in self.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
-        if enabled and len(layers) != self.shapes.num_layers:
-            raise SoftPromptError(
-                f"gradient checkpointing: found {len(layers)} decoder layers in {type(self.model).__name__}, "
-                f"expected {self.shapes.num_layers}"
-            )
-        self._checkpointed_layers = layers if enabled else []
+        self._checkpointed_layers = self._decoder_layers() if enabled else []
         return self
 
     @property

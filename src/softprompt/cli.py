@@ -90,6 +90,7 @@ def train(
     checkpoint_every: Annotated[int, Opt(help="Write a resumable checkpoint every N steps (0: only when stopped).")] = 50,
     resume: Annotated[bool, Opt(help="Continue the run in --out from its newest checkpoint.")] = False,
     gradient_checkpointing: Annotated[bool, Opt(help="Recompute activations in backward: less memory, slower.")] = False,
+    shard_model: Annotated[bool, Opt(help="Several processes: shard the frozen layers across them (FSDP2).")] = False,
     init_from: Annotated[Optional[Path], Opt(help="Start from a trained prompt directory (transfer, SPoT).")] = None,
     progress: Annotated[bool, Opt(help="Progress bars.")] = True,
 ):
@@ -117,8 +118,8 @@ def train(
                             schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
                             max_grad_norm=max_grad_norm, eval_every=eval_every, eval_size=eval_size,
                             patience=patience, max_length=max_length, too_long=too_long, seed=seed,
-                            checkpoint_every=checkpoint_every,
-                            gradient_checkpointing=gradient_checkpointing),
+                            checkpoint_every=checkpoint_every, gradient_checkpointing=gradient_checkpointing,
+                            shard_model=shard_model),
     )
     records = {name: (read_records(spec.train), read_records(spec.valid) if spec.valid else None)
                for name, spec in specs.items()}  # fmt: skip

@@ -139,6 +139,9 @@ class TrainConfig:
     """Write a resumable checkpoint every this many steps (0: only on interruption)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass: less memory, one more forward per step."""
+    shard_model: bool = False
+    """Under several processes, shard the frozen decoder layers across them (FSDP2): each holds 1/N of their
+    weights. Implied by `accelerate launch --use_fsdp`."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
@@ -141,7 +142,8 @@ def signals_caught():
             signal.signal(s, h)
 
 
-RESUMABLE_CHANGES = {"steps", "eval_every", "eval_size", "patience", "checkpoint_every", "gradient_checkpointing"}
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_size", "patience", "checkpoint_every", "gradient_checkpointing",
+                     "shard_model"}
 """Settings a resumed run may change: they do not alter the steps already taken (a new `steps` stretches or
 shortens the learning-rate schedule from here on)."""
 
@@ -294,7 +296,14 @@ def _train(
         cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
         optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps,
     )
-    model, optimizer = accelerator.prepare(prompts, optimizer)
+    # With the frozen layers sharded (FSDP2, ours), only the prompt module is replicated: DDP over it, never
+    # accelerate's FSDP wrapping of it. Otherwise accelerate prepares it (DDP across processes, or as it is).
+    sharded = world > 1 and (cfg.shard_model or accelerator.distributed_type == DistributedType.FSDP)
+    frozen_held = backbone.shard_layers() if sharded else sum(p.numel() for p in backbone.model.parameters())
+    if sharded:
+        model = DistributedDataParallel(prompts, find_unused_parameters=len(tasks) > 1)
+    else:
+        model, optimizer = accelerator.prepare(prompts, optimizer)
     valid = {name: data.valid[: cfg.eval_size] for name, data in tasks.items() if data.valid}
     mixture = [(name, example) for name, data in tasks.items() for example in data.train]
     order = BatchOrder(mixture, cfg.batch_size, cfg.seed)
@@ -315,7 +324,7 @@ def _train(
         best, evals_without_gain, stopped_early = state["best"], state["evals_without_gain"], state["stopped_early"]
         first_step = cfg.steps + 1 if stopped_early or state["step"] >= cfg.steps else state["step"] + 1
         tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
-        if main and log_path.is_file():  # only the main process reads or writes the log  # the log as it was at the checkpoint: later lines are about to be redone
+        if main and log_path.is_file():  # as it was at the checkpoint (only the main process touches the log)
             history = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
             history = [r for r in history if r["step"] <= state["step"]]
         if main:
@@ -335,18 +344,23 @@ def _train(
         step = best[name][1] if name in best else None
         result = next((r["valid"] for r in history if r["step"] == step and r.get("task", name) == name
                        and "valid" in r), {})  # fmt: skip
-        return {"best_step": step, "valid": result, **to_dict(cfg), "processes": world,
+        return {"best_step": step, "valid": result, **to_dict(cfg), "processes": world, "model_sharded": sharded,
+                "frozen_parameters_per_process": frozen_held,
                 **({} if single else {"task": name, "tasks": sorted(tasks)})}  # fmt: skip
 
     def validate_and_keep_best(step: int) -> bool:
-        """Validate each task on the main process, keeping each task's best prompt; True when training should stop
-        early: no task improved for `patience` evaluations (the same answer on every process)."""
+        """Validate each task on the main process (on every process when the layers are sharded: their forwards
+        gather weights together), keeping each task's best prompt; True when training should stop early: no task
+        improved for `patience` evaluations (the main process decides for all)."""
         stop = [False]
+        results = {}
+        if main or sharded:
+            with torch.no_grad(), accelerator.autocast():
+                results = {name: evaluate(backbone, tasks[name].task, examples, prompts.prompts[name].kv(backbone))
+                           for name, examples in valid.items()}  # fmt: skip
         if main:
-            for name, examples in valid.items():
+            for name, result in results.items():
                 prompt = prompts.prompts[name]
-                with torch.no_grad(), accelerator.autocast():
-                    result = evaluate(backbone, tasks[name].task, examples, prompt.kv(backbone))
                 log({"step": step, **({} if single else {"task": name}), "valid": result})
                 if name not in best or selection_key(result) > best[name][0]:
                     best[name], evals_without_gain[name] = (selection_key(result), step, prompt.artifact_tensors()), 0
