@@ -241,16 +241,25 @@ class Backbone:
 
         return fingerprint(self.model)
 
-    def shard_layers(self) -> int:
+    def shard_layers(self, device: torch.device) -> int:
         """Shard every decoder layer's frozen weights across the processes of the running torch.distributed group
-        (FSDP2 `fully_shard`, each layer its own unit: its weights are gathered for its forward and freed after).
+        (FSDP2 `fully_shard`, each layer its own unit: its weights are gathered for its forward and freed after),
+        then move the rest to `device`. Call it on a model still on the CPU, so no device ever holds it whole.
         Embeddings, final norm and LM head stay whole on every process: the backbone calls them directly, and models
         often tie the head to the embeddings. Returns the frozen parameters this process now holds."""
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
 
         self.fingerprint  # noqa: B018  (taken while the weights are whole)
         for layer in self._decoder_layers():
-            fully_shard(layer)
+            fully_shard(layer)  # moves the layer's shard to the process's device
+        for module in self.model.modules():  # the unsharded rest; `.data` keeps tied parameters tied
+            for param in module._parameters.values():
+                if param is not None and not isinstance(param, DTensor):
+                    param.data = param.data.to(device)
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
         return sum(getattr(p, "_local_tensor", p).numel() for p in self.model.parameters())
 
     def _decoder_layers(self) -> list[torch.nn.Module]:

@@ -281,7 +281,14 @@ def _train(
             "continue it, or choose another --out."
         )
     artifact_dir = {name: out_dir if single else out_dir / name for name in tasks}
-    backbone.model.to(accelerator.device)
+    # With the frozen layers sharded (FSDP2, ours), only the prompt module is replicated: DDP over it, never
+    # accelerate's FSDP wrapping of it. Otherwise accelerate prepares it (DDP across processes, or as it is).
+    sharded = world > 1 and (cfg.shard_model or accelerator.distributed_type == DistributedType.FSDP)
+    if sharded:
+        frozen_held = backbone.shard_layers(accelerator.device)
+    else:
+        backbone.model.to(accelerator.device)
+        frozen_held = sum(p.numel() for p in backbone.model.parameters())
     backbone.gradient_checkpointing(cfg.gradient_checkpointing)
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -296,10 +303,6 @@ def _train(
         cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
         optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps,
     )
-    # With the frozen layers sharded (FSDP2, ours), only the prompt module is replicated: DDP over it, never
-    # accelerate's FSDP wrapping of it. Otherwise accelerate prepares it (DDP across processes, or as it is).
-    sharded = world > 1 and (cfg.shard_model or accelerator.distributed_type == DistributedType.FSDP)
-    frozen_held = backbone.shard_layers() if sharded else sum(p.numel() for p in backbone.model.parameters())
     if sharded:
         model = DistributedDataParallel(prompts, find_unused_parameters=len(tasks) > 1)
     else:
