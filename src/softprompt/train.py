@@ -101,7 +101,8 @@ def loss_on(
     prefix_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Cross-entropy summed over the examples' target tokens (full vocabulary, the head run only at those positions)
-    and divided by `normalizer` (default: their count, i.e. the mean). Returns it and the real input tokens.
+    and divided by `normalizer` (default: their count, i.e. the mean). Returns it and the batch's real (non-pad)
+    token count.
     kv: a shared prefix, or one per row with its `prefix_mask` (see `row_prefixes`)."""
     batch = collate(examples, backbone.tokenizer.pad_token_id).to(backbone.device)
     hidden = backbone.target_hidden(batch, kv, prefix_mask)  # (K, hidden)
