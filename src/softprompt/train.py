@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import random
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +34,12 @@ from transformers.optimization import Adafactor
 
 from . import artifact, methods
 from .backbone import Backbone
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import data_fingerprint, latest_checkpoint, resume_state, save_checkpoint
 from .config import PromptConfig, TrainConfig, to_dict
 from .data import Example, Task, collate
 from .errors import SoftPromptError
 from .evaluate import evaluate
+from .interruption import TrainingInterrupted, signals_caught
 
 
 @dataclass
@@ -51,14 +50,6 @@ class Run:
     """The best prompt (loaded back from the artifact)."""
     summary: dict
     """Also stored in the artifact's config.json under `training`."""
-
-
-class TrainingInterrupted(SoftPromptError):
-    """SIGTERM or SIGINT arrived; a checkpoint was written first."""
-
-    def __init__(self, message: str, signal_number: int):
-        super().__init__(message)
-        self.exit_code = 128 + signal_number
 
 
 def seed_everything(seed: int) -> None:
@@ -116,68 +107,6 @@ def selection_key(result: dict) -> tuple:
     if "accuracy" in result:
         return (result["accuracy"], result["gold_logprob"])
     return (-result["loss"],)
-
-
-@contextlib.contextmanager
-def signals_caught():
-    """SIGTERM and SIGINT set a flag that the loop reads after each step. A repeat within 2 s is the same request
-    (launchers forward a terminal's Ctrl-C to processes that already got it); a later one stops at once."""
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
-        yield caught
-        return
-    first = []
-
-    def handler(number, _frame):
-        if not caught:
-            caught.append(number)
-            first.append(time.monotonic())
-        elif time.monotonic() - first[0] > 2:
-            raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield caught
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-RESUMABLE_CHANGES = {"steps", "eval_every", "eval_size", "patience", "checkpoint_every", "gradient_checkpointing",
-                     "shard_model"}
-"""Settings a resumed run may change: they do not alter the steps already taken (a new `steps` stretches or
-shortens the learning-rate schedule from here on)."""
-
-
-def data_fingerprint(tasks: dict[str, "TaskData"]) -> str:
-    """Task names and every training example's tokens, in order: a resumed run must see the very same batches."""
-    digest = hashlib.sha256()
-    for name, data in tasks.items():
-        digest.update(name.encode() + b"\0")
-        for example in data.train:
-            digest.update(bytes(str((example.input_ids, example.target_ids)), "ascii"))
-    return digest.hexdigest()[:16]
-
-
-def resume_state(out_dir: Path, prompt_config: PromptConfig, cfg: TrainConfig, data: str) -> dict | None:
-    """The newest checkpoint's state, after checking that it belongs to this very run."""
-    path = latest_checkpoint(out_dir)
-    if path is None:
-        return None
-    state = load_checkpoint(path)
-    saved = {**state["prompt_config"], **state["train_config"]}
-    now = {**to_dict(prompt_config), **to_dict(cfg)}
-    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
-               if k in saved and saved[k] != now[k] and k not in RESUMABLE_CHANGES]  # fmt: skip
-    if state["data"] != data:
-        changed.append("the tasks or their training data differ")
-    if changed:
-        raise SoftPromptError(
-            f"cannot resume from {path}: the run was started with other settings ({'; '.join(changed)}). "
-            f"Resume with the original settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or "
-            "train into a new --out."
-        )
-    return state
 
 
 @dataclass
