@@ -33,8 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import shlex
 import statistics
 import sys
@@ -42,6 +40,8 @@ import time
 import warnings
 
 import torch
+
+from machine import machine  # benchmarks/machine.py (scripts run from this folder)
 
 STARTS = ["Write a short story about", "Explain to a child how", "List three facts about", "Describe the smell of",
           "Give me a recipe for", "What is the history of", "Summarize the plot of a film about",
@@ -119,16 +119,6 @@ def run_peft(model, tokenizer, groups: dict[str, list[int]], texts: list[str], n
 def same_before_eos(ours: list[int], theirs: list[int], eos: set[int]) -> bool:
     cut = next((i for i, t in enumerate(ours) if t in eos), len(ours))
     return ours[:cut] == theirs[:cut]
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.+)", f.read()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return f"{os.cpu_count()} cores ({cpu}), torch threads {torch.get_num_threads()}"
 
 
 def main() -> None:
@@ -250,11 +240,10 @@ def main() -> None:
         (f"TTFT, {args.ttft_prompt_tokens}-token prompt (ms)", statistics.median(ours_ttft) * 1000,
          statistics.median(peft_ttft) * 1000, ttft_ratio, "PEFT / ours"),
     ]  # fmt: skip
-    load = "load average %.1f %.1f %.1f" % os.getloadavg()
     print(f"softprompt serving vs PEFT group by group: {args.requests} requests over {args.prompts} prompts, "
           f"{args.new_tokens} new tokens each (greedy), SmolLM2-135M float32 on CPU")
     print(f"date     : {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"machine  : {machine()}, {load} at the end (other jobs share these cores)")
+    print(f"machine  : {machine()} (other jobs may share these cores)")
     print(f"versions : torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
     print(f"command  : {' '.join(shlex.quote(a) for a in ['python', *sys.argv])}")
     print(f"prompts  : {args.prompts} random vocab-initialized soft prompts (init=vocab, seeds 0-{args.prompts - 1}), "

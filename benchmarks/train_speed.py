@@ -49,7 +49,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -61,6 +60,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from machine import machine  # benchmarks/machine.py (scripts run from this folder)
 
 CONFIGS = {  # name -> (method, virtual tokens, task)
     f"{method}-{n}-{task}": (method, n, task)
@@ -316,17 +317,6 @@ def verdict(name: str, row: dict) -> str:
     if row["loss_rel_diff_step0"] > 1e-3:
         misses.append("loss")
     return "ok" if not misses else "MISS " + ",".join(misses)
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.+)", f.read()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    return f"{os.cpu_count()} cores ({cpu}), torch threads {torch.get_num_threads()}{load} at the end"
 
 
 def print_table(results: dict, args, seconds: float) -> None:

@@ -208,6 +208,17 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
 
     # ---- running a job ----
 
+    def hand_over(submit, items: list, job: Job) -> None:
+        """Give work to the engine (a full queue answers 429, a stopping server 503) and count the request."""
+        try:
+            submit(items)
+        except QueueFull as error:
+            raise ApiError(429, str(error), "rate_limit_error", code="queue_full") from None
+        except Stopped as error:
+            raise ApiError(503, str(error), "server_error") from None
+        counters.model_requests[job.prompt.name] += 1
+        counters.prompt_tokens += sum(map(len, job.inputs))
+
     async def run_generation(job: Job):
         """Submit every choice; return the rows and the queue their (choice index, Update) arrive on."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -218,14 +229,7 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
                 post = lambda update, index=i * job.n + j: queue.put_nowait((index, update))  # noqa: E731
                 sink = lambda update, post=post: loop.call_soon_threadsafe(post, update)  # noqa: E731
                 rows.append(Sequence(ids, job.prompt.prefix, replace(job.sampling, seed=seed), sink, job.stream))
-        try:
-            engine.submit(rows)
-        except QueueFull as error:
-            raise ApiError(429, str(error), "rate_limit_error", code="queue_full") from None
-        except Stopped as error:
-            raise ApiError(503, str(error), "server_error") from None
-        counters.model_requests[job.prompt.name] += 1
-        counters.prompt_tokens += sum(map(len, job.inputs))
+        hand_over(engine.submit, rows, job)
         return rows, queue
 
     async def run_scoring(job: Job) -> list[tuple[str, dict]]:
@@ -239,14 +243,7 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
 
         requests = [ScoreRequest(ids, job.prompt.label_ids, job.prompt.prefix, sink(f))
                     for ids, f in zip(job.inputs, futures)]  # fmt: skip
-        try:
-            engine.submit_scoring(requests)
-        except QueueFull as error:
-            raise ApiError(429, str(error), "rate_limit_error", code="queue_full") from None
-        except Stopped as error:
-            raise ApiError(503, str(error), "server_error") from None
-        counters.model_requests[job.prompt.name] += 1
-        counters.prompt_tokens += sum(map(len, job.inputs))
+        hand_over(engine.submit_scoring, requests, job)
         try:
             results = await asyncio.gather(*futures)
         finally:
