@@ -144,3 +144,12 @@ def run_main(monkeypatch, capsys, args) -> tuple[int, str, str]:
         code = exit.code or 0
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def random_prompt(backbone: Backbone, method: str = "prompt", n: int = 4, seed: int = 1, **config):
+    """A prompt of `n` virtual tokens with seeded random values (init="random" unless `config` says otherwise)."""
+    from softprompt import methods
+    from softprompt.config import PromptConfig
+
+    config = PromptConfig(method=method, num_tokens=n, **{"init": "random", **config})
+    return methods.build(config, backbone, generator=torch.Generator().manual_seed(seed))

@@ -9,16 +9,16 @@ import random
 import pytest
 import torch
 
-from softprompt import artifact, methods
+from softprompt import artifact
 from softprompt.backbone import Backbone
-from softprompt.config import PromptConfig, TaskConfig
+from softprompt.config import TaskConfig
 from softprompt.data import Task
 from softprompt.ensemble import combine, evaluate_ensemble, member_scores
 from softprompt.errors import SoftPromptError
 from softprompt.evaluate import label_scores
 from softprompt.models import load_model
 
-from conftest import tiny_backbone, tiny_model, tiny_tokenizer, run_main
+from conftest import random_prompt, run_main, tiny_backbone, tiny_model, tiny_tokenizer
 
 WORDS = "the a movie film was is it this very quite great good fun bad terrible awful".split()
 ATOL = 1e-4
@@ -34,8 +34,7 @@ def task_for(backbone, labels) -> Task:
 
 
 def member(backbone, method: str, n: int, seed: int):
-    config = PromptConfig(method=method, num_tokens=n, init="random", init_range=1.0)
-    return methods.build(config, backbone, generator=torch.Generator().manual_seed(seed))
+    return random_prompt(backbone, method, n, seed, init_range=1.0)
 
 
 def members_of(backbone):

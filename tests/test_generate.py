@@ -16,11 +16,11 @@ from transformers import (
     Qwen3Config,
 )
 
-from softprompt import methods
 from softprompt.backbone import Backbone
-from softprompt.config import PromptConfig
 from softprompt.errors import SoftPromptError
 from softprompt.generate import next_tokens, decode_new, generate
+
+from conftest import random_prompt
 
 VOCAB = 100
 PAD, EOS = 0, 1
@@ -63,8 +63,7 @@ def tiny_backbone(arch: str = "llama", attn: str = "sdpa", seed: int = 0) -> Bac
 
 
 def soft_prompt(backbone, num_tokens=5, seed=1, method="prompt"):
-    config = PromptConfig(method=method, num_tokens=num_tokens, init="random")
-    return methods.build(config, backbone, generator=torch.Generator().manual_seed(seed))
+    return random_prompt(backbone, method, num_tokens, seed)
 
 
 def random_prompts(lengths, seed=0):

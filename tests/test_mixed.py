@@ -8,18 +8,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from softprompt import methods
-from softprompt.config import PromptConfig
 from softprompt.errors import SoftPromptError
 from softprompt.generate import generate
 from softprompt.mixed import generate_mixed, label_scores_mixed
 
 from conftest import ARCHS, VOCAB_SIZE, tiny_backbone
-
-
-def build(backbone, method: str, num_tokens: int, seed: int, init: str = "random"):
-    config = PromptConfig(method=method, num_tokens=num_tokens, init=init)
-    return methods.build(config, backbone, generator=torch.Generator().manual_seed(seed))
+from conftest import random_prompt as build
 
 
 def random_prompts(lengths, seed=0, vocab=VOCAB_SIZE):
@@ -118,9 +112,9 @@ def one_thread():
 def test_mixed_generation_on_the_embedded_model(real_backbone, one_thread):
     backbone = real_backbone
     with torch.no_grad():  # vocab-initialized prompts of both methods and different lengths, and no prompt
-        prefixes = [build(backbone, "prompt", 10, 1, "vocab").kv(backbone),
-                    build(backbone, "prefix", 25, 2, "vocab").kv(backbone),
-                    build(backbone, "prompt", 17, 3, "vocab").kv(backbone), None]  # fmt: skip
+        prefixes = [build(backbone, "prompt", 10, 1, init="vocab").kv(backbone),
+                    build(backbone, "prefix", 25, 2, init="vocab").kv(backbone),
+                    build(backbone, "prompt", 17, 3, init="vocab").kv(backbone), None]  # fmt: skip
     texts = ["The capital of France is", "Once upon a time", "def add(a, b):", "My favourite colour is",
              "Water boils at", "The best way to learn"]  # fmt: skip
     prompts = [backbone.tokenizer(t)["input_ids"] for t in texts]

@@ -18,25 +18,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softprompt import artifact, methods
+from softprompt import artifact
 from softprompt.cli import main
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
 from softprompt.data import Example, Task
 from softprompt.evaluate import evaluate
 from softprompt.train import TaskData, loss_on, row_prefixes, train_multitask
 
-from conftest import EOS, tiny_backbone
+from conftest import EOS, random_prompt, tiny_backbone
 from test_cli import save_tiny_model, write_data
-
-
-def soft_prompt(backbone, n: int, seed: int):
-    config = PromptConfig(method="prompt", num_tokens=n, init="random")
-    return methods.build(config, backbone, generator=torch.Generator().manual_seed(seed))
 
 
 def test_mixed_batch_loss_and_gradients_equal_the_row_by_row_definition():
     backbone = tiny_backbone("llama")
-    prompts = {"a": soft_prompt(backbone, 3, seed=1), "b": soft_prompt(backbone, 5, seed=2)}
+    prompts = {"a": random_prompt(backbone, n=3, seed=1), "b": random_prompt(backbone, n=5, seed=2)}
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(3, 128, (n,), generator=g).tolist()  # noqa: E731
     rows = [("a", Example(ids(4), ids(2) + [EOS])), ("b", Example(ids(6), ids(1))), ("a", Example(ids(2), ids(3))),
@@ -71,7 +66,7 @@ def test_mixed_batch_loss_and_gradients_equal_the_row_by_row_definition():
 
 def test_a_prompt_learns_only_from_its_own_rows():
     backbone = tiny_backbone("qwen2")
-    prompts = {"a": soft_prompt(backbone, 4, seed=1), "b": soft_prompt(backbone, 4, seed=2)}
+    prompts = {"a": random_prompt(backbone, n=4, seed=1), "b": random_prompt(backbone, n=4, seed=2)}
     rows = [("a", Example([5, 6, 7], [8])), ("b", Example([9, 10], [11])), ("b", Example([12], [13, EOS]))]
     kvs = {name: prompt.kv(backbone) for name, prompt in prompts.items()}
     kv, mask = row_prefixes(backbone, kvs, [n for n, _ in rows])

@@ -27,10 +27,10 @@ import pytest
 import torch
 import uvicorn
 
-from softprompt import artifact, methods
+from softprompt import artifact
 from softprompt.backbone import Backbone
 from softprompt.cli import main
-from softprompt.config import PromptConfig, TaskConfig
+from softprompt.config import TaskConfig
 from softprompt.errors import SoftPromptError
 from softprompt.generate import decode_new, generate
 from softprompt.models import load_model
@@ -41,6 +41,7 @@ from softprompt.serve.engine import (STOPPED, Engine, EngineConfig, QueueFull, S
 from softprompt.serve.registry import Registry
 
 from conftest import ARCHS, WORDS, tiny_backbone, tiny_model, tiny_tokenizer
+from conftest import random_prompt as build
 from test_mixed import reference_label_logprob
 from test_seq2seq import tiny_t5
 
@@ -52,11 +53,6 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% e
                  "{% if add_generation_prompt %}answer{% endif %}")  # fmt: skip
 GEN_PROMPTS = [f"task{i}" for i in range(8)]
 TWO_FIELDS = "context {context} question {question} answer"
-
-
-def build(backbone, method: str, num_tokens: int, seed: int):
-    config = PromptConfig(method=method, num_tokens=num_tokens, init="random")
-    return methods.build(config, backbone, generator=torch.Generator().manual_seed(seed))
 
 
 def sentence(rng: random.Random, n: int) -> str:

@@ -15,20 +15,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import methods
-from softprompt.config import PromptConfig
 from softprompt.data import Example, collate
 from softprompt.train import loss_on
 
 from conftest import ARCHS, EOS, PAD, tiny_backbone  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
+from conftest import random_prompt as make_method
 
 N = 4  # virtual tokens
 TOL = dict(atol=1e-5, rtol=1e-4)
-
-
-def make_method(backbone, method: str, n: int = N, seed: int = 1):
-    config = PromptConfig(method=method, num_tokens=n, init="random")
-    return methods.build(config, backbone, generator=torch.Generator().manual_seed(seed))
 
 
 def examples(kind: str, seed: int = 0) -> list[Example]:
