@@ -19,16 +19,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 Opt = typer.Option
 
 
-def _labels(labels: Optional[str]) -> list[str]:
-    return [x.strip() for x in labels.split(",")] if labels else []
-
-
 def _task_config(template, labels, label_field, target_field):
     from .config import TaskConfig
 
-    task = "generation" if target_field and not labels else "classification"
-    return TaskConfig(template=template, task=task, labels=_labels(labels), label_field=label_field,
-                      target_field=target_field)
+    return TaskConfig.infer(template, labels, label_field, target_field)
 
 
 def _all_or_errors(*builders):

@@ -100,6 +100,17 @@ class TaskConfig:
             problems.append("generation needs --target-field")
         _check(problems, "task settings")
 
+    @classmethod
+    def infer(cls, template: str, labels: str | list[str] | None, label_field: str | None,
+              target_field: str | None) -> "TaskConfig":  # fmt: skip
+        """The task from what is given: label words (a list, or one comma-separated string) make it
+        classification; a target field without them, generation."""
+        if isinstance(labels, str):
+            labels = [x.strip() for x in labels.split(",")] if labels else []
+        labels = list(labels or [])
+        task = "generation" if target_field and not labels else "classification"
+        return cls(template=template, task=task, labels=labels, label_field=label_field, target_field=target_field)
+
     @property
     def fields(self) -> list[str]:
         return PLACEHOLDER.findall(self.template)

@@ -44,8 +44,7 @@ def read_tasks_file(path: str | Path) -> dict[str, TaskSpec]:
         missing = sorted({"train", "template"} - set(entry))
         not_text = sorted(k for k in KEYS - {"labels"} if k in entry and not isinstance(entry[k], str))
         labels = entry.get("labels") or []
-        labels = [x.strip() for x in labels.split(",")] if isinstance(labels, str) else labels
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        if not isinstance(labels, (str, list)) or not all(isinstance(x, str) for x in labels):
             not_text.append("labels (a list of words, or one comma-separated string)")
         if unknown or missing or not_text:
             problems.append(f"{where}: " + "; ".join(
@@ -53,11 +52,8 @@ def read_tasks_file(path: str | Path) -> dict[str, TaskSpec]:
                 + ([f"missing {', '.join(missing)}"] if missing else [])
                 + ([f"not text: {', '.join(not_text)}"] if not_text else [])))  # fmt: skip
             continue
-        target = entry.get("target_field")
         try:
-            config = TaskConfig(template=entry["template"], task="generation" if target and not labels else
-                                "classification", labels=labels, label_field=entry.get("label_field"),
-                                target_field=target)  # fmt: skip
+            config = TaskConfig.infer(entry["template"], labels, entry.get("label_field"), entry.get("target_field"))
         except SoftPromptError as error:
             problems.append(f"{where}: {error}")
             continue
