@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from softprompt import methods
-from softprompt.backbone import Backbone, Shapes
+from softprompt.backbone import Backbone, Shapes, cache_keyword
 from softprompt.config import PromptConfig
 
 from conftest import ARCHS, PAD, tiny_backbone  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
@@ -268,11 +269,12 @@ def test_base_model_stays_frozen(backbone, method_name, extra):
 def test_shapes_match_the_models_own_cache(backbone, arch):
     """Shapes read from the config equal what the model's attention actually caches; Qwen3's explicit head_dim
     (16, not hidden/heads = 8) is honoured."""
+    cache = DynamicCache(config=backbone.model.config)
     with torch.no_grad():
-        out = backbone.model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
-    keys = out.past_key_values.layers[0].keys  # (1, kv_heads, 3, head_dim)
+        backbone.model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True, **{cache_keyword(backbone.model): cache})
+    keys = cache.layers[0].keys  # (1, kv_heads, 3, head_dim)
     s = backbone.shapes
-    assert (s.num_layers, s.num_kv_heads, s.head_dim) == (len(out.past_key_values.layers), keys.shape[1], keys.shape[3])
+    assert (s.num_layers, s.num_kv_heads, s.head_dim) == (len(cache.layers), keys.shape[1], keys.shape[3])
     assert (s.hidden_size, s.vocab_size) == (32, 128)
     if arch == "qwen3":
         assert s.head_dim == 16 != s.hidden_size // 4

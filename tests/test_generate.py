@@ -16,7 +16,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from softprompt.backbone import Backbone
+from softprompt.backbone import Backbone, cache_keyword
 from softprompt.errors import SoftPromptError
 from softprompt.generate import next_tokens, decode_new, generate
 
@@ -103,7 +103,7 @@ def fresh_prefix_logits(backbone, kv):
     def step(ids):
         cache = DynamicCache([(layer[0][None], layer[1][None]) for layer in kv], config=model.config)
         mask = torch.ones(1, n + len(ids), dtype=torch.long)  # the prefix slots are real
-        return model(input_ids=torch.tensor([ids]), attention_mask=mask, past_key_values=cache).logits[0, -1]
+        return model(input_ids=torch.tensor([ids]), attention_mask=mask, **{cache_keyword(model): cache}).logits[0, -1]
 
     return step
 

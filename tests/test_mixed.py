@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from softprompt.backbone import cache_keyword
 from softprompt.errors import SoftPromptError
 from softprompt.generate import generate
 from softprompt.mixed import generate_mixed, label_scores_mixed
@@ -56,7 +57,7 @@ def reference_label_logprob(backbone, kind: str, payload, input_ids: list[int], 
             n = payload.shape[-2]
             cache = DynamicCache([(layer[0][None], layer[1][None]) for layer in payload], config=model.config)
             logits = model(input_ids=ids, attention_mask=torch.ones(1, n + ids.shape[1], dtype=torch.long),
-                           past_key_values=cache).logits[0]  # fmt: skip
+                           **{cache_keyword(model): cache}).logits[0]  # fmt: skip
         else:
             logits = model(input_ids=ids).logits[0]
     logprobs = logits.float().log_softmax(-1)

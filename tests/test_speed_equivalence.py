@@ -15,7 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from transformers import DynamicCache
+
+from softprompt.backbone import cache_keyword, replaying
 from softprompt.data import Example, collate
+from softprompt.errors import SoftPromptError
 from softprompt.train import loss_on
 
 from conftest import ARCHS, EOS, PAD, tiny_backbone  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
@@ -56,8 +60,8 @@ def full_loss(backbone, method, batch) -> torch.Tensor:
         mask = torch.cat([batch.attention_mask.new_ones(B, N), batch.attention_mask], dim=1)
         positions = N + torch.arange(batch.input_ids.shape[1]).expand(B, -1)
         cache = backbone.new_cache(method.kv(backbone), B)
-        out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    labels=labels)  # fmt: skip
+        out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, labels=labels,
+                    **{cache_keyword(model): cache})  # fmt: skip
     assert out.logits.shape[-1] == backbone.shapes.vocab_size and out.logits.shape[1] == mask.shape[1] - (
         0 if method.name == "prompt" else N
     )
@@ -166,6 +170,71 @@ def test_checkpointing_is_off_without_gradients(make_backbone):
         ckpt, _ = loss_on(backbone, method.kv(backbone), rows)
     assert backbone.checkpointing
     torch.testing.assert_close(ckpt, plain, atol=0, rtol=0)
+
+
+class CacheLayer(torch.nn.Module):
+    """A decoder layer's contract in miniature: append this step's keys/values to its cache entry, then attend over
+    the whole entry. The subclasses differ only in the name their forward gives the cache (renamed in 5.24)."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index, self.seen = index, []
+        self.proj = torch.nn.Linear(8, 8)
+
+    def step(self, hidden: torch.Tensor, cache) -> torch.Tensor:
+        self.seen.append(cache.layers[self.index].keys.shape[-2])  # entry length as this run finds it
+        states = self.proj(hidden)[:, None]  # (B, 1 head, T, 8)
+        keys, values = cache.update(states, states, self.index)  # (B, 1, n + T, 8)
+        weights = (states @ keys.transpose(-1, -2)).softmax(-1)
+        return hidden + (weights @ values)[:, 0]
+
+
+class PastKeyValuesLayer(CacheLayer):
+    def forward(self, hidden, past_key_values=None):
+        return self.step(hidden, past_key_values)
+
+
+class RenamedCacheLayer(CacheLayer):
+    def forward(self, hidden, cache=None):
+        return self.step(hidden, cache)
+
+
+@pytest.mark.parametrize("layer_class", [PastKeyValuesLayer, RenamedCacheLayer])
+@pytest.mark.parametrize("by_keyword", [True, False])
+def test_replay_wrapper_under_both_cache_names(layer_class, by_keyword):
+    """The wrapper works whatever transformers calls the cache and however it passes it: the replay starts from the
+    prefix alone (each run sees n cached slots, never n + T), and the gradient equals the unchecked one."""
+    torch.manual_seed(0)
+    layers = [layer_class(i) for i in range(2)]
+    prefix = torch.randn(2, 2, 1, 3, 8, requires_grad=True)  # (layers, K/V, heads, n=3, 8), batch 1
+    hidden_in = torch.randn(1, 4, 8)
+
+    def run(wrapped: bool):
+        cache = DynamicCache([(layer[0][None], layer[1][None]) for layer in prefix])
+        with replaying(layers if wrapped else [], cache):
+            hidden = hidden_in
+            for layer in layers:
+                name = "cache" if layer_class is RenamedCacheLayer else "past_key_values"
+                hidden = layer(hidden, **{name: cache}) if by_keyword else layer(hidden, cache)
+        (grad,) = torch.autograd.grad(hidden.square().sum(), prefix)
+        return cache, grad
+
+    _, plain = run(wrapped=False)
+    for layer in layers:
+        layer.seen.clear()
+    cache, checkpointed = run(wrapped=True)
+    assert [layer.seen for layer in layers] == [[3, 3], [3, 3]]  # the forward, then the replay, each from the prefix
+    assert [entry.keys.shape[-2] for entry in cache.layers] == [7, 7]  # the prefix plus this step, once
+    torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+    assert not any("forward" in vars(layer) for layer in layers)
+
+
+def test_replay_wrapper_refuses_a_layer_without_the_cache():
+    """A layer that is not handed the cache would be replayed on top of its own first run: refused, not silent."""
+    layer = PastKeyValuesLayer(0)
+    cache = DynamicCache([(torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 3, 8))])
+    with replaying([layer], cache), pytest.raises(SoftPromptError, match="not handed the prefix cache"):
+        layer(torch.randn(1, 4, 8, requires_grad=True), past_key_values=DynamicCache())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -7,6 +7,7 @@ transformers upgrade touches one file. Both prompt methods hand this module a pe
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -63,6 +64,7 @@ class Backbone:
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
         self._checkpointed_layers: list[torch.nn.Module] = []  # the decoder layers, while checkpointing is on
+        self._cache_keyword = cache_keyword(self.decoder)
 
     @property
     def device(self) -> torch.device:
@@ -80,8 +82,8 @@ class Backbone:
         `[P; E]` sees at those positions, since in a causal model P attends only to itself. Differentiable."""
         cache = DynamicCache(config=self.model.config)  # the one the model would make, passed so layers can replay
         with self._checkpointed(cache):
-            out = self.decoder(inputs_embeds=embeddings[None], past_key_values=cache, use_cache=True)
-        layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers]
+            self.decoder(inputs_embeds=embeddings[None], use_cache=True, **{self._cache_keyword: cache})
+        layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
         return torch.stack(layers)  # (num_layers, 2, kv_heads, n, head_dim)
 
     def prefix_from_ids(self, input_ids: list[int]) -> torch.Tensor:
@@ -163,8 +165,8 @@ class Backbone:
                 input_ids=input_ids,
                 attention_mask=full_mask,
                 position_ids=positions.clamp(min=0),
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_keyword: cache},
             )
         return out.last_hidden_state, full_mask
 
@@ -227,8 +229,8 @@ class Backbone:
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # (R, 1, width, n + width) additive
         cache = self.new_cache(prefix, len(bins))
         with self._checkpointed(cache):
-            out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                               use_cache=True)  # fmt: skip
+            out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                               **{self._cache_keyword: cache})  # fmt: skip
         packed = out.last_hidden_state.reshape(len(bins) * width, -1)  # (R * width, hidden)
         hidden = packed.new_zeros(batch * T, packed.shape[-1])
         hidden = hidden.index_copy(0, torch.cat(source), packed[torch.cat(target)])
@@ -287,18 +289,9 @@ class Backbone:
     def checkpointing(self) -> bool:
         return bool(self._checkpointed_layers)
 
-    @contextmanager
     def _checkpointed(self, cache: DynamicCache):
-        """While active (checkpointing on and gradients recorded), decoder layer i runs under torch's non-reentrant
-        checkpoint and replays against cache.layers[i] as it was on entry."""
-        layers = self._checkpointed_layers if torch.is_grad_enabled() else []
-        for i, layer in enumerate(layers):
-            layer.forward = partial(_replayable, layer.forward, cache, i)  # instance attribute shadows the class's
-        try:
-            yield
-        finally:
-            for layer in layers:
-                del layer.forward
+        """Checkpointing applies only while gradients are recorded: a `no_grad` forward runs the layers as they are."""
+        return replaying(self._checkpointed_layers if torch.is_grad_enabled() else [], cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over any (..., hidden) selection of hidden states: callers pass only the positions they need."""
@@ -308,8 +301,35 @@ class Backbone:
         return logits.float()
 
 
-def _replayable(forward, cache: DynamicCache, index: int, *args, **kwargs):
-    """One decoder layer under activation checkpointing; every run starts from the same cache entry."""
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The keyword `module.forward` takes its K/V cache under: `cache` from transformers 5.24, `past_key_values`
+    before (the old name still works there, with a FutureWarning; our calls use the current one)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+@contextmanager
+def replaying(layers: list[torch.nn.Module], cache: DynamicCache):
+    """While active, layer i of `layers` runs under torch's non-reentrant checkpoint, and each run of it (the forward
+    and the backward's replay) starts from `cache.layers[i]` as the forward found it."""
+    for i, layer in enumerate(layers):
+        layer.forward = partial(_replayable, layer.forward, cache, i)  # instance attribute shadows the class's
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _replayable(forward, cache: DynamicCache, index: int, /, *args, **kwargs):
+    """One decoder layer under activation checkpointing. The first three parameters are positional-only, so the
+    layer's own arguments pass through whatever transformers names them (its cache is `past_key_values` or `cache`,
+    by keyword or by position)."""
+    if not any(value is cache for value in (*args, *kwargs.values())):
+        # Restoring an entry of a cache the layer does not write to would replay on top of the first run's keys.
+        raise SoftPromptError(
+            f"decoder layer {index} was not handed the prefix cache (this transformers version passes it in a way "
+            "softprompt does not know), so gradient checkpointing cannot replay it; train without it"
+        )
     entry = cache.layers[index]
     state = dict(vars(entry))  # keys/values as this layer finds them (the prefix): the tensors, not copies
 

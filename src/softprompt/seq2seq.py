@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .backbone import Backbone, Shapes
+from .backbone import Backbone, Shapes, cache_keyword
 from .errors import SoftPromptError
 
 SUPPORTED = ("t5", "mt5")
@@ -94,6 +94,8 @@ class Seq2SeqBackbone(Backbone):
         scaled = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
         self.output_scale = config.d_model**-0.5 if scaled else None
         self._checkpointed_layers = []
+        self._cache_keyword = cache_keyword(self.decoder)
+        self._block_cache_keyword = cache_keyword(self.encoder.block[0])
 
     # --- prompts -----------------------------------------------------------------------------------------------
 
@@ -112,8 +114,8 @@ class Seq2SeqBackbone(Backbone):
             encoder_cache = DynamicCache()  # collects each encoder layer's keys/values
             states = self._run_encoder(self.embed(ids), mask, encoder_cache)
             decoder_cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            self.decoder(input_ids=ids, encoder_hidden_states=states, encoder_attention_mask=mask,
-                         past_key_values=decoder_cache, use_cache=True)  # fmt: skip
+            self.decoder(input_ids=ids, encoder_hidden_states=states, encoder_attention_mask=mask, use_cache=True,
+                         **{self._cache_keyword: decoder_cache})  # fmt: skip
             layers = [*encoder_cache.layers, *decoder_cache.self_attention_cache.layers]
             return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])
 
@@ -272,7 +274,7 @@ class Seq2SeqBackbone(Backbone):
         hidden, position_bias = self.encoder.dropout(embeds), None
         for block in self.encoder.block:
             # the first block computes the relative position bias (queries after the cached slots); the rest share it
-            hidden, position_bias, _ = block(hidden, additive, position_bias, past_key_values=cache)
+            hidden, position_bias, _ = block(hidden, additive, position_bias, **{self._block_cache_keyword: cache})
         return self.encoder.dropout(self.encoder.final_layer_norm(hidden))
 
     def _decode(
@@ -285,8 +287,8 @@ class Seq2SeqBackbone(Backbone):
             attention_mask=full_mask,
             encoder_hidden_states=cache.encoder_states,
             encoder_attention_mask=cache.encoder_mask,
-            past_key_values=cache.decoder,
             use_cache=True,
+            **{self._cache_keyword: cache.decoder},
         )
         return out.last_hidden_state, full_mask
 
