@@ -305,15 +305,9 @@ def test_unicode_generation_target_round_trips():
     assert metrics.generation([example.target], [decode_new(tok, example.target_ids)])["exact_match"] == 1.0
 
 
-def test_unicode_target_with_the_embedded_tokenizer():
-    from transformers import AutoTokenizer
-
-    from softprompt.models import DEFAULT_MODEL, cache_dir
-
-    folder = cache_dir() / DEFAULT_MODEL
-    if not (folder / "tokenizer_config.json").is_file():
-        pytest.skip("embedded model not converted yet")
-    tok = AutoTokenizer.from_pretrained(folder)
+@pytest.mark.real_model
+def test_unicode_target_with_the_embedded_tokenizer(real_backbone):
+    tok = real_backbone.tokenizer
     task = Task(TaskConfig(template="English: {en} Chinese:", task="generation", target_field="zh"), tok)
     [example] = task.encode([{"en": "Look out!", "zh": "小心!"}])
     assert example.target_ids[-1] == tok.eos_token_id

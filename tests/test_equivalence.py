@@ -10,6 +10,7 @@ All on tiny random models of five architectures (see conftest.py), float32, seco
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,6 @@ def peft_prefix_model(model, prefix: torch.Tensor):
     (layers*2, kv_heads, head_dim) with index 2*l = keys and 2*l+1 = values of layer l, i.e. (layers, 2, kv_heads,
     head_dim): ours permuted (3, 0, 1, 2, 4) and flattened.
     """
-    peft = pytest.importorskip("peft")
     n = prefix.shape[3]
     config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
     peft_model = peft.get_peft_model(model, config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
 
@@ -17,8 +18,6 @@ from softprompt.models import load_model
 from softprompt.peft_interop import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, import_peft
 
 from conftest import ARCHS, PAD, tiny_backbone, tiny_model, tiny_tokenizer, run_main
-
-peft = pytest.importorskip("peft")
 
 ATOL = 1e-4
 TASK = TaskConfig(template="review {text} sentiment", labels=["negative", "positive"], label_field="label")

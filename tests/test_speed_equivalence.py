@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
@@ -70,7 +71,6 @@ def full_loss(backbone, method, batch) -> torch.Tensor:
 
 def peft_model_with(backbone, method):
     """PEFT's own prompt or prefix tuning over the same model, its prompt encoder holding our values."""
-    peft = pytest.importorskip("peft")
     if method.name == "prompt":
         config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
         values = method.embeddings  # (n, hidden)
