@@ -18,13 +18,14 @@ The embedded SmolLM2-135M (float32, CPU) is loaded once; both libraries use this
   of the request's text after the cached K/V); PEFT: `generate(max_new_tokens=1)`, which runs the virtual tokens
   too. Median of --ttft-repeats, the two alternating; ratio = PEFT / ours.
 - The workload runs --repeats times, the order of the two flipping each time; ratios per repetition, then medians.
-- Greedy outputs are compared (before any EOS, where the two rules differ). PEFT's own output for a request
-  can change with the left padding its batch gives it (measured here: a padded row's batched output differs from
-  the same request run alone), so differing ones (up to --check-alone) are re-run through PEFT alone, outside the
-  timing, and compared again.
+- Correctness before any ratio: for the first request of --check prompts, both libraries' greedy outputs (before any
+  EOS) are compared with decoding by the definition (`reference_generate`: the whole `[P; E]` as inputs_embeds at
+  every step, no cache). PEFT's output for a request can change with the left padding of its batch, so one that
+  differs is also run through PEFT alone. If PEFT is still wrong, the summary says `"peer_correct": false` and
+  reports no ratio.
 
     python benchmarks/serve_speed.py            # table
-    python benchmarks/serve_speed.py --json     # {"throughput_ratio": ..., "ttft_ratio": ...}
+    python benchmarks/serve_speed.py --json     # only the summary: one JSON object on one line
 """
 
 from __future__ import annotations
@@ -116,6 +117,18 @@ def run_peft(model, tokenizer, groups: dict[str, list[int]], texts: list[str], n
     return time.perf_counter() - start, latencies, outputs
 
 
+def reference_generate(backbone, embeddings: torch.Tensor, ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding by the definition, independent of both libraries and of any cache: at every step the model
+    reads the whole `[P; E]` as inputs_embeds (the soft prompt, then the embeddings of the text and the tokens so far)
+    and the next token is the argmax of the last position."""
+    model, tokens = backbone.model, list(ids)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            embeds = torch.cat([embeddings, model.get_input_embeddings()(torch.tensor(tokens))])[None]  # (1, n + T, d)
+            tokens.append(int(model(inputs_embeds=embeds, use_cache=False).logits[0, -1].argmax()))
+    return tokens[len(ids) :]
+
+
 def same_before_eos(ours: list[int], theirs: list[int], eos: set[int]) -> bool:
     cut = next((i for i, t in enumerate(ours) if t in eos), len(ours))
     return ours[:cut] == theirs[:cut]
@@ -131,9 +144,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="Workload repetitions, the order flipping each time.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on shared cores a second thread mostly spin-waits).")
-    parser.add_argument("--check-alone", type=int, default=8,
-                        help="Differing outputs to re-check against PEFT on the request alone (table mode).")
-    parser.add_argument("--json", action="store_true", help='Print only {"throughput_ratio": ..., "ttft_ratio": ...}.')
+    parser.add_argument("--check", type=int, default=8,
+                        help="Requests (one per prompt) whose outputs are checked against uncached [P; E] decoding.")
+    parser.add_argument("--json", action="store_true", help="Print only the JSON summary (one line).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -210,24 +223,45 @@ def main() -> None:
     total_tokens = args.requests * args.new_tokens
     eos = eos_ids(backbone)
     ours_out, peft_out = ours_runs[0][2], peft_runs[0][2]
-    differing = [i for i in range(args.requests) if not same_before_eos(ours_out[i], peft_out[i], eos)]
-    checked = differing[: args.check_alone]
-    alone_equal = 0
-    if checked and not args.json:  # PEFT's left-padded rows drift; run a few of them alone (outside the timing)
-        log(f"checking {len(checked)} differing outputs against PEFT on the request alone ...")
-        for i in checked:
-            peft_model.set_adapter(names[owner[i]])
-            with torch.no_grad():
-                alone = peft_generate(peft_model, tokenizer, [texts[i]], args.new_tokens)[0]
-            alone_equal += same_before_eos(ours_out[i], alone, eos)
-    throughput_ratio = statistics.median(ratios)
-    ttft_ratio = statistics.median(peft_ttft) / statistics.median(ours_ttft)
-    if args.json:
-        print(json.dumps({"throughput_ratio": round(throughput_ratio, 2), "ttft_ratio": round(ttft_ratio, 2)}))
-        return
-
+    batched_equal = sum(same_before_eos(ours_out[i], peft_out[i], eos) for i in range(args.requests))
+    # Correctness before any ratio: the first request of each of --check prompts, decoded by the definition.
+    checked = list(range(min(args.check, args.prompts, args.requests)))
+    log(f"checking {len(checked)} requests against uncached [P; E] decoding ...")
+    ours_right = peft_right = peft_alone_right = 0
+    for i in checked:
+        reference = reference_generate(backbone, prompts[owner[i]].embeddings.detach(), requests[i][0],
+                                       args.new_tokens)  # fmt: skip
+        ours_right += same_before_eos(reference, ours_out[i], eos)
+        if same_before_eos(reference, peft_out[i], eos):
+            peft_right += 1
+            continue
+        peft_model.set_adapter(names[owner[i]])  # PEFT's left-padded rows can drift: its output on the request alone
+        with torch.no_grad():
+            peft_alone_right += same_before_eos(reference, peft_generate(peft_model, tokenizer, [texts[i]],
+                                                                          args.new_tokens)[0], eos)  # fmt: skip
+    peer_correct = peft_right + peft_alone_right == len(checked)
+    ours_correct = ours_right == len(checked)
+    throughput_ratio = statistics.median(ratios) if peer_correct else None
+    ttft_ratio = statistics.median(peft_ttft) / statistics.median(ours_ttft) if peer_correct else None
     import peft
     import transformers
+
+    summary = {
+        "peer_correct": peer_correct,
+        "ours_correct": ours_correct,
+        "throughput_ratio": None if throughput_ratio is None else round(throughput_ratio, 2),
+        "ttft_ratio": None if ttft_ratio is None else round(ttft_ratio, 2),
+        "checked": len(checked),
+        "ours_equal_reference": ours_right,
+        "peft_equal_reference": peft_right,
+        "peft_alone_equal_reference": peft_alone_right,
+        "peft_batched_equal_ours": batched_equal,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return
+
 
     med = lambda runs, f: statistics.median(f(r) for r in runs)  # noqa: E731
     rows = [
@@ -251,14 +285,17 @@ def main() -> None:
           f"({kv_ms:.0f} ms each)")
     print(f"runs     : {args.repeats} repetition(s), order flipping; ratios per repetition, then medians; "
           f"TTFT median of {args.ttft_repeats}; {(time.perf_counter() - began) / 60:.1f} min in all")
-    print(f"outputs  : {args.requests - len(differing)}/{args.requests} greedy outputs identical to PEFT's batched "
-          f"ones (before any EOS); of the others, {alone_equal}/{len(checked)} checked equal PEFT run on the request "
-          "alone\n")
+    print(f"checked  : greedy outputs (before any EOS) against uncached [P; E] decoding, {len(checked)} requests: "
+          f"ours {ours_right}/{len(checked)}, PEFT {peft_right}/{len(checked)} as batched"
+          f" (+{peft_alone_right} when run alone); {batched_equal}/{args.requests} of PEFT's batched outputs equal ours")
+    if not peer_correct:
+        print("           PEFT's outputs are not those of [P; E] with these versions: no ratio is reported")
+    print()
     print(f"{'':<34}{'ours':>10}{'PEFT':>10}{'ratio':>8}")
     for name, ours, theirs, ratio, how in rows:
         shown = f"{ratio:>7.2f}x  {how}" if ratio is not None else ""
         print(f"{name:<34}{ours:>10.2f}{theirs:>10.2f}{shown}")
-    print(json.dumps({"throughput_ratio": round(throughput_ratio, 2), "ttft_ratio": round(ttft_ratio, 2)}))
+    print(json.dumps(summary))  # one object on the last line, as in --json mode
 
 
 if __name__ == "__main__":

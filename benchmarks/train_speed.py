@@ -35,9 +35,12 @@ Measured per run: step 0 is a warm-up (untimed; its loss is "step 0"), then --st
 - losses at step 0 and after --steps updates.
 speedup = ours / PEFT throughput and memory_ratio = ours / PEFT peak, each taken within a repetition (whose two runs
 ran together) and then the median over --repeats repetitions.
+Correctness comes first: both libraries' step-0 losses are compared with `reference_loss`, transformers' own loss
+over full logits (explicit `[P; E]` for prompt tuning, the prefix as the model's past for prefix tuning). Where PEFT's
+differs, the configuration reports `"peer_correct": false` and no speedup or memory ratio.
 
     python benchmarks/train_speed.py                 # readable table (then the JSON summary)
-    python benchmarks/train_speed.py --json          # one JSON object keyed by configuration
+    python benchmarks/train_speed.py --json          # only the JSON: one object keyed by configuration, one line
     python benchmarks/train_speed.py --steps 2 --repeats 1 --configs prompt-20-cls,prefix-20-gen
 """
 
@@ -271,6 +274,33 @@ def peft_step(backbone, method_name, n, lr, seed):
     return step
 
 
+def reference_loss(backbone, method_name: str, n: int, seed: int, examples) -> float:
+    """The step-0 loss computed independently of both libraries: transformers' own loss over full logits at every
+    position, the model reading `[P; E]` as inputs_embeds (prompt tuning) or the prefix key/values handed to it as its
+    past, positions after them (prefix tuning). Both libraries' step-0 losses must equal it."""
+    from transformers import DynamicCache
+
+    from softprompt.backbone import cache_keyword
+    from softprompt.data import collate
+
+    model, initial = backbone.model, build_ours(backbone, method_name, n, seed)
+    batch = collate(examples, backbone.tokenizer.pad_token_id)
+    rows = batch.input_ids.shape[0]
+    mask = torch.cat([batch.attention_mask.new_ones(rows, n), batch.attention_mask], dim=1)  # (B, n + T)
+    with torch.no_grad():
+        if method_name == "prompt":
+            embeds = model.get_input_embeddings()(batch.input_ids)  # (B, T, hidden)
+            embeds = torch.cat([initial.embeddings[None].expand(rows, -1, -1), embeds], dim=1)
+            labels = torch.cat([torch.full((rows, n), -100), peft_labels(batch)], dim=1)
+            return model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.item()
+        kv = initial.prefix  # (layers, 2, kv_heads, n, head_dim)
+        cache = DynamicCache([(k[None].expand(rows, -1, -1, -1), v[None].expand(rows, -1, -1, -1)) for k, v in kv],
+                             config=model.config)  # fmt: skip
+        positions = n + torch.arange(batch.input_ids.shape[1]).expand(rows, -1)  # right padding: real tokens first
+        return model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, labels=peft_labels(batch),
+                     **{cache_keyword(model): cache}).loss.item()  # fmt: skip
+
+
 def model_state(model) -> tuple:
     """What must not change between runs: mode, frozen weights, hooks, attention implementation, cache setting."""
     from softprompt.models import fingerprint
@@ -281,16 +311,25 @@ def model_state(model) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def summarize(ours: list[RunResult], theirs: list[RunResult]) -> dict:
+CORRECT_REL = 1e-4
+"""A library's step-0 loss is correct when it is this close (relative) to the independent reference (float32)."""
+
+
+def summarize(ours: list[RunResult], theirs: list[RunResult], reference: float) -> dict:
     """Ratios are taken within each repetition (the two runs of a repetition ran step for step together), then the
-    median over repetitions; throughput and memory columns are each library's own median."""
+    median over repetitions; throughput and memory columns are each library's own median. No ratio is reported
+    against a peer whose step-0 loss is not the reference's: a speed ratio against a wrong answer means nothing."""
     med = statistics.median
-    speedups = [round(o.tokens_per_s / p.tokens_per_s, 3) for o, p in zip(ours, theirs)]
-    memory_ratios = [round(o.peak_bytes / p.peak_bytes, 3) for o, p in zip(ours, theirs)]
     rel = lambda a, b: float(f"{abs(a - b) / abs(b):.3g}")  # noqa: E731
+    peer_correct = rel(theirs[0].loss_step0, reference) <= CORRECT_REL
+    speedups = [round(o.tokens_per_s / p.tokens_per_s, 3) for o, p in zip(ours, theirs)] if peer_correct else []
+    memory_ratios = [round(o.peak_bytes / p.peak_bytes, 3) for o, p in zip(ours, theirs)] if peer_correct else []
     return {
-        "speedup": round(med(speedups), 3),
-        "memory_ratio": round(med(memory_ratios), 3),
+        "peer_correct": peer_correct,
+        "ours_correct": rel(ours[0].loss_step0, reference) <= CORRECT_REL,
+        "speedup": round(med(speedups), 3) if peer_correct else None,
+        "memory_ratio": round(med(memory_ratios), 3) if peer_correct else None,
+        "reference_loss_step0": round(reference, 6),
         "loss_rel_diff_step0": rel(ours[0].loss_step0, theirs[0].loss_step0),
         "loss_rel_diff_last": rel(ours[0].loss_last, theirs[0].loss_last),
         "ours_tokens_per_s": round(med([r.tokens_per_s for r in ours]), 1),
@@ -308,6 +347,10 @@ def summarize(ours: list[RunResult], theirs: list[RunResult]) -> dict:
 
 
 def verdict(name: str, row: dict) -> str:
+    if not row["ours_correct"]:
+        return "WRONG: ours differs from the reference loss"
+    if not row["peer_correct"]:
+        return "no ratio: PEFT's loss differs from the reference"
     misses = []
     target = TARGETS[name.rsplit("-", 1)[0]]
     if row["speedup"] < target:
@@ -343,17 +386,19 @@ def print_table(results: dict, args, seconds: float) -> None:
     print(header)
     print("-" * len(header))
     for name, r in results.items():
-        print(f"{name:<15}{r['ours_tokens_per_s']:>11.1f}{r['peft_tokens_per_s']:>11.1f}{r['speedup']:>8.2f}x"
-              f"{r['ours_peak_mb']:>9.0f}{r['peft_peak_mb']:>9.0f}{r['memory_ratio']:>10.2f}"
+        speedup = f"{r['speedup']:>8.2f}x" if r["peer_correct"] else f"{'-':>9}"
+        memory_ratio = f"{r['memory_ratio']:>10.2f}" if r["peer_correct"] else f"{'-':>10}"
+        print(f"{name:<15}{r['ours_tokens_per_s']:>11.1f}{r['peft_tokens_per_s']:>11.1f}{speedup}"
+              f"{r['ours_peak_mb']:>9.0f}{r['peft_peak_mb']:>9.0f}{memory_ratio}"
               f"{r['ours_loss_step0']:>12.5f}{r['peft_loss_step0']:>12.5f}{r['loss_rel_diff_step0']:>10.1e}"
               f"{r['ours_loss_last']:>12.5f}{r['peft_loss_last']:>12.5f}  {verdict(name, r)}")  # fmt: skip
     print(f"\nlossK = loss at step {args.steps}, after {args.steps} updates. Speedup per repetition: "
           + "; ".join(f"{k} {v['speedup_per_repeat']}" for k, v in results.items()))  # fmt: skip
     print("Targets (issue 3): speedup prompt-100 >= 1.6, prompt-20 >= 1.2, prefix-20 >= 1.15; cls memory ratio "
           "<= 0.7; step-0 loss rel diff <= 1e-3.")  # fmt: skip
+    print(f"Correct: each library's step-0 loss within {CORRECT_REL:g} (relative) of transformers' own loss over full "
+          "logits of [P; E] (prompt) or with the prefix as its past (prefix); ratios only where PEFT's is.")
     print("\nJSON (--json prints all fields):")
-    print(json.dumps({k: {f: v[f] for f in ("speedup", "memory_ratio", "loss_rel_diff_step0")}
-                      for k, v in results.items()}, indent=1))  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -413,19 +458,20 @@ def main(argv=None) -> None:
         side_by_side(f"prefix-20-{task}", batches[:1], flip=False)
     ours: dict[str, list[RunResult]] = {name: [] for name in names}
     theirs: dict[str, list[RunResult]] = {name: [] for name in names}
+    references = {name: reference_loss(backbone, *CONFIGS[name][:2], args.seed, work[CONFIGS[name][2]][0])
+                  for name in names}  # fmt: skip
     for rep in tqdm(range(args.repeats), desc="repetitions", file=sys.stderr):
         for name in tqdm(names, desc=f"repetition {rep + 1}", file=sys.stderr, leave=False):
             runs = side_by_side(name, work[CONFIGS[name][2]], flip=bool(rep % 2))
             ours[name].append(runs["ours"])
             theirs[name].append(runs["peft"])
-    results = {name: summarize(ours[name], theirs[name]) for name in names}
+    results = {name: summarize(ours[name], theirs[name], references[name]) for name in names}
     for row in results.values():
         row.update(steps=args.steps, repeats=args.repeats, threads=args.threads, padded=args.padded,
                    memory=args.memory)  # fmt: skip
-    if args.json:
-        print(json.dumps(results, indent=1))
-    else:
+    if not args.json:
         print_table(results, args, time.perf_counter() - started)
+    print(json.dumps(results))  # one object on the last line, as in --json mode
 
 
 if __name__ == "__main__":
