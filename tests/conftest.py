@@ -8,19 +8,37 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    CohereConfig,
+    FalconConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
     GPT2Config,
+    GPTNeoXConfig,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    PhiConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
+    SmolLM3Config,
+    StableLmConfig,
+    Starcoder2Config,
 )
 
 from softprompt.backbone import Backbone
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 """Architectures every tiny-model test runs on."""
+
+MORE_ARCHS = ("gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo2", "granite", "smollm3", "starcoder2", "stablelm",
+              "cohere", "gpt_neox", "falcon", "qwen3_moe")  # fmt: skip
+"""Further architectures (HF model_type names), checked in test_architectures.py; Gemma 2 needs attn="eager"."""
 
 VOCAB_SIZE = 128
 PAD, EOS, UNK = 0, 1, 2
@@ -56,6 +74,29 @@ def tiny_config(arch: str):
         "qwen3": lambda: Qwen3Config(head_dim=16, **llama_like),
         "mistral": lambda: MistralConfig(sliding_window=None, **llama_like),
         "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common),
+        # MORE_ARCHS. How logits are taken is set away from the defaults (a missing transform must show): Cohere's
+        # logit_scale, Granite's logits_scaling, and a softcap small enough to bend these models' logits (|x| ~ 2).
+        "gemma": lambda: GemmaConfig(head_dim=8, **llama_like),
+        "gemma2": lambda: Gemma2Config(head_dim=8, query_pre_attn_scalar=8, final_logit_softcapping=1.0, **llama_like),
+        "gemma3_text": lambda: Gemma3TextConfig(head_dim=16, final_logit_softcapping=1.0, **llama_like),
+        "phi": lambda: PhiConfig(qk_layernorm=True, **llama_like),  # partial rotary (half of each head)
+        "phi3": lambda: Phi3Config(**llama_like),
+        "olmo2": lambda: Olmo2Config(**llama_like),
+        "granite": lambda: GraniteConfig(logits_scaling=4.0, embedding_multiplier=4.0, attention_multiplier=0.125,
+                                         residual_multiplier=0.5, **llama_like),  # fmt: skip
+        "smollm3": lambda: SmolLM3Config(no_rope_layers=[1, 0], **llama_like),  # layer 1 without rotary positions
+        "starcoder2": lambda: Starcoder2Config(**llama_like),
+        "stablelm": lambda: StableLmConfig(qk_layernorm=True, **llama_like),
+        "cohere": lambda: CohereConfig(logit_scale=0.25, use_qk_norm=True, **llama_like),
+        "gpt_neox": lambda: GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=64, max_position_embeddings=128, **common),  # fmt: skip
+        # Falcon-40B's layout: 2 KV heads in the weights, all 4 in the cache
+        "falcon": lambda: FalconConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+            max_position_embeddings=128, **common,
+        ),  # fmt: skip
+        "qwen3_moe": lambda: Qwen3MoeConfig(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                            **llama_like),  # fmt: skip
     }
     if arch not in builders:
         raise ValueError(f"unknown tiny architecture {arch!r}; one of {', '.join(ARCHS)}")

@@ -16,6 +16,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .errors import SoftPromptError
 
@@ -41,8 +42,36 @@ class Shapes:
         hidden = get("hidden_size", "n_embd", "d_model")
         heads = get("num_attention_heads", "n_head")
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+            kv_heads = 1  # Falcon-7B's layout caches one K/V head, whatever num_kv_heads says
         head_dim = getattr(config, "head_dim", None) or hidden // heads  # Qwen3 states head_dim explicitly
         return cls(get("num_hidden_layers", "n_layer"), kv_heads, head_dim, hidden, config.vocab_size)
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a causal LM's forward does to its LM head's output, in the model's own operations: Cohere multiplies by
+    `logit_scale`, Granite divides by `logits_scaling`, Gemma 2 and 3 softcap with `final_logit_softcapping`.
+    `Backbone` refuses a model whose forward does anything else (`Backbone._check_head`)."""
+
+    scale: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, config) -> "HeadTransform":
+        config = config.get_text_config(decoder=True)
+        names = ("logit_scale", "logits_scaling", "final_logit_softcapping")
+        return cls(*(getattr(config, name, None) for name in names))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divisor is not None:
+            logits = logits / self.divisor
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 class Backbone:
@@ -62,7 +91,8 @@ class Backbone:
         self.shapes = Shapes.of(model.config)
         self.decoder = model.base_model  # the transformer stack without the LM head
         self.head = model.get_output_embeddings()
-        self.softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+        self.head_transform = HeadTransform.of(model.config)
+        self._check_head()  # refuses a model whose own forward takes its logits otherwise
         self._checkpointed_layers: list[torch.nn.Module] = []  # the decoder layers, while checkpointing is on
         self._cache_keyword = cache_keyword(self.decoder)
 
@@ -73,6 +103,14 @@ class Backbone:
     @property
     def dtype(self) -> torch.dtype:
         return self.head.weight.dtype
+
+    @property
+    def window(self) -> float:
+        """The most cache slots an attention layer reads (sliding window or attention chunk), inf when unlimited.
+        Masked slots count too, so pads between a prefix and a row's tokens shorten what the row sees."""
+        config = self.model.config.get_text_config(decoder=True)
+        limits = (getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size"))
+        return min((limit for limit in limits if limit), default=float("inf"))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -294,11 +332,66 @@ class Backbone:
         return replaying(self._checkpointed_layers if torch.is_grad_enabled() else [], cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head over any (..., hidden) selection of hidden states: callers pass only the positions they need."""
-        logits = self.head(hidden)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
+        """LM head over any (..., hidden) selection of hidden states, then what the model's forward does to the head's
+        output (`head_transform`): callers pass only the positions they need."""
+        return self.head_transform(self.head(hidden)).float()
+
+    def _check_head(self) -> None:
+        """Refuse a model whose forward takes its logits otherwise than `logits` does. The model's own forward runs
+        once with its decoder replaced by a module returning probe hidden states, so only what follows the decoder
+        (the head and any transform of its output) is compared. Probe rows up to logits far past a softcap make any
+        scale, divisor or cap show."""
+        scales = torch.tensor([[0.1], [1.0], [10.0], [100.0]])
+        probe = torch.randn(4, self.shapes.hidden_size, generator=torch.Generator().manual_seed(0)) * scales
+        probe = probe[None].to(self.device, self.dtype)  # (1, 4, hidden)
+        name, problem = self.model.base_model_prefix, None
+        if getattr(self.model, name, None) is not self.decoder:
+            problem = f"its decoder is not its attribute {name!r}, so its forward cannot be checked"
+        else:
+            setattr(self.model, name, _DecoderStandIn(probe))
+            try:
+                with torch.no_grad():
+                    ids = torch.zeros(probe.shape[:2], dtype=torch.long, device=self.device)
+                    theirs = self.model(input_ids=ids, use_cache=False).logits.float()
+            except Exception as error:  # any failure leaves the head unchecked: refused below
+                problem = f"its forward failed on a stand-in decoder ({type(error).__name__}: {error})"
+            finally:
+                setattr(self.model, name, self.decoder)
+        if problem is None:
+            with torch.no_grad():
+                ours = self.logits(probe)
+            if ours.shape != theirs.shape:
+                problem = f"its forward gives logits of shape {tuple(theirs.shape)}, the LM head {tuple(ours.shape)}"
+            elif not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * theirs.nan_to_num(0, 0, 0).abs().max().item()):
+                problem = f"its logits differ from ours by up to {(ours - theirs).abs().max():.3g} on probe states"
+        if problem is not None:
+            raise SoftPromptError(
+                f"{type(self.model).__name__} takes its logits in a way softprompt does not know: {problem}. Known "
+                "transforms of the LM head's output: logit_scale (Cohere), logits_scaling (Granite), "
+                "final_logit_softcapping (Gemma 2, Gemma 3)"
+            )
+
+
+@dataclass
+class _StandInOutput(BaseModelOutputWithPast):
+    """What `_DecoderStandIn` returns: fields a causal LM's forward copies from its decoder's output and a stand-in
+    does not have (router logits, image states) read as None."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
+class _DecoderStandIn(torch.nn.Module):
+    """Takes a decoder's place in its causal LM for `Backbone._check_head`: returns the given hidden states."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs) -> _StandInOutput:
+        return _StandInOutput(last_hidden_state=self.hidden)
 
 
 def cache_keyword(module: torch.nn.Module) -> str:
@@ -311,13 +404,17 @@ def cache_keyword(module: torch.nn.Module) -> str:
 def replaying(layers: list[torch.nn.Module], cache: DynamicCache):
     """While active, layer i of `layers` runs under torch's non-reentrant checkpoint, and each run of it (the forward
     and the backward's replay) starts from `cache.layers[i]` as the forward found it."""
+    own = [vars(layer).get("forward") for layer in layers]  # a hook's forward (accelerate's device_map) stays
     for i, layer in enumerate(layers):
         layer.forward = partial(_replayable, layer.forward, cache, i)  # instance attribute shadows the class's
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def _replayable(forward, cache: DynamicCache, index: int, /, *args, **kwargs):
