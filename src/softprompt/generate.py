@@ -116,6 +116,19 @@ def generate(
     batch, device = len(prompts), backbone.device
     if max_new_tokens == 0 or not prompts:
         return [[] for _ in prompts]
+    slots = (0 if prefix is None else prefix.shape[-2]) + max(map(len, prompts)) + max_new_tokens
+    padded = len(set(map(len, prompts))) > 1 or (prefix_mask is not None and not bool(prefix_mask.all()))
+    if batch > 1 and padded and slots > backbone.window:
+        # Masked slots would take sliding-window places from real ones: decode each row alone, unpadded.
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+        rows = []
+        for row, ids in enumerate(prompts):
+            own = prefix
+            if prefix is not None and prefix.dim() == 6:  # (B, layers, 2, kv_heads, n, head_dim): the row's real slots
+                real = torch.ones(prefix.shape[-2], dtype=torch.bool) if prefix_mask is None else prefix_mask[row].bool()
+                own = prefix[row][..., real.to(prefix.device), :]
+            rows += generate(backbone, [ids], own, **options)
+        return rows
     tokenizer = backbone.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = pad if pad is not None else 0
