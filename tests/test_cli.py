@@ -1,29 +1,43 @@
 """The real `softprompt` command, run as subprocesses on a tiny Llama saved with save_pretrained: train (both methods),
-eval with a prompt and with the base model alone, generate, inspect; and user mistakes exit non-zero with one
-`error:` line and no traceback. Starting Python with torch and transformers costs seconds, so the subprocesses run
-two phases of concurrent processes (train + base-model eval + a broken-data run, then everything that reads the
-trained prompts); the remaining user mistakes run `main()` in-process, which is the same code path."""
+eval with a prompt and with the base model alone, generate with a prompt and with the base model alone, inspect; and
+user mistakes exit non-zero with one `error:` line and no traceback. What eval and generate print is checked against
+the library called on the same model and input (and the base model's answers against plain transformers), and
+`examples/independent_eval.py` against the library. Starting Python with torch and transformers costs seconds, so
+the subprocesses run two phases of concurrent processes (train + base-model eval and generate + a broken-data run,
+then everything that reads the trained prompts); the remaining user mistakes run `main()` in-process, which is the
+same code path."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from softprompt import artifact
+from softprompt.backbone import Backbone
 from softprompt.cli import main
+from softprompt.config import TaskConfig
+from softprompt.data import Task, read_records
+from softprompt.evaluate import evaluate, label_scores
+from softprompt.generate import decode_new, generate
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import PAD, VOCAB, random_prompt, tiny_model, tiny_tokenizer
 
 CLI = [sys.executable, "-c", "from softprompt.cli import main; main()"]
 TEMPLATE = "review {text} sentiment"
 LABELS = "negative,positive"
 CUES = {"positive": ["great", "good", "fun"], "negative": ["bad", "terrible", "awful"]}
 FILLER = "the a movie film was is it this very quite".split()
+TEXTS = ["the movie was great", "a terrible film"]
+"""What `generate` is asked to continue."""
+INDEPENDENT_EVAL = Path(__file__).resolve().parents[1] / "examples" / "independent_eval.py"
 
 
 def write_data(path: Path, n: int, seed: int) -> Path:
@@ -87,13 +101,13 @@ def runs(workspace):
                               env),
         "eval_base": start(["eval", "--model", model, "--template", TEMPLATE, "--labels", LABELS, "--label-field",
                             "label", "--data", data, "--json"], env),
+        "generate_base": start(["generate", "--model", model, "--max-new-tokens", 4, *TEXTS], env),
         "broken_data": start(["train", "--model", model, "--train", w["broken"], "--template", TEMPLATE, "--labels",
                               LABELS, "--label-field", "label", "--out", root / "never", "--steps", 2], env),
     })  # fmt: skip
     phase2 = finish({
         "eval_prompt": start(["eval", "--prompt", root / "prompt", "--data", data, "--json"], env),
-        "generate": start(["generate", "--prompt", root / "prompt", "--max-new-tokens", 3, "the movie was great",
-                           "a terrible film"], env),
+        "generate": start(["generate", "--prompt", root / "prompt", "--max-new-tokens", 3, *TEXTS], env),
         "inspect": start(["inspect", "--prompt", root / "prompt", "--json", "--top-k", 3], env),
     })  # fmt: skip
     return {**phase1, **phase2}
@@ -135,16 +149,106 @@ def check_eval_json(workspace, method: str, stdout: str) -> None:
     assert result["macro_f1"] == pytest.approx(best["macro_f1"])
 
 
-def test_eval_of_the_base_model_prints_json(runs):
+@pytest.fixture(scope="module")
+def library() -> Backbone:
+    """The tiny Llama the model folder was saved from, built in this process (not loaded from the folder)."""
+    return Backbone(tiny_model("llama"), tiny_tokenizer())
+
+
+def test_eval_of_the_base_model_matches_the_library(workspace, runs, library):
+    """The library's numbers for the same model, template and data; and the gold label's mean log-probability and
+    the accuracy recomputed with plain transformers (the log-softmax at the last input position)."""
     result = json.loads(ok(runs["eval_base"]))
-    assert {"accuracy", "macro_f1", "n"} <= set(result) and result["n"] == 24
+    task = Task(TaskConfig.infer(TEMPLATE, LABELS, "label", None), library.tokenizer)
+    records = read_records(workspace["data"])
+    expected = evaluate(library, task, task.encode(records))
+    assert result.keys() == expected.keys() and result["n"] == 24
+    assert result == pytest.approx(expected, rel=1e-5)
+    labels = LABELS.split(",")
+    label_tokens = [VOCAB[word] for word in labels]
+    gold_logprobs, correct = [], 0
+    with torch.no_grad():
+        for record in records:
+            ids = torch.tensor([library.tokenizer(TEMPLATE.format(text=record["text"]))["input_ids"]])
+            logprobs = library.model(ids).logits[0, -1].log_softmax(-1)[label_tokens]
+            gold = labels.index(record["label"])
+            gold_logprobs.append(float(logprobs[gold]))
+            correct += int(logprobs.argmax()) == gold
+    assert result["gold_logprob"] == pytest.approx(sum(gold_logprobs) / len(records), rel=1e-5)
+    assert result["accuracy"] == correct / len(records)
+
+
+def test_independent_eval_script_agrees_with_the_library(workspace, library, tmp_path, monkeypatch, capsys):
+    """`examples/independent_eval.py` (transformers alone, `inputs_embeds = cat(P, E)`) run on a prompt artifact with
+    five label words, two of them two tokens long: on data whose gold label is the library's top-scoring label for
+    each text it scores accuracy 1, on data whose gold label is the library's lowest-scoring one 0, so it picks the
+    library's label for every text; `softprompt eval` gives the same. Texts whose top two labels lie within 1e-3 are
+    left out (float rounding of the two paths could swap them)."""
+    labels = ["good", "bad", "very good", "not good", "fine"]
+    config = TaskConfig.infer(TEMPLATE, labels, "label", None)
+    task = Task(config, library.tokenizer)
+    assert sorted(map(len, task.label_ids)) == [1, 1, 1, 2, 2]
+    method = random_prompt(library, "prompt", n=4, seed=5)
+    folder = artifact.save(tmp_path / "prompt", method, config, library)
+    records = [{"text": r["text"], "label": "good"} for r in read_records(workspace["data"])]
+    scores = label_scores(library, task, task.encode(records), method.kv(library).detach())  # (24, 5)
+    top_two = scores.topk(2, dim=-1).values
+    clear = (top_two[:, 0] - top_two[:, 1] > 1e-3).tolist()
+    best, worst = scores.argmax(-1).tolist(), scores.argmin(-1).tolist()
+    picked = lambda choice: {i for i, c in zip(choice, clear) if c}  # noqa: E731
+    assert sum(clear) >= 20 and len(picked(best)) >= 3 and len(picked(worst)) >= 2, (clear, best, worst)
+
+    def relabelled(name: str, choice: list[int]) -> Path:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({**r, "label": labels[i]}) + "\n"
+                                for r, i, c in zip(records, choice, clear) if c), encoding="utf-8")  # fmt: skip
+        return path
+
+    for name, choice, accuracy in (("best", best, 1.0), ("worst", worst, 0.0)):
+        data = relabelled(name, choice)
+        monkeypatch.setattr(sys, "argv", [str(INDEPENDENT_EVAL), str(folder), str(data), str(workspace["model"])])
+        capsys.readouterr()
+        runpy.run_path(str(INDEPENDENT_EVAL), run_name="__main__")
+        assert json.loads(capsys.readouterr().out) == {"accuracy": accuracy, "n": sum(clear)}, name
+        monkeypatch.setenv("SOFTPROMPT_CACHE", str(workspace["cache"]))
+        code, out, err = run_main(monkeypatch, capsys, ["eval", "--prompt", folder, "--model", workspace["model"],
+                                                        "--data", data, "--json", "--no-progress"])  # fmt: skip
+        assert code == 0, err
+        assert json.loads(out)["accuracy"] == accuracy, name
 
 
 # ------------------------------------------------------------------------------------------- generate, inspect
-def test_generate(runs):
+def expected_line(text: str, new_ids: list[int]) -> str:
+    return f"{text!r} -> {decode_new(tiny_tokenizer(), new_ids)!r}"
+
+
+def test_generate_with_a_prompt_matches_the_library(workspace, runs, library):
+    """Each line is the library's greedy continuation of that text alone (the command batches them) behind the
+    saved prompt, after the prompt's template."""
     lines = ok(runs["generate"]).strip().splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("'the movie was great' -> '") and lines[1].startswith("'a terrible film' -> '")
+    saved = artifact.load(workspace["root"] / "prompt")
+    prefix = artifact.attach(saved, library).kv(library).detach()
+    outputs = [generate(library, [library.tokenizer(TEMPLATE.format(text=text))["input_ids"]], prefix,
+                        max_new_tokens=3)[0] for text in TEXTS]  # fmt: skip
+    assert any(outputs)  # not a vacuous match of empty answers
+    assert lines == [expected_line(text, out) for text, out in zip(TEXTS, outputs)]
+
+
+def test_generate_with_the_base_model_matches_the_library_and_transformers(runs, library):
+    """Without a prompt the texts go in as they are: the library's greedy tokens, which are transformers' own
+    `generate` (up to an EOS, which is not printed)."""
+    lines = ok(runs["generate_base"]).strip().splitlines()
+    outputs = []
+    for text in TEXTS:
+        ids = library.tokenizer(text)["input_ids"]
+        ours = generate(library, [ids], None, max_new_tokens=4)[0]
+        theirs = library.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        max_new_tokens=4, do_sample=False, pad_token_id=PAD)[0, len(ids) :].tolist()
+        eos = library.tokenizer.eos_token_id
+        assert ours == (theirs[: theirs.index(eos)] if eos in theirs else theirs), text
+        outputs.append(ours)
+    assert any(outputs)
+    assert lines == [expected_line(text, out) for text, out in zip(TEXTS, outputs)]
 
 
 def test_inspect_prints_json(runs):

@@ -4,10 +4,12 @@
     computation: full-vocabulary logits at every position of `[P; E]` with labels = -100 everywhere else and
     transformers' own loss, and equals PEFT's loss for the same prompt values (prompt and prefix tuning);
 (b) with `Backbone.gradient_checkpointing()` the loss and the gradients equal those of the unchecked run, for both
-    methods, and the layers really are recomputed in the backward pass (and fewer tensors are kept for it);
+    methods, and the layers really are recomputed in the backward pass (and fewer tensors are kept for it); under
+    no_grad no layer runs checkpointed;
 (c) `Backbone.packed_forward` (the real tokens of all rows packed together, no compute on pads; what `loss_on` runs)
     gives the hidden states of the padded `forward`, and the training loss and gradients equal transformers' own
-    computation, with and without checkpointing.
+    computation, with and without checkpointing; it takes the padded `forward` itself (a spy says which path ran) for
+    per-row prefixes, attention kernels without dense masks and sliding windows shorter than prefix + row.
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ import peft
 import pytest
 import torch
 
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from softprompt.backbone import cache_keyword, replaying
+import softprompt.backbone as backbone_module
+from softprompt.backbone import Backbone, cache_keyword, replaying
 from softprompt.data import Example, collate
 from softprompt.errors import SoftPromptError
 from softprompt.train import loss_on
 
-from conftest import ARCHS, EOS, PAD, tiny_backbone  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
+from conftest import ARCHS, EOS, PAD, tiny_backbone, tiny_config, tiny_tokenizer  # noqa: E402  (tests/ on sys.path)
 from conftest import random_prompt as make_method
 
 N = 4  # virtual tokens
@@ -159,17 +165,35 @@ def test_checkpointing_really_recomputes(arch, method_name):
     assert saved_ckpt < saved_plain / 2, (saved_ckpt, saved_plain)
 
 
-def test_checkpointing_is_off_without_gradients(make_backbone):
-    """Evaluation and generation (no_grad) never pay for it, and the result is the same."""
+def test_checkpointing_is_off_without_gradients(make_backbone, monkeypatch):
+    """Evaluation and generation (no_grad) never pay for it: with checkpointing on, no layer runs under torch's
+    checkpoint or through the replay wrapper, in the packed (`loss_on`) and the padded (`forward`, what generation
+    runs) path, and the result is the same. With gradients the same call does checkpoint every layer (the control
+    that shows the spies see it)."""
     backbone = make_backbone("qwen3")
     method = make_method(backbone, "prefix")
     rows = examples("gen")
+    batch = collate(rows, PAD)
+    layers = [m for m in backbone.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert len(layers) == backbone.shapes.num_layers
+    checkpointed, wrapped = [], []  # torch checkpoint calls; per layer run, whether its forward was wrapped
+    real_checkpoint = backbone_module.checkpoint
+    spy = lambda *args, **kwargs: checkpointed.append(1) or real_checkpoint(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(backbone_module, "checkpoint", spy)
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda layer, _: wrapped.append("forward" in vars(layer)))
     with torch.no_grad():
         plain, _ = loss_on(backbone, method.kv(backbone), rows)
         backbone.gradient_checkpointing(True)
         ckpt, _ = loss_on(backbone, method.kv(backbone), rows)
+        backbone.forward(batch.input_ids, batch.attention_mask, backbone.new_cache(method.kv(backbone), len(rows)))
     assert backbone.checkpointing
+    assert checkpointed == [] and wrapped == [False] * 3 * len(layers)
     torch.testing.assert_close(ckpt, plain, atol=0, rtol=0)
+    wrapped.clear()
+    loss_on(backbone, method.kv(backbone), rows)  # gradients recorded: checkpointed
+    assert len(checkpointed) == len(layers) and wrapped == [True] * len(layers)
+    backbone.gradient_checkpointing(False)
 
 
 class CacheLayer(torch.nn.Module):
@@ -299,16 +323,68 @@ def test_training_loss_and_gradients_equal_the_full_computation(backbone, method
         torch.testing.assert_close(p.grad, g, **TOL)
 
 
-def test_packed_forward_falls_back_where_it_cannot_pack(make_backbone):
-    """Per-row prefixes (6-dim) and attention kernels without dense masks take the padded path: same result."""
+def forward_calls(backbone, monkeypatch) -> list:
+    """Spy on `backbone.forward` (the padded path): each call is recorded, then run."""
+    calls, real = [], backbone.forward
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backbone, "forward", spy)
+    return calls
+
+
+def test_packed_forward_falls_back_where_it_cannot_pack(make_backbone, monkeypatch):
+    """Per-row prefixes (6-dim, with or without a prefix mask) and an attention kernel without dense masks (a kernel
+    registered under a name transformers makes no mask for) take the padded `forward`, the shared prefix under sdpa
+    does not; the results equal the padded forward's."""
     backbone = make_backbone("llama")
     method = make_method(backbone, "prefix")
     batch = collate(examples("cls"), PAD)
+    ids, mask, real = batch.input_ids, batch.attention_mask, batch.attention_mask.bool()
+    calls = forward_calls(backbone, monkeypatch)
     with torch.no_grad():
         kv = method.kv(backbone)
-        per_row = kv[None].expand(3, *kv.shape)  # (B, layers, 2, kv_heads, n, head_dim)
-        reference, _ = backbone.forward(batch.input_ids, batch.attention_mask, backbone.new_cache(kv, 3))
-        packed = backbone.packed_forward(per_row, batch.input_ids, batch.attention_mask)
-    real = batch.attention_mask.bool()
-    torch.testing.assert_close(packed[real], reference[real], **TOL)
-    assert not packed[~real].any()
+        reference, _ = backbone.forward(ids, mask, backbone.new_cache(kv, 3))
+        calls.clear()
+        stacked, stacked_mask = backbone.stack_prefixes([kv] * 3)
+        cases = {"shared prefix": (kv, None), "per-row prefix": (kv[None].expand(3, *kv.shape), None),
+                 "per-row prefix and mask": (stacked, stacked_mask)}  # fmt: skip
+        for case, (prefix, prefix_mask) in cases.items():
+            packed = backbone.packed_forward(prefix, ids, mask, prefix_mask)
+            assert len(calls) == (0 if case == "shared prefix" else 1), case
+            torch.testing.assert_close(packed[real], reference[real], **TOL)
+            assert not packed[~real].any()
+            calls.clear()
+        kernel_calls = []
+
+        def kernel(*args, **kwargs):  # sdpa under another name
+            kernel_calls.append(1)
+            return sdpa_attention_forward(*args, **kwargs)
+
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "softprompt-test-kernel", kernel)
+        monkeypatch.setattr(backbone.model.config, "_attn_implementation", "softprompt-test-kernel")
+        backbone.packed_forward(kv, ids, mask)
+    assert len(calls) == 1 and kernel_calls, "a kernel without dense masks must take the padded path"
+
+
+def test_packed_forward_falls_back_for_a_sliding_window_shorter_than_a_row(monkeypatch):
+    """A sliding window that reaches the prefix from every token of the longest row packs (and equals the padded
+    forward); one position shorter takes the padded `forward`, which applies the window."""
+    batch = collate(examples("cls"), PAD)
+    ids, mask, real = batch.input_ids, batch.attention_mask, batch.attention_mask.bool()
+    longest = int(mask.sum(-1).max())
+    for window, padded in ((N + longest, False), (N + longest - 1, True)):
+        config = tiny_config("mistral")
+        config.sliding_window = window
+        torch.manual_seed(0)
+        backbone = Backbone(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval(),
+                            tiny_tokenizer())  # fmt: skip
+        kv = make_method(backbone, "prefix").kv(backbone).detach()
+        calls = forward_calls(backbone, monkeypatch)
+        with torch.no_grad():
+            packed = backbone.packed_forward(kv, ids, mask)
+            assert len(calls) == int(padded), window
+            reference, _ = backbone.forward(ids, mask, backbone.new_cache(kv, len(ids)))
+        torch.testing.assert_close(packed[real], reference[real], **TOL)

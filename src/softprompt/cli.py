@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +37,12 @@ def _all_or_errors(*builders):
     if errors:
         raise SoftPromptError("\n".join(errors))
     return built
+
+
+def _launched_with_fsdp() -> bool:
+    """`accelerate launch --use_fsdp` means --shard-model. Its flag is taken out of the environment: our sharding
+    replaces accelerate's FSDP wrapping, whose plugin refuses to start without an accelerator (CPU processes)."""
+    return os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true"  # accelerate's own test of it
 
 
 def _backbone(model_name: str):
@@ -103,6 +110,7 @@ def train(
         raise SoftPromptError("train needs --train and --template (or --tasks FILE for several tasks).")
     specs = read_tasks_file(tasks) if tasks else {
         "prompt": TaskSpec(_task_config(template, labels, label_field, target_field), train_file, valid_file)}
+    shard_model = _launched_with_fsdp() or shard_model  # the flag leaves the environment either way
     if init == "text" and not init_text:  # the literal words of the (first) template
         init_text = " ".join(PLACEHOLDER.sub(" ", next(iter(specs.values())).config.template).split()) or "Answer:"
     prompt_config, train_config = _all_or_errors(
@@ -131,12 +139,18 @@ def train(
         train_records, valid_records = records[name]
         data[name] = TaskData(task, task.encode(train_records, str(spec.train)),
                               task.encode(valid_records, str(spec.valid)) if valid_records else [], init_method)
-    if tasks:
-        runs = train_multitask(backbone, data, prompt_config, train_config, out, progress=progress, resume=resume)
-    else:
-        d = data["prompt"]
-        runs = {"prompt": run_training(backbone, d.task, prompt_config, train_config, d.train, out, d.valid,
-                                       init_method=init_method, progress=progress, resume=resume)}
+    try:
+        if tasks:
+            runs = train_multitask(backbone, data, prompt_config, train_config, out, progress=progress, resume=resume)
+        else:
+            d = data["prompt"]
+            runs = {"prompt": run_training(backbone, d.task, prompt_config, train_config, d.train, out, d.valid,
+                                           init_method=init_method, progress=progress, resume=resume)}
+    except KeyboardInterrupt:  # a second Ctrl-C (interruption.py); typer exits silently (0.29) or with 1 (0.12)
+        stopped = SoftPromptError("interrupted: training stopped at once; the files it wrote before are complete "
+                                  "(every write is atomic).")
+        stopped.exit_code = 130  # 128 + SIGINT
+        raise stopped from None
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`, one report
@@ -393,6 +407,3 @@ def main() -> None:
     except SoftPromptError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(getattr(error, "exit_code", 2))
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now (anything saved so far was written atomically)
-        typer.echo("error: interrupted", err=True)
-        sys.exit(130)
