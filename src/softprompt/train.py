@@ -109,6 +109,13 @@ def selection_key(result: dict) -> tuple:
     return (-result["loss"],)
 
 
+def improves(key: tuple, best: tuple) -> bool:
+    """Whether a validation result with selection key `key` replaces the best one: strictly higher, and never
+    with a non-finite value (a diverging prompt's NaN log-probability must not win on its accuracy)."""
+    finite = lambda k: all(map(math.isfinite, k))  # noqa: E731
+    return finite(key) and (key > best or not finite(best))
+
+
 @dataclass
 class TaskData:
     """One task of a run: how records become examples, its data, and optionally a prompt to start from."""
@@ -294,8 +301,9 @@ def _train(
             for name, result in results.items():
                 prompt = prompts.prompts[name]
                 log({"step": step, **({} if single else {"task": name}), "valid": result})
-                if name not in best or selection_key(result) > best[name][0]:
-                    best[name], evals_without_gain[name] = (selection_key(result), step, prompt.artifact_tensors()), 0
+                key = selection_key(result)
+                if name not in best or improves(key, best[name][0]):
+                    best[name], evals_without_gain[name] = (key, step, prompt.artifact_tensors()), 0
                     artifact.save(artifact_dir[name], prompt, tasks[name].task.config, backbone,
                                   training=training_summary(name))  # fmt: skip
                 else:
@@ -344,20 +352,25 @@ def _train(
                 # One collective per step: the global loss, and whether any process was asked to stop.
                 totals = accelerator.reduce(torch.stack([step_loss, step_loss.new_tensor(float(bool(caught)))]), "sum")
                 step_loss, stop_requested = totals.tolist()
-                if not math.isfinite(step_loss):
+                # A finite loss can still have a non-finite gradient (an overflow in the backward pass): stepping on
+                # it would make the prompt NaN, and then the best one and every later checkpoint.
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
+                lr = scheduler.get_last_lr()[0]  # what this step applies (after scheduler.step: the next step's)
+                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                     last_good = latest_checkpoint(out_dir)
+                    what = f"loss became {step_loss}" if not math.isfinite(step_loss) else (
+                        f"gradient norm became {grad_norm} (loss {step_loss:.4g})")  # fmt: skip
                     raise SoftPromptError(
-                        f"The training loss became {step_loss} at step {step} (learning rate "
-                        f"{scheduler.get_last_lr()[0]:.3g}); training stopped. The best prompt so far stays in "
-                        f"{out_dir}" + (f", and the last good checkpoint is {last_good}" if last_good else "")
+                        f"The training {what} at step {step} (learning rate {lr:.3g}); training stopped. The best "
+                        f"prompt so far stays in {out_dir}"
+                        + (f", and the last good checkpoint is {last_good}" if last_good else "")
                         + f". Try a lower --lr (now {cfg.lr}), more --warmup-steps, or --max-grad-norm 1.0."
                     )
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 train_seconds += time.perf_counter() - step_started
-                log({"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                log({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                      "tokens_per_s": round(tokens_seen / train_seconds, 1)})  # fmt: skip
                 bar.set_postfix(loss=f"{step_loss:.4f}")
 
