@@ -26,6 +26,7 @@ The contract, i.e. what a "prefix" is on this backbone (the rest of the library 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,8 @@ class Seq2SeqBackbone(Backbone):
         self._checkpointed_layers = []
         self._cache_keyword = cache_keyword(self.decoder)
         self._block_cache_keyword = cache_keyword(self.encoder.block[0])
+        # before transformers 5.24 a block places its relative position bias by `cache_position`, later by its cache
+        self._block_takes_positions = "cache_position" in inspect.signature(self.encoder.block[0].forward).parameters
 
     # --- prompts -----------------------------------------------------------------------------------------------
 
@@ -272,9 +275,13 @@ class Seq2SeqBackbone(Backbone):
         real. Its own loop: transformers' encoder stack drops any cache it is given."""
         additive = (1.0 - keys_mask[:, None, None, :].to(embeds.dtype)) * torch.finfo(embeds.dtype).min  # (B,1,1,K)
         hidden, position_bias = self.encoder.dropout(embeds), None
+        extra = {self._block_cache_keyword: cache}
+        if self._block_takes_positions:
+            past = cache.get_seq_length() if cache is not None else 0
+            extra["cache_position"] = torch.arange(past, past + embeds.shape[1], device=embeds.device)  # (S,)
         for block in self.encoder.block:
             # the first block computes the relative position bias (queries after the cached slots); the rest share it
-            hidden, position_bias, _ = block(hidden, additive, position_bias, **{self._block_cache_keyword: cache})
+            hidden, position_bias = block(hidden, additive, position_bias, **extra)[:2]  # 5.24 adds attention weights
         return self.encoder.dropout(self.encoder.final_layer_norm(hidden))
 
     def _decode(
