@@ -84,6 +84,30 @@ class TextStream:
         return new
 
 
+class EventStream(StreamingResponse):
+    """Server-sent events from `events`. When the response ends, also with the client gone midway (Starlette may
+    leave the generator suspended, to be finalized whenever it is collected), the generator is closed, so its cleanup
+    runs before the request is counted; a stream cut before its end counts as a client gone (499)."""
+
+    def __init__(self, request: Request, events):
+        self.request, self.events, self.ended = request, events, False
+        super().__init__(self._to_the_end(), media_type="text/event-stream")
+
+    async def _to_the_end(self):
+        async for chunk in self.events:
+            yield chunk
+        self.ended = True
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            await self.events.aclose()
+            if not self.ended:
+                self.request.state.status = CLIENT_GONE
+
+
 def _sse(data) -> str:
     return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
 
@@ -136,7 +160,17 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
                 counters.requests[(path if path in ROUTES else "other", 401)] += 1
                 return response
         response = await call_next(request)
-        counters.requests[(path if path in ROUTES else "other", response.status_code)] += 1
+        body = response.body_iterator
+
+        async def counted():  # counted once sent: a stream whose client left midway sets its status to 499
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:
+                status = getattr(request.state, "status", response.status_code)
+                counters.requests[(path if path in ROUTES else "other", status)] += 1
+
+        response.body_iterator = counted()
         return response
 
     # ---- resolving a request ----
@@ -289,7 +323,7 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
                     yield _sse(build(rid, name, [], usage, True))
                 yield _sse("[DONE]")
 
-            return StreamingResponse(labels_stream(), media_type="text/event-stream")
+            return EventStream(request, labels_stream())
 
         rows, queue = await run_generation(job)
         if not job.stream:
@@ -343,7 +377,7 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
                 for row in rows:
                     row.cancelled = True
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EventStream(request, events())
 
     # ---- routes ----
 

@@ -336,7 +336,8 @@ class Engine:
         hidden, self._mask = self.backbone.forward(self._last[:, None], step, self._cache, self._mask)
         tokens = self._sample(self.backbone.logits(hidden[:, -1]), rows)
         keep = [i for i, (seq, token) in enumerate(zip(rows, tokens)) if not self._advance(seq, token)]
-        self._last = torch.tensor(tokens, dtype=torch.long, device=self._last.device)
+        self._last = torch.tensor([self.pad if t is None else t for t in tokens], dtype=torch.long,
+                                  device=self._last.device)  # fmt: skip
         self._keep(keep)
 
     def _keep(self, keep: list[int]) -> None:
@@ -350,9 +351,10 @@ class Engine:
         self._last = self._last[keep]
         self._rows = [self._rows[i] for i in keep]
 
-    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int | None]:
         """One token per row from (B, vocab) logits: greedy rows at once, sampled rows each with its own generator
-        (so a seeded row draws the same numbers whoever shares its batch)."""
+        (so a seeded row draws the same numbers whoever shares its batch). A row whose draw fails (NaN logits, say)
+        ends with an error and gets None; the other rows go on."""
         tokens = [0] * len(rows)
         greedy = [i for i, s in enumerate(rows) if s.sampling.temperature == 0]
         if greedy:
@@ -361,11 +363,18 @@ class Engine:
         for i, seq in enumerate(rows):
             if seq.sampling.temperature > 0:
                 p = seq.sampling
-                tokens[i] = int(next_tokens(logits[i : i + 1], p.temperature, p.top_p, seq.generator)[0])
+                try:
+                    tokens[i] = int(next_tokens(logits[i : i + 1], p.temperature, p.top_p, seq.generator)[0])
+                except Exception as error:
+                    tokens[i] = None
+                    _emit(seq, Update(list(seq.tokens), True, "error",
+                                      f"generation failed: {type(error).__name__}: {error}"))  # fmt: skip
         return tokens
 
-    def _advance(self, seq: Sequence, token: int) -> bool:
+    def _advance(self, seq: Sequence, token: int | None) -> bool:
         """Add a sampled token to a row (the rules of `generate`); report it; True when the row is done."""
+        if token is None:
+            return True  # its draw failed: it has sent its error
         p, reason = seq.sampling, None
         if token in self.eos and not p.ignore_eos:
             reason = "stop"  # EOS ends the row and is not returned
