@@ -141,3 +141,9 @@ def attach(artifact: Artifact, backbone: Backbone, where: str = "the prompt"):
     """The artifact's method on `backbone`, after checking it belongs to this base model."""
     check_base(artifact, backbone, where)
     return methods.from_tensors(artifact.prompt, backbone, artifact.tensors)
+
+
+def prefix_of(artifact: Artifact, backbone: Backbone, where: str = "the prompt") -> torch.Tensor:
+    """The artifact's per-layer K/V prefix on `backbone` (checked to belong to it), for inference: no gradient."""
+    with torch.no_grad():
+        return attach(artifact, backbone, where).kv(backbone).detach()

@@ -105,6 +105,13 @@ class Backbone:
         return self.head.weight.dtype
 
     @property
+    def pad_id(self) -> int:
+        """The token id every batch pads with: the tokenizer's pad token, else its EOS, else 0. Pads are always
+        masked, so only their being a valid id matters."""
+        tok = self.tokenizer
+        return next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+
+    @property
     def window(self) -> float:
         """The most cache slots an attention layer reads (sliding window or attention chunk), inf when unlimited.
         Masked slots count too, so pads between a prefix and a row's tokens shorten what the row sees."""
@@ -245,7 +252,7 @@ class Backbone:
             loads[b] += lengths[row]
         width = max(loads)  # the longest packed row
         real = attention_mask.bool()
-        ids = input_ids.new_full((len(bins), width), self.tokenizer.pad_token_id or 0)
+        ids = input_ids.new_full((len(bins), width), self.pad_id)
         segment = torch.full((len(bins), width), -1, device=input_ids.device)  # which row each slot holds
         positions = torch.zeros_like(ids)
         source, target = [], []  # flat (B*T) index of each real token, its flat index in the packed rows

@@ -197,7 +197,7 @@ def evaluate_command(
         saved = artifact.load(prompt)
         task_config = saved.task
         backbone = _backbone(model or saved.base_model)
-        prefix = artifact.attach(saved, backbone, str(prompt)).kv(backbone).detach()
+        prefix = artifact.prefix_of(saved, backbone, str(prompt))
     else:
         if not template:
             raise SoftPromptError("eval needs --prompt DIR, or --template with --labels/--label-field or --target-field.")
@@ -225,7 +225,7 @@ def _evaluate_ensemble(data, records, prompts, combine, model, batch_size, as_js
         raise SoftPromptError(f"an ensemble needs prompts of one task; {prompts[0]} has {saved[0].task}, but\n  - "
                               + "\n  - ".join(differ))  # fmt: skip
     backbone = _backbone(model or saved[0].base_model)
-    prefixes = [artifact.attach(s, backbone, str(p)).kv(backbone).detach() for p, s in zip(prompts, saved)]
+    prefixes = [artifact.prefix_of(s, backbone, str(p)) for p, s in zip(prompts, saved)]
     task = Task(saved[0].task, backbone.tokenizer, context=context_size(backbone.model),
                 virtual_tokens=max(s.prompt.num_tokens for s in saved))
     result = evaluate_ensemble(backbone, task, task.encode(records, str(data)), prefixes, combine, batch_size,
@@ -258,7 +258,7 @@ def generate(
 
     saved = artifact.load(prompt) if prompt else None
     backbone = _backbone(model or (saved.base_model if saved else DEFAULT_MODEL))
-    prefix = artifact.attach(saved, backbone, str(prompt)).kv(backbone).detach() if saved else None
+    prefix = artifact.prefix_of(saved, backbone, str(prompt)) if saved else None
     fields = saved.task.fields if saved and not raw else []
     inputs = [fill(saved.task.template, {f: text for f in fields}) if fields else text for text in texts]
     ids = [backbone.tokenizer(text)["input_ids"] for text in inputs]

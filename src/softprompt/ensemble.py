@@ -48,7 +48,7 @@ def member_scores(
         stacked = stacked_mask = None
     single = all(len(ids) == 1 for ids in task.label_ids)
     per_example = members * (1 if single else num_labels)  # rows each example takes
-    pad = backbone.tokenizer.pad_token_id
+    pad = backbone.pad_id
     ordered, restore = length_sorted(examples)
     words = torch.tensor([ids[0] for ids in task.label_ids], device=backbone.device)  # first token of each label
     chunks = []

@@ -47,7 +47,7 @@ def label_scores(
     backbone: Backbone, task: Task, examples: list[Example], prefix=None, batch_size: int = 32, progress: bool = False
 ) -> torch.Tensor:
     """(N, num_labels): each label's summed token log-probability after each example's input."""
-    pad = backbone.tokenizer.pad_token_id
+    pad = backbone.pad_id
     num_labels = len(task.label_ids)
     examples, restore = length_sorted(examples)
     if all(len(ids) == 1 for ids in task.label_ids):
@@ -75,7 +75,7 @@ def mean_loss(backbone: Backbone, examples: list[Example], prefix=None, batch_si
     """Teacher-forced cross-entropy per target token."""
     total, count = 0.0, 0
     for chunk in batches(examples, batch_size, False, ""):
-        logprobs = token_logprobs(backbone, collate(chunk, backbone.tokenizer.pad_token_id), prefix)
+        logprobs = token_logprobs(backbone, collate(chunk, backbone.pad_id), prefix)
         total, count = total - float(logprobs.sum()), count + logprobs.numel()
     return total / count
 

@@ -130,8 +130,7 @@ def generate(
             rows += generate(backbone, [ids], own, **options)
         return rows
     tokenizer = backbone.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = pad if pad is not None else 0
+    pad = backbone.pad_id
     eos = torch.tensor(sorted(eos_ids(backbone)), dtype=torch.long, device=device)
     stop = [s for s in stop or () if s]
 

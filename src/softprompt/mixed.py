@@ -70,7 +70,7 @@ def label_scores_mixed(
         raise SoftPromptError(f"inputs {empty[:5]} are empty: each needs at least one token")
     # One scoring row per (input, label word); its target is the label word's tokens.
     rows = [(i, Example(inputs[i], word)) for i in range(len(inputs)) for word in label_ids[i]]
-    pad = backbone.tokenizer.pad_token_id or 0
+    pad = backbone.pad_id
     totals = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

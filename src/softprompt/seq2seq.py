@@ -229,7 +229,7 @@ class Seq2SeqBackbone(Backbone):
         decoder_mask = (j[None] < (lengths - start)[:, None]).long()  # (B, width)
         decoder_ids = ids.gather(1, (start[:, None] - 1 + j[None]).clamp(0, T - 1))  # (B, width)
         decoder_ids[:, 0] = self.start_id
-        decoder_ids = decoder_ids.masked_fill(decoder_mask == 0, self.tokenizer.pad_token_id or 0)
+        decoder_ids = decoder_ids.masked_fill(decoder_mask == 0, self.pad_id)
         cache = self.new_cache(prefix, rows)
         past_mask = self._read_prompt(cache, ids, encoder_mask, prefix_mask)
         hidden, _ = self._decode(decoder_ids, decoder_mask, cache, past_mask)  # (B, width, d_model)

@@ -95,7 +95,7 @@ def loss_on(
     and divided by `normalizer` (default: their count, i.e. the mean). Returns it and the batch's real (non-pad)
     token count.
     kv: a shared prefix, or one per row with its `prefix_mask` (see `row_prefixes`)."""
-    batch = collate(examples, backbone.tokenizer.pad_token_id).to(backbone.device)
+    batch = collate(examples, backbone.pad_id).to(backbone.device)
     hidden = backbone.target_hidden(batch, kv, prefix_mask)  # (K, hidden)
     logits = backbone.logits(hidden)  # (K, vocab)
     total = F.cross_entropy(logits, batch.loss_tokens, reduction="sum")

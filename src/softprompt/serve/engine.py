@@ -125,9 +125,7 @@ class Engine:
     def __init__(self, backbone: Backbone, config: EngineConfig | None = None):
         batch_cache.check_supported(backbone)
         self.backbone, self.config = backbone, config or EngineConfig()
-        tokenizer = backbone.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad = pad if pad is not None else 0
+        self.pad = backbone.pad_id
         self.eos = eos_ids(backbone)
         self.stats = Stats()
         self._lock = threading.Condition()

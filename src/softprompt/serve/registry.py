@@ -76,7 +76,7 @@ class Registry:
     def _load(self, folder: Path) -> Prompt:
         saved = artifact.load(folder)
         with torch.no_grad():
-            prefix = artifact.attach(saved, self.backbone, str(folder)).kv(self.backbone).detach()
+            prefix = artifact.prefix_of(saved, self.backbone, str(folder))
         labels = Task(saved.task, self.backbone.tokenizer).label_ids if saved.task.task == "classification" else []
         return Prompt(folder.name, prefix, saved.task, labels, saved.prompt.method, signature=_signature(folder))
 
