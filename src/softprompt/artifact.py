@@ -106,12 +106,13 @@ def load(prompt_dir: str | Path) -> Artifact:
         task = from_dict(TaskConfig, data)
     except (SoftPromptError, TypeError) as error:
         raise SoftPromptError(f"{config_path} describes no valid prompt: {error}") from None
-    expected = {"prompt": "prompt_embeddings", "prefix": "prefix"}[prompt.method]
+    method = methods.REGISTRY[prompt.method]
+    expected = method.artifact_key
     if expected not in tensors:
         raise SoftPromptError(f"{weights_path} lacks the tensor {expected!r} that method={prompt.method} needs.")
     recorded = (data.get("tensor_shapes") or {}).get(expected)
     actual = list(tensors[expected].shape)
-    tokens = actual[-2 if prompt.method == "prefix" else 0]  # (n, hidden) or (L, 2, kv, n, d)
+    tokens = actual[method.token_axis]
     if (recorded is not None and recorded != actual) or tokens != prompt.num_tokens:
         raise SoftPromptError(
             f"{weights_path} holds {expected} of shape {actual}, but {config_path} describes "

@@ -284,11 +284,12 @@ def inspect(
 ):
     """Shapes, size, vector norms, cosine between the soft tokens (PNG heatmap) and the nearest vocabulary tokens of
     each soft token (TSV table)."""
-    from . import artifact
+    from . import artifact, methods
     from .inspection import describe, format_report, write_files
 
     saved = artifact.load(prompt)
-    backbone = _backbone(model or saved.base_model) if saved.prompt.method == "prompt" else None
+    needs_model = methods.REGISTRY[saved.prompt.method].in_embedding_space  # for the nearest vocabulary tokens
+    backbone = _backbone(model or saved.base_model) if needs_model else None
     if backbone is not None:
         artifact.check_base(saved, backbone, str(prompt))
     report = describe(saved, prompt, backbone, top_k)

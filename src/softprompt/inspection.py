@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import methods
 from .artifact import WEIGHTS, Artifact
 from .atomic import write_atomic
 from .errors import SoftPromptError
@@ -20,10 +21,8 @@ HEATMAP, NEAREST_TABLE, COMPARE_HEATMAP = "similarity.png", "nearest_tokens.tsv"
 
 def token_vectors(artifact: Artifact) -> torch.Tensor:
     """One vector per virtual token, (n, width): the embeddings, or each token's key/values of all layers."""
-    if artifact.prompt.method == "prompt":
-        return artifact.tensors["prompt_embeddings"].float()  # (n, hidden)
-    prefix = artifact.tensors["prefix"].float()  # (layers, 2, kv_heads, n, head_dim)
-    return prefix.permute(3, 0, 1, 2, 4).reshape(prefix.shape[3], -1)  # (n, layers * 2 * kv_heads * head_dim)
+    method = methods.REGISTRY[artifact.prompt.method]
+    return method.token_vectors(artifact.tensors[method.artifact_key])
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,7 +68,7 @@ def describe(artifact: Artifact, prompt_dir: str | Path, backbone=None, k: int =
         "token_cosine": _rounded(similarity),
         "mean_token_cosine": round(float(off_diagonal.mean()), 4) if n > 1 else None,
     }
-    if artifact.prompt.method == "prompt":
+    if methods.REGISTRY[artifact.prompt.method].in_embedding_space:
         if backbone is not None:
             embeddings = backbone.model.get_input_embeddings().weight.detach().cpu()
             report["mean_vocab_norm"] = round(float(embeddings.norm(dim=-1).mean()), 4)
@@ -219,7 +218,7 @@ def format_report(report: dict) -> str:
         for i, (tokens, cosines, norm) in enumerate(zip(report["nearest_tokens"], report["nearest_cosines"], norms)):
             shown = "  ".join(f"{t!r} {c:.2f}" for t, c in zip(tokens, cosines))
             lines.append(f"  p{i:<3} norm {norm:7.3f}  {shown}")
-    elif report["method"] == "prefix":
+    elif "key_norm_per_layer" in report:
         lines.append("prefix tuning has no input embeddings, so no nearest tokens; mean key/value norms per layer:")
         for i, (k, v) in enumerate(zip(report["key_norm_per_layer"], report["value_norm_per_layer"])):
             lines.append(f"  layer {i:<3} key {k:8.3f}  value {v:8.3f}")

@@ -16,6 +16,10 @@ class PromptMethod(nn.Module):
     name: ClassVar[str]
     artifact_key: ClassVar[str]
     """Name of the tensor in prompt.safetensors."""
+    token_axis: ClassVar[int]
+    """The axis of that tensor that counts the virtual tokens."""
+    in_embedding_space: ClassVar[bool]
+    """Whether its vectors are input embeddings, so the nearest vocabulary tokens mean something."""
 
     def __init__(self, config, shapes):
         super().__init__()
@@ -32,6 +36,11 @@ class PromptMethod(nn.Module):
 
     def artifact_tensors(self) -> dict[str, torch.Tensor]:
         """What a saved artifact stores: plain tensors, any reparameterization folded away."""
+        raise NotImplementedError
+
+    @classmethod
+    def token_vectors(cls, tensor: torch.Tensor) -> torch.Tensor:
+        """One vector per virtual token of the saved tensor, (n, width)."""
         raise NotImplementedError
 
     @classmethod

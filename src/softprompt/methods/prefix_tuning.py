@@ -18,6 +18,13 @@ from .base import PromptMethod, initial_token_ids
 class Prefix(PromptMethod):
     name = "prefix"
     artifact_key = "prefix"
+    token_axis = -2  # (layers, 2, kv_heads, num_tokens, head_dim)
+    in_embedding_space = False
+
+    @classmethod
+    def token_vectors(cls, tensor):
+        n = tensor.shape[-2]
+        return tensor.float().permute(3, 0, 1, 2, 4).reshape(n, -1)  # (n, layers * 2 * kv_heads * head_dim)
 
     def __init__(self, config, shapes, prefix: torch.Tensor | None = None):
         super().__init__(config, shapes)

@@ -18,6 +18,8 @@ from .base import PromptMethod, initial_token_ids
 class SoftPrompt(PromptMethod):
     name = "prompt"
     artifact_key = "prompt_embeddings"
+    token_axis = 0  # (num_tokens, hidden)
+    in_embedding_space = True
 
     def __init__(self, config, shapes, embeddings: torch.Tensor):
         super().__init__(config, shapes)
@@ -28,6 +30,10 @@ class SoftPrompt(PromptMethod):
 
     def artifact_tensors(self) -> dict[str, torch.Tensor]:
         return {self.artifact_key: self.embeddings.detach().cpu().clone()}
+
+    @classmethod
+    def token_vectors(cls, tensor):
+        return tensor.float()  # (n, hidden)
 
     @classmethod
     def create(cls, config, backbone, labels, generator):
