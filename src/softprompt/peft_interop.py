@@ -34,12 +34,6 @@ READABLE = {"PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "p
 """PEFT types we read, and the method each becomes."""
 
 
-def to_peft_layout(prefix: torch.Tensor) -> torch.Tensor:
-    """Our prefix (layers, 2, kv_heads, n, head_dim) -> PEFT's (n, layers * 2 * kv_heads * head_dim)."""
-    n = prefix.shape[3]
-    return prefix.permute(3, 0, 1, 2, 4).reshape(n, -1).contiguous()  # (n, layers, 2, kv_heads, head_dim) flattened
-
-
 def from_peft_layout(weight: torch.Tensor, num_layers: int, kv_heads: int, head_dim: int) -> torch.Tensor:
     """PEFT's (n, layers * 2 * kv_heads * head_dim) -> our prefix (layers, 2, kv_heads, n, head_dim)."""
     n = weight.shape[0]
@@ -79,7 +73,7 @@ def export_peft(prompt_dir: str | Path, out_dir: str | Path) -> Path:
             "tokenizer_kwargs": None,
         }
     else:
-        weight = to_peft_layout(saved.tensors["prefix"])
+        weight = methods.Prefix.token_vectors(saved.tensors["prefix"])  # PEFT's (n, layers * 2 * kv_heads * head_dim)
         token_dim = shapes["num_kv_heads"] * shapes["head_dim"]
         config = {
             **common,
