@@ -287,7 +287,8 @@ def main() -> None:
           f"TTFT median of {args.ttft_repeats}; {(time.perf_counter() - began) / 60:.1f} min in all")
     print(f"checked  : greedy outputs (before any EOS) against uncached [P; E] decoding, {len(checked)} requests: "
           f"ours {ours_right}/{len(checked)}, PEFT {peft_right}/{len(checked)} as batched"
-          f" (+{peft_alone_right} when run alone); {batched_equal}/{args.requests} of PEFT's batched outputs equal ours")
+          f" (+{peft_alone_right} when run alone); {batched_equal}/{args.requests} of PEFT's batched outputs equal "
+          "ours")
     if not peer_correct:
         print("           PEFT's outputs are not those of [P; E] with these versions: no ratio is reported")
     print()

@@ -125,8 +125,7 @@ def generate(
         for row, ids in enumerate(prompts):
             own = prefix
             if prefix is not None and prefix.dim() == 6:  # (B, layers, 2, kv_heads, n, head_dim): the row's real slots
-                real = torch.ones(prefix.shape[-2], dtype=torch.bool) if prefix_mask is None else prefix_mask[row].bool()
-                own = prefix[row][..., real.to(prefix.device), :]
+                own = prefix[row] if prefix_mask is None else prefix[row][..., prefix_mask[row].bool(), :]
             rows += generate(backbone, [ids], own, **options)
         return rows
     tokenizer = backbone.tokenizer
