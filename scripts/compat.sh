@@ -39,8 +39,10 @@ PY
     fi
     versions=$("$venv/bin/python" -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in
         ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "fastapi", "matplotlib")))')
-    summary=$("$venv/bin/python" -m pytest -q -p no:cacheprovider 2>&1 | tail -n 1)
-    results+=("$end: $versions: $summary")
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider >"$work/$end.log" 2>&1
+    summary=$(tail -n 1 "$work/$end.log")
+    failed=$(grep -E '^(FAILED|ERROR) ' "$work/$end.log" | cut -d' ' -f2 | tr '\n' ' ')
+    results+=("$end: $versions: $summary${failed:+ — $failed}")
     echo "${results[-1]}"
 done
 echo

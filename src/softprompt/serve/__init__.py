@@ -77,6 +77,8 @@ def serve(config: ServeConfig) -> None:
           f"{' ...' if len(names) > 10 else ''} on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    except KeyboardInterrupt:  # older uvicorn re-raises Ctrl-C after its graceful shutdown: still a clean stop
+        pass
     finally:
         engine.stop()
 
