@@ -40,7 +40,7 @@ from softprompt.serve.engine import (STOPPED, Engine, EngineConfig, QueueFull, S
                                      Stopped, Update)  # fmt: skip
 from softprompt.serve.registry import Registry
 
-from conftest import ARCHS, WORDS, tiny_backbone, tiny_model, tiny_tokenizer
+from conftest import ARCHS, WORDS, run_main, tiny_backbone, tiny_model, tiny_tokenizer
 from conftest import random_prompt as build
 from test_mixed import reference_label_logprob
 from test_seq2seq import tiny_t5
@@ -287,11 +287,8 @@ def test_serve_refuses_encoder_decoder_models(tmp_path, monkeypatch, capsys):
         raise AssertionError("the server started")
 
     monkeypatch.setattr(uvicorn, "run", started)
-    monkeypatch.setattr(sys, "argv", ["softprompt", "serve", "--model", str(tmp_path / "t5")])
-    with pytest.raises(SystemExit) as exit:
-        main()
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and "Traceback" not in err
+    code, _, err = run_main(monkeypatch, capsys, ["serve", "--model", tmp_path / "t5"])
+    assert code == 2 and "Traceback" not in err
     assert any(line.startswith("error: t5 is an encoder-decoder model") for line in err.splitlines()), err
 
 

@@ -29,7 +29,6 @@ from transformers import AutoModelForCausalLM
 
 from softprompt import artifact
 from softprompt.backbone import Backbone
-from softprompt.cli import main
 from softprompt.config import TaskConfig
 from softprompt.data import Example, Task
 from softprompt.errors import SoftPromptError
@@ -41,7 +40,7 @@ from softprompt.serve.app import Limits, create_app
 from softprompt.serve.engine import STOPPED, Engine, EngineConfig
 from softprompt.serve.registry import Registry
 
-from conftest import tiny_backbone, tiny_config, tiny_model, tiny_tokenizer
+from conftest import run_main, tiny_backbone, tiny_config, tiny_model, tiny_tokenizer
 from conftest import random_prompt as build
 from test_serve import CHAT_TEMPLATE, CLS_TEMPLATE, GEN_TEMPLATE, LABELS
 
@@ -536,9 +535,6 @@ def test_serve_refuses_sliding_window_models(arch, window, tmp_path, monkeypatch
         raise AssertionError("the server started")
 
     monkeypatch.setattr(uvicorn, "run", started)
-    monkeypatch.setattr(sys, "argv", ["softprompt", "serve", "--model", str(tmp_path / "model")])
-    with pytest.raises(SystemExit) as exit:
-        main()
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and "Traceback" not in err
+    code, _, err = run_main(monkeypatch, capsys, ["serve", "--model", tmp_path / "model"])
+    assert code == 2 and "Traceback" not in err
     assert any(line.startswith(f"error: {name} uses sliding-window attention") for line in err.splitlines()), err
