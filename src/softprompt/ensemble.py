@@ -13,7 +13,7 @@ from . import metrics
 from .backbone import Backbone
 from .data import Example, Task, collate
 from .errors import SoftPromptError
-from .evaluate import batches, length_sorted, position_logprobs, token_logprobs
+from .evaluate import batches, length_sorted, position_logprobs, target_logprobs
 
 COMBINE = ("vote", "mean")
 
@@ -63,11 +63,7 @@ def member_scores(
             # One row per (example, member, label word), summing the label's token log-probabilities.
             rows = [Example(e.input_ids, ids) for e in chunk for _ in range(members) for ids in task.label_ids]
             owner = torch.arange(members, device=backbone.device).repeat_interleave(num_labels).repeat(len(chunk))
-            batch = collate(rows, pad)
-            logprobs = token_logprobs(backbone, batch, *_rows_of(stacked, stacked_mask, owner))
-            per_row = torch.zeros(len(rows), device=logprobs.device).index_add_(
-                0, batch.loss_rows.to(logprobs.device), logprobs
-            )
+            per_row = target_logprobs(backbone, rows, *_rows_of(stacked, stacked_mask, owner))  # (rows,)
             scores = per_row.view(len(chunk), members, num_labels)
         chunks.append(scores.cpu())
     return torch.cat(chunks)[restore].transpose(0, 1).contiguous()  # (members, N, labels)

@@ -27,6 +27,16 @@ def token_logprobs(
     return logprobs.gather(-1, batch.loss_tokens.to(logprobs.device)[:, None]).squeeze(-1)
 
 
+def target_logprobs(
+    backbone: Backbone, rows: list[Example], prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each row's summed log-probability of its target tokens after its input, (rows,): the one label scorer that
+    evaluation, mixed batches and ensembles share (a row per input and label word)."""
+    batch = collate(rows, backbone.pad_id)
+    logprobs = token_logprobs(backbone, batch, prefix, prefix_mask)  # (K,) one per target token
+    return logprobs.new_zeros(len(rows)).index_add_(0, batch.loss_rows.to(logprobs.device), logprobs)
+
+
 def batches(items: list, size: int, progress: bool, desc: str):
     starts = range(0, len(items), size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
@@ -62,11 +72,7 @@ def label_scores(
     for chunk in batches(examples, max(1, batch_size // num_labels), progress, "scoring"):
         # One row per (example, label word), summing the log-probabilities of the label's tokens.
         rows = [Example(e.input_ids, ids) for e in chunk for ids in task.label_ids]
-        batch = collate(rows, pad)
-        logprobs = token_logprobs(backbone, batch, prefix)
-        per_row = torch.zeros(len(rows), device=logprobs.device)
-        per_row.index_add_(0, batch.loss_rows.to(logprobs.device), logprobs)
-        scores.append(per_row.view(len(chunk), num_labels).cpu())  # (examples, labels)
+        scores.append(target_logprobs(backbone, rows, prefix).view(len(chunk), num_labels).cpu())  # (examples, labels)
     return torch.cat(scores)[restore]
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from .backbone import Backbone
-from .data import Example, collate
+from .data import Example
 from .errors import SoftPromptError
-from .evaluate import token_logprobs
+from .evaluate import target_logprobs
 from .generate import generate
 
 
@@ -70,16 +70,11 @@ def label_scores_mixed(
         raise SoftPromptError(f"inputs {empty[:5]} are empty: each needs at least one token")
     # One scoring row per (input, label word); its target is the label word's tokens.
     rows = [(i, Example(inputs[i], word)) for i in range(len(inputs)) for word in label_ids[i]]
-    pad = backbone.pad_id
     totals = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = collate([example for _, example in chunk], pad)
         prefix, mask = stack(backbone, [prefixes[i] for i, _ in chunk])
-        logprobs = token_logprobs(backbone, batch, prefix, mask)  # (K,) one per label token
-        per_row = torch.zeros(len(chunk), device=logprobs.device)
-        per_row.index_add_(0, batch.loss_rows.to(logprobs.device), logprobs)  # (rows in chunk,)
-        totals.append(per_row.cpu())
+        totals.append(target_logprobs(backbone, [example for _, example in chunk], prefix, mask).cpu())
     flat = torch.cat(totals) if totals else torch.zeros(0)
     sizes = [len(words) for words in label_ids]
     return list(flat.split(sizes))
