@@ -17,7 +17,6 @@ Falcon-7B's multi-query layout (one cached K/V head) runs prefix tuning.
 
 from __future__ import annotations
 
-import peft
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, FalconConfig, LlamaForCausalLM
@@ -28,6 +27,7 @@ from softprompt.generate import generate
 from softprompt.mixed import generate_mixed
 
 from conftest import EOS, MORE_ARCHS, PAD, VOCAB_SIZE, random_prompt, tiny_config, tiny_model, tiny_tokenizer
+from test_equivalence import explicit_logits, peft_prefix_model, prefix_path_logits, right_padded_batch
 
 ATOL = 1e-4
 ATTENTION = {"gemma2": "eager"}  # Gemma 2 has no SDPA kernel (its attention logits are softcapped)
@@ -44,34 +44,9 @@ def backbone_of(arch: str, seed: int = 0) -> Backbone:
     return Backbone(model_of(arch, seed), tiny_tokenizer())
 
 
-def right_padded(lengths=(6, 3, 5), seed=0):
-    """(input_ids, attention_mask): real tokens first, then PAD."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((len(lengths), max(lengths)), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(3, VOCAB_SIZE, (n,), generator=g)
-        mask[row, :n] = 1
-    return ids, mask
-
-
 def token_lists(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist() for n in lengths]
-
-
-def our_logits(backbone: Backbone, prefix, ids, mask):
-    """Our path: K/V prefix -> cache -> forward -> logits at every input position, (B, T, vocab)."""
-    hidden, _ = backbone.forward(ids, mask, backbone.new_cache(prefix, ids.shape[0]))
-    return backbone.logits(hidden)
-
-
-def inputs_embeds_logits(model, prompt_embeddings, ids, mask):
-    """The definition of prompt tuning: the HF model reads inputs_embeds = [P; E]; its logits at the E positions."""
-    B, n = ids.shape[0], prompt_embeddings.shape[0]
-    embeds = torch.cat([prompt_embeddings[None].expand(B, -1, -1), model.get_input_embeddings()(ids)], dim=1)
-    full_mask = torch.cat([mask.new_ones(B, n), mask], dim=1)
-    return model(inputs_embeds=embeds, attention_mask=full_mask).logits[:, n:].float()
 
 
 def cache_logits(model, prefix, ids, mask):
@@ -113,11 +88,11 @@ def test_prompt_tuning_equals_inputs_embeds(arch):
     """(a), through both the cached forward and the packed training forward."""
     backbone = backbone_of(arch)
     prompt = random_prompt(backbone, "prompt", n=4)
-    ids, mask = right_padded()
+    ids, mask = right_padded_batch()
     with torch.no_grad():
         prefix = prompt.kv(backbone)
-        reference = inputs_embeds_logits(backbone.model, prompt.embeddings, ids, mask)
-        assert_close(our_logits(backbone, prefix, ids, mask), reference, mask)
+        reference = explicit_logits(backbone.model, prompt.embeddings, ids, mask)
+        assert_close(prefix_path_logits(backbone, prefix, ids, mask), reference, mask)
         packed = backbone.logits(backbone.packed_forward(prefix, ids, mask, width=8))  # 14 tokens in 2 packed rows
         assert_close(packed, reference, mask)
 
@@ -126,10 +101,10 @@ def test_prompt_tuning_equals_inputs_embeds(arch):
 def test_prefix_tuning_equals_the_model_given_the_prefix_as_its_cache(arch):
     """(b)"""
     backbone = backbone_of(arch)
-    ids, mask = right_padded()
+    ids, mask = right_padded_batch()
     with torch.no_grad():
         prefix = random_prompt(backbone, "prefix", n=3, seed=2).kv(backbone)
-        ours = our_logits(backbone, prefix, ids, mask)
+        ours = prefix_path_logits(backbone, prefix, ids, mask)
         assert_close(ours, cache_logits(backbone.model, prefix, ids, mask), mask)
 
 
@@ -169,16 +144,11 @@ def test_prefix_tuning_equals_peft(arch):
     """(e): PEFT supports prefix tuning on all 14 (it builds its cache from the config as we do)."""
     backbone = backbone_of(arch)
     prefix = random_prompt(backbone, "prefix", n=3, seed=6).kv(backbone).detach()  # (layers, 2, kv_heads, n, hd)
-    ids, mask = right_padded()
-    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
-    peft_model = peft.get_peft_model(model_of(arch), config)  # a model of its own: PEFT wraps the one it gets
-    weight = peft_model.prompt_encoder["default"].embedding.weight  # (n, layers * 2 * kv_heads * head_dim)
-    ours_as_peft = prefix.permute(3, 0, 1, 2, 4).reshape(3, -1)
-    assert weight.shape == ours_as_peft.shape
+    ids, mask = right_padded_batch()
+    peft_model = peft_prefix_model(model_of(arch), prefix)  # a model of its own: PEFT wraps the one it gets
     with torch.no_grad():
-        weight.copy_(ours_as_peft)
         reference = peft_model(input_ids=ids, attention_mask=mask).logits.float()
-        assert_close(our_logits(backbone, prefix, ids, mask), reference, mask)
+        assert_close(prefix_path_logits(backbone, prefix, ids, mask), reference, mask)
 
 
 # ---------------------------------------------------------------------------------------------------- head transform
@@ -190,7 +160,7 @@ def test_head_transform_is_applied_and_matters(arch):
     transform, config = backbone.head_transform, backbone.model.config
     assert getattr(transform, field) == getattr(config, knob) is not None
     assert [name for name in ("scale", "divisor", "softcap") if getattr(transform, name) is not None] == [field]
-    ids, mask = right_padded()
+    ids, mask = right_padded_batch()
     with torch.no_grad():
         hidden, _ = backbone.forward(ids, mask, backbone.new_cache(None, ids.shape[0]))
         ours, raw = backbone.logits(hidden), backbone.head(hidden).float()
@@ -238,11 +208,11 @@ def test_single_row_across_a_sliding_window(arch):
     """A window shorter than prompt + input + generated tokens: one row at a time computes what [P; E] does."""
     backbone = windowed_backbone(arch, 4)
     prompt = random_prompt(backbone, "prompt", n=3, seed=3)
-    ids, mask = right_padded()
+    ids, mask = right_padded_batch()
     with torch.no_grad():
         prefix = prompt.kv(backbone)
-        reference = inputs_embeds_logits(backbone.model, prompt.embeddings, ids, mask)
-        assert_close(our_logits(backbone, prefix, ids, mask), reference, mask)
+        reference = explicit_logits(backbone.model, prompt.embeddings, ids, mask)
+        assert_close(prefix_path_logits(backbone, prefix, ids, mask), reference, mask)
         for row in token_lists([2, 6], seed=7):
             expected = greedy_over_embeddings(backbone.model, prompt.embeddings, row, 8)
             assert generate(backbone, [row], prefix, max_new_tokens=8)[0] == expected
@@ -270,8 +240,8 @@ def test_prefix_tuning_on_multi_query_falcon():
                           max_position_embeddings=128, vocab_size=VOCAB_SIZE, eos_token_id=EOS, pad_token_id=PAD)
     torch.manual_seed(0)
     backbone = Backbone(AutoModelForCausalLM.from_config(config).eval(), tiny_tokenizer())
-    ids, mask = right_padded()
+    ids, mask = right_padded_batch()
     with torch.no_grad():
         prefix = random_prompt(backbone, "prefix", n=3, seed=2).kv(backbone)
-        ours = our_logits(backbone, prefix, ids, mask)
+        ours = prefix_path_logits(backbone, prefix, ids, mask)
         assert_close(ours, cache_logits(backbone.model, prefix, ids, mask), mask)
