@@ -237,25 +237,33 @@ def test_stop_ends_every_waiting_and_running_request():
     assert engine.running == 0 and engine.queue_depth == 0
 
 
+def asgi_request(method: str, path: str, body: bytes):
+    """What a server hands the app for one request, without sockets: its scope, a `receive` that delivers `body`
+    and then waits, and the event that, once set, makes `receive` report the client gone."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    left, messages = asyncio.Event(), [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    return scope, receive, left
+
+
 def test_a_client_leaving_a_plain_request_cancels_its_rows():
     backbone = tiny_backbone("llama", seed=6)
     engine = Engine(backbone)  # not started: its rows wait in the queue until the test steps it
     app = create_app(Registry(backbone, "tiny"), engine)
     body = json.dumps({"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8, "n": 3}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}  # fmt: skip
 
     async def scenario() -> list[dict]:
-        left, sent = asyncio.Event(), []
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive():
-            if messages:
-                return messages.pop()
-            await left.wait()
-            return {"type": "http.disconnect"}
+        scope, receive, left = asgi_request("POST", "/v1/completions", body)
+        sent = []
 
         async def send(message):
             sent.append(message)

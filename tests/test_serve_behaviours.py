@@ -42,7 +42,7 @@ from softprompt.serve.registry import Registry
 
 from conftest import run_main, tiny_backbone, tiny_config, tiny_model, tiny_tokenizer
 from conftest import random_prompt as build
-from test_serve import CHAT_TEMPLATE, CLS_TEMPLATE, GEN_TEMPLATE, LABELS
+from test_serve import CHAT_TEMPLATE, CLS_TEMPLATE, GEN_TEMPLATE, LABELS, asgi_request
 
 ENDLESS = 20000
 """max_tokens of rows meant to run until the test ends them (with ignore_eos, far more than any wait lets happen)."""
@@ -201,20 +201,10 @@ def asgi_call(app, method: str, path: str, body: bytes = b"", slow_reader_leaves
     """Drive the app as a server would, without sockets; returns the messages it sent. With
     `slow_reader_leaves_after`, every body chunk takes 50 ms to send (tokens pile up behind it) and the client hangs
     up during the send of that many chunks. `on_end()` runs in the event loop as soon as the app has answered."""
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
     sent = []
 
     async def scenario() -> None:
-        left, messages = asyncio.Event(), [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive():
-            if messages:
-                return messages.pop()
-            await left.wait()
-            return {"type": "http.disconnect"}
+        scope, receive, left = asgi_request(method, path, body)
 
         async def send(message):
             sent.append(message)
