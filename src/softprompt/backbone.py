@@ -238,9 +238,8 @@ class Backbone:
         n = prefix.shape[-2]
         config = self.model.config.get_text_config(decoder=True)
         lengths = attention_mask.sum(-1).tolist()
-        window = getattr(config, "sliding_window", None) or float("inf")
         if (prefix.dim() != 5 or prefix_mask is not None or config._attn_implementation not in ("sdpa", "eager")
-                or getattr(config, "attention_chunk_size", None) or n + max(lengths) > window):  # fmt: skip
+                or getattr(config, "attention_chunk_size", None) or n + max(lengths) > self.window):  # fmt: skip
             hidden, _ = self.forward(input_ids, attention_mask, self.new_cache(prefix, batch), prefix_mask)
             return hidden.masked_fill(~attention_mask.bool()[..., None], 0)
         # Longest rows first, each into the emptiest packed row: loads stay within one row's length of each other.
