@@ -155,7 +155,7 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from softprompt.backbone import Backbone
+    from softprompt.backbones import backbone_for
     from softprompt.generate import eos_ids
     from softprompt.models import load_model
     from softprompt.serve.engine import Engine, EngineConfig, Sampling, Sequence
@@ -163,7 +163,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     began = time.perf_counter()
-    backbone = Backbone(*load_model("smollm2-135m"))
+    backbone = backbone_for(*load_model("smollm2-135m"))
     tokenizer = backbone.tokenizer
     lengths = [10 + (i * 2) % 31 for i in range(args.prompts)]  # 10 ... 40
     prompts = [build_prompt(backbone, n, seed) for seed, n in enumerate(lengths)]

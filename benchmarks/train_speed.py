@@ -280,7 +280,7 @@ def reference_loss(backbone, method_name: str, n: int, seed: int, examples) -> f
     past, positions after them (prefix tuning). Both libraries' step-0 losses must equal it."""
     from transformers import DynamicCache
 
-    from softprompt.backbone import cache_keyword
+    from softprompt.backbones import cache_keyword
     from softprompt.data import collate
 
     model, initial = backbone.model, build_ours(backbone, method_name, n, seed)
@@ -427,7 +427,7 @@ def main(argv=None) -> None:
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
-    from softprompt.backbone import Backbone
+    from softprompt.backbones import backbone_for
     from softprompt.datasets import sentiment_splits
     from softprompt.models import load_model
 
@@ -436,7 +436,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tokenizer = load_model("smollm2-135m")
-    backbone = Backbone(model, tokenizer)
+    backbone = backbone_for(model, tokenizer)
     with torch.no_grad():  # page the weights in (memory-mapped from disk), or the first run's peak would hold them
         sum(float(p.sum()) for p in model.parameters())
     records = sentiment_splits()["train"]

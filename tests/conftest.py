@@ -31,14 +31,14 @@ from transformers import (
     Starcoder2Config,
 )
 
-from softprompt.backbone import Backbone
+from softprompt.backbones import Backbone, backbone_for
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 """Architectures every tiny-model test runs on."""
 
 MORE_ARCHS = ("gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo2", "granite", "smollm3", "starcoder2", "stablelm",
               "cohere", "gpt_neox", "falcon", "qwen3_moe")  # fmt: skip
-"""Further architectures (HF model_type names), checked in test_architectures.py; Gemma 2 needs attn="eager"."""
+"""Further architectures (HF model_type names), checked in test_backbones_architectures.py; Gemma 2 needs attn="eager"."""
 
 VOCAB_SIZE = 128
 PAD, EOS, UNK = 0, 1, 2
@@ -112,7 +112,7 @@ def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa") -> PreTrainedModel:
 
 def tiny_backbone(arch: str, seed: int = 0, attn: str = "sdpa") -> Backbone:
     """A fresh tiny model of `arch` with the tiny tokenizer, wrapped (and frozen) as a Backbone."""
-    return Backbone(tiny_model(arch, seed, attn), tiny_tokenizer())
+    return backbone_for(tiny_model(arch, seed, attn), tiny_tokenizer())
 
 
 @pytest.fixture(autouse=True)
@@ -163,7 +163,7 @@ def tiny(arch, tokenizer) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
 def backbone(tiny) -> Backbone:
     """Backbone over the `tiny` model (the same model object, now frozen)."""
     model, tok = tiny
-    return Backbone(model, tok)
+    return backbone_for(model, tok)
 
 
 @pytest.fixture
@@ -187,7 +187,7 @@ def real_backbone() -> Backbone:
 
     if os.environ.get(SKIP_REAL_MODEL) == "1":
         pytest.skip(f"reason: {SKIP_REAL_MODEL}=1 (the embedded model is not installed here)")
-    return Backbone(*load_model("smollm2-135m"))
+    return backbone_for(*load_model("smollm2-135m"))
 
 
 def run_main(monkeypatch, capsys, args) -> tuple[int, str, str]:

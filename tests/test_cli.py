@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from softprompt import artifact
-from softprompt.backbone import Backbone
+from softprompt.backbones import Backbone, backbone_for
 from softprompt.cli import main
 from softprompt.config import TaskConfig
 from softprompt.data import Task, read_records
@@ -152,7 +152,7 @@ def check_eval_json(workspace, method: str, stdout: str) -> None:
 @pytest.fixture(scope="module")
 def library() -> Backbone:
     """The tiny Llama the model folder was saved from, built in this process (not loaded from the folder)."""
-    return Backbone(tiny_model("llama"), tiny_tokenizer())
+    return backbone_for(tiny_model("llama"), tiny_tokenizer())
 
 
 def test_eval_of_the_base_model_matches_the_library(workspace, runs, library):

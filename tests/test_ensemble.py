@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from softprompt import artifact
-from softprompt.backbone import Backbone
+from softprompt.backbones import backbone_for
 from softprompt.config import TaskConfig
 from softprompt.data import Task
 from softprompt.ensemble import combine, evaluate_ensemble, member_scores
@@ -149,7 +149,7 @@ def test_eval_with_several_prompts(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "tiny-llama"
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    backbone = Backbone(*load_model(str(folder)))
+    backbone = backbone_for(*load_model(str(folder)))
     task = task_for(backbone, ["negative", "positive"])
     made = [member(backbone, "prompt", 3, 1), member(backbone, "prefix", 2, 2), member(backbone, "prompt", 4, 3)]
     dirs = [artifact.save(tmp_path / f"m{i}", m, task.config, backbone) for i, m in enumerate(made)]

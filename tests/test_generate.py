@@ -16,7 +16,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from softprompt.backbone import Backbone, cache_keyword
+from softprompt.backbones import Backbone, backbone_for, cache_keyword
 from softprompt.errors import SoftPromptError
 from softprompt.generate import next_tokens, decode_new, generate
 
@@ -59,7 +59,7 @@ def tiny_backbone(arch: str = "llama", attn: str = "sdpa", seed: int = 0) -> Bac
     }[arch]()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
-    return Backbone(model, tiny_tokenizer())
+    return backbone_for(model, tiny_tokenizer())
 
 
 def soft_prompt(backbone, num_tokens=5, seed=1, method="prompt"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from softprompt import artifact, methods
-from softprompt.backbone import Backbone
+from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig
 from softprompt.errors import SoftPromptError
 from softprompt.inspection import HEATMAP, NEAREST_TABLE, compare, compare_heatmap, describe, write_files
@@ -118,7 +118,7 @@ def test_inspect_and_compare_commands(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "tiny-llama"
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    backbone = Backbone(*load_model(str(folder)))
+    backbone = backbone_for(*load_model(str(folder)))
     a = save(backbone, tmp_path / "a", n=3, init="text", init_text="fun movie")
     b = save(backbone, tmp_path / "b", n=3, seed=4)
     code, out, err = run_main(monkeypatch, capsys, ["inspect", "--prompt", a, "--top-k", 2, "--out", tmp_path / "i",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from softprompt.backbone import cache_keyword
+from softprompt.backbones import cache_keyword
 from softprompt.errors import SoftPromptError
 from softprompt.generate import generate
 from softprompt.mixed import generate_mixed, label_scores_mixed

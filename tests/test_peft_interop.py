@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from softprompt import artifact, methods
-from softprompt.backbone import Backbone
+from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig
 from softprompt.errors import SoftPromptError
 from softprompt.models import load_model
@@ -167,7 +167,7 @@ def test_export_and_import_commands(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "tiny-llama"
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    backbone = Backbone(*load_model(str(folder)))
+    backbone = backbone_for(*load_model(str(folder)))
     prefix = methods.build(PromptConfig(method="prefix", num_tokens=3, init="random"), backbone)
     ours = artifact.save(tmp_path / "ours", prefix, TASK, backbone)
     code, out, err = run_main(monkeypatch, capsys, ["export", "--prompt", ours, "--to", "peft", tmp_path / "peft"])

@@ -28,13 +28,13 @@ import torch
 import uvicorn
 
 from softprompt import artifact
-from softprompt.backbone import Backbone
+from softprompt.backbones import backbone_for
 from softprompt.cli import main
 from softprompt.config import TaskConfig
 from softprompt.errors import SoftPromptError
 from softprompt.generate import decode_new, generate
 from softprompt.models import load_model
-from softprompt.serve import batch_cache
+from softprompt.backbones import cache_rows
 from softprompt.serve.app import TextStream, create_app
 from softprompt.serve.engine import (STOPPED, Engine, EngineConfig, QueueFull, Sampling, ScoreRequest, Sequence,
                                      Stopped, Update)  # fmt: skip
@@ -43,7 +43,7 @@ from softprompt.serve.registry import Registry
 from conftest import ARCHS, WORDS, run_main, tiny_backbone, tiny_model, tiny_tokenizer
 from conftest import random_prompt as build
 from test_mixed import reference_label_logprob
-from test_seq2seq import tiny_t5
+from test_backbones_seq2seq import tiny_t5
 
 KEY = "test-key-123"
 GEN_TEMPLATE = "question {text} answer"
@@ -136,8 +136,8 @@ def test_prompt_kv_is_computed_once_per_prompt(tmp_path, monkeypatch):
     for i, method in enumerate(["prompt", "prefix", "prompt"]):
         artifact.save(tmp_path / f"p{i}", build(backbone, method, 2 + i, i), task, backbone)
     calls = []
-    original = Backbone.prefix_from_embeddings
-    monkeypatch.setattr(Backbone, "prefix_from_embeddings", lambda self, e: calls.append(1) or original(self, e))
+    original = type(backbone).prefix_from_embeddings
+    monkeypatch.setattr(type(backbone), "prefix_from_embeddings", lambda self, e: calls.append(1) or original(self, e))
     registry = Registry(backbone, "tiny", tmp_path)
     registry.reload(strict=True)
     assert len(calls) == 2  # the two prompt-tuning artifacts, once each
@@ -168,7 +168,7 @@ def test_a_failure_while_rows_join_ends_those_rows_only(monkeypatch):
     def out_of_memory(*args):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(batch_cache, "merge", out_of_memory)  # merging the joining rows into the running batch
+    monkeypatch.setattr(cache_rows, "merge", out_of_memory)  # merging the joining rows into the running batch
     engine.submit([Sequence([11], None, Sampling(max_tokens=5), sink("merge"))])
     engine.step()
     monkeypatch.undo()
@@ -200,7 +200,7 @@ def test_a_merge_that_fails_midway_leaves_the_running_cache_as_it_was(monkeypatc
 
     monkeypatch.setattr(torch, "cat", cat_failing_at_the_third_call)
     with pytest.raises(RuntimeError, match="out of memory"):
-        batch_cache.merge(running, mask, joining, torch.ones(1, 5, dtype=torch.long))
+        cache_rows.merge(running, mask, joining, torch.ones(1, 5, dtype=torch.long))
     monkeypatch.undo()
     for layer, (keys, values) in zip(running.layers, before):
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
@@ -285,8 +285,9 @@ def test_a_client_leaving_a_plain_request_cancels_its_rows():
 
 
 def test_serve_refuses_encoder_decoder_models(tmp_path, monkeypatch, capsys):
-    with pytest.raises(SoftPromptError, match="t5 is an encoder-decoder model"):
-        Engine(Backbone(tiny_t5(), tiny_tokenizer()))
+    refusal = r"T5ForConditionalGeneration \(encoder-decoder\) cannot batch continuously: the serving engine batches"
+    with pytest.raises(SoftPromptError, match=refusal + " decoder-only"):
+        Engine(backbone_for(tiny_t5(), tiny_tokenizer()))
     tiny_t5().save_pretrained(tmp_path / "t5")
     tiny_tokenizer().save_pretrained(tmp_path / "t5")
     capsys.readouterr()  # saving's progress bar
@@ -297,7 +298,7 @@ def test_serve_refuses_encoder_decoder_models(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(uvicorn, "run", started)
     code, _, err = run_main(monkeypatch, capsys, ["serve", "--model", tmp_path / "t5"])
     assert code == 2 and "Traceback" not in err
-    assert any(line.startswith("error: t5 is an encoder-decoder model") for line in err.splitlines()), err
+    assert any(line.startswith("error: T5ForConditionalGeneration (encoder-decoder) cannot batch continuously") for line in err.splitlines()), err
 
 
 def test_reload_keeps_the_prompts_when_their_folder_is_gone(tmp_path):
@@ -353,7 +354,7 @@ def site(tmp_path_factory):
     tok.chat_template = CHAT_TEMPLATE
     tiny_model("llama", seed=4).save_pretrained(root / "tiny")
     tok.save_pretrained(root / "tiny")
-    backbone = Backbone(*load_model(str(root / "tiny")))
+    backbone = backbone_for(*load_model(str(root / "tiny")))
     gen = TaskConfig(template=GEN_TEMPLATE, task="generation", target_field="answer")
     cls = TaskConfig(template=CLS_TEMPLATE, labels=LABELS, label_field="label")
     made = {}

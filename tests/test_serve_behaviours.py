@@ -28,7 +28,7 @@ from starlette.responses import StreamingResponse
 from transformers import AutoModelForCausalLM
 
 from softprompt import artifact
-from softprompt.backbone import Backbone
+from softprompt.backbones import backbone_for
 from softprompt.config import TaskConfig
 from softprompt.data import Example, Task
 from softprompt.errors import SoftPromptError
@@ -483,7 +483,7 @@ def test_an_interrupted_server_ends_the_requests_in_flight_then_exits(tmp_path):
             process.kill()
             process.wait(timeout=20)
         log.close()
-    backbone = Backbone(*load_model(str(tmp_path / "tiny")))
+    backbone = backbone_for(*load_model(str(tmp_path / "tiny")))
     want = [decode_new(backbone.tokenizer, generate(backbone, [ids], None, max_new_tokens=500)[0])
             for ids in ([5, 6, 7], [8, 9])]  # fmt: skip
     *chunks, end = streamed
@@ -514,8 +514,8 @@ def test_serve_refuses_sliding_window_models(arch, window, tmp_path, monkeypatch
         assert not torch.allclose(windowed(ids).logits[0, -1], full(ids).logits[0, -1], atol=1e-4)
     name = type(windowed).__name__
     with pytest.raises(SoftPromptError, match=f"{name} uses sliding-window attention; the serving engine cannot"):
-        Engine(Backbone(windowed, tiny_tokenizer()))
-    Engine(Backbone(full, tiny_tokenizer()))  # the same weights without a window are served
+        Engine(backbone_for(windowed, tiny_tokenizer()))
+    Engine(backbone_for(full, tiny_tokenizer()))  # the same weights without a window are served
 
     windowed.save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from . import __version__, methods
 from .atomic import write_atomic, write_json
-from .backbone import Backbone
+from .backbones import Backbone
 from .config import PromptConfig, TaskConfig, from_dict, to_dict
 from .errors import SoftPromptError
 

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from . import metrics
-from .backbone import Backbone
+from .backbones import Backbone
 from .data import Example, Task, collate
 from .errors import SoftPromptError
 from .evaluate import batches, length_sorted, position_logprobs, target_logprobs

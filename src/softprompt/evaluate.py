@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .backbone import Backbone
+from .backbones import Backbone
 from .data import Batch, Example, Task, collate
 
 

@@ -1,9 +1,10 @@
-"""Batched decoding after a per-layer key/value prefix.
+"""Batched decoding after a per-layer key/value prefix, and the rules every decoder here follows.
 
-The prefix (one shared by every row, or one per row, shorter ones left-padded with masked slots) goes into the
-cache first; the prompts, left-padded into one batch, are prefilled after it; then each step feeds one token per
-row, reusing the cache, and computes logits at that one position only. Greedy at temperature 0, otherwise
-temperature and nucleus (top-p) sampling from a seeded generator.
+The prefix (one shared by every row, or one per row, shorter ones left-padded with masked slots) and the prompts
+go into a `RunningBatch`; each step feeds one token per running row, reusing the cache, and computes logits at that
+one position only; finished rows leave the batch. Greedy at temperature 0, otherwise temperature and nucleus
+(top-p) sampling from a seeded generator. `advance` is the one rule for how a row grows and ends, which the serving
+engine follows too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from .backbone import Backbone
+from .backbones import Backbone, RunningBatch
 from .errors import SoftPromptError
 
 
@@ -53,6 +54,21 @@ def eos_ids(backbone: Backbone) -> set[int]:
         elif value is not None:
             ids.update(int(v) for v in value)
     return ids
+
+
+def advance(tokenizer, eos: set[int], tokens: list[int], token: int, *, max_tokens: int,
+            stop: list[str] | None = None, ignore_eos: bool = False) -> str | None:  # fmt: skip
+    """Add a decoded `token` to a row's `tokens` (in place). Returns why the row ends, or None: "stop" at an EOS id
+    (not added, unless `ignore_eos`) or once the text holds a stop string (the tokens are then cut before it, as
+    `trim_to_stop` says), "length" at `max_tokens`."""
+    if token in eos and not ignore_eos:
+        return "stop"
+    tokens.append(token)
+    trimmed = trim_to_stop(tokenizer, tokens, stop) if stop else None
+    if trimmed is not None:
+        tokens[:] = trimmed
+        return "stop"
+    return "length" if len(tokens) >= max_tokens else None
 
 
 def _check(backbone, prompts, prefix, prefix_mask, max_new_tokens, temperature, top_p) -> None:
@@ -113,12 +129,11 @@ def generate(
     temperature 0 is greedy; otherwise sample with temperature and top-p, reproducibly when `seed` is given.
     """
     _check(backbone, prompts, prefix, prefix_mask, max_new_tokens, temperature, top_p)
-    batch, device = len(prompts), backbone.device
     if max_new_tokens == 0 or not prompts:
         return [[] for _ in prompts]
     slots = (0 if prefix is None else prefix.shape[-2]) + max(map(len, prompts)) + max_new_tokens
     padded = len(set(map(len, prompts))) > 1 or (prefix_mask is not None and not bool(prefix_mask.all()))
-    if batch > 1 and padded and slots > backbone.window:
+    if len(prompts) > 1 and padded and slots > backbone.window:
         # Masked slots would take sliding-window places from real ones: decode each row alone, unpadded.
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
         rows = []
@@ -128,58 +143,23 @@ def generate(
                 own = prefix[row] if prefix_mask is None else prefix[row][..., prefix_mask[row].bool(), :]
             rows += generate(backbone, [ids], own, **options)
         return rows
-    tokenizer = backbone.tokenizer
-    pad = backbone.pad_id
-    eos = torch.tensor(sorted(eos_ids(backbone)), dtype=torch.long, device=device)
-    stop = [s for s in stop or () if s]
-
-    # Left padding puts every row's last real token in the last column, so one column gives all next-token logits.
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((batch, width), pad, dtype=torch.long, device=device)  # (B, T)
-    attention_mask = torch.zeros(batch, width, dtype=torch.long, device=device)  # (B, T)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long, device=device)
-        attention_mask[row, width - len(ids) :] = 1
-
-    past_mask = None
-    if prefix is not None:
-        prefix = prefix.detach().to(device=device, dtype=backbone.dtype)
-        if prefix_mask is not None:
-            past_mask = prefix_mask.to(device=device, dtype=torch.long)  # (B, n)
-        else:
-            past_mask = torch.ones(batch, prefix.shape[-2], dtype=torch.long, device=device)  # (B, n)
-    cache = backbone.new_cache(prefix, batch)
-
+    rule = dict(max_tokens=max_new_tokens, stop=[s for s in stop or () if s])
+    eos = eos_ids(backbone)
     generator = None
     if seed is not None and temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator(device=backbone.device).manual_seed(seed)
 
-    hidden, past_mask = backbone.forward(input_ids, attention_mask, cache, past_mask)
-    logits = backbone.logits(hidden[:, -1])  # (B, vocab)
+    batch = RunningBatch(backbone)
+    logits = batch.join(prompts, prefix, prefix_mask)  # (B, vocab)
     outputs: list[list[int]] = [[] for _ in prompts]
-    done = [False] * batch
-    bar = tqdm(total=max_new_tokens, desc="generating", disable=not progress, leave=False)
-    for step in range(max_new_tokens):
-        tokens = next_tokens(logits, temperature, top_p, generator)  # (B,)
-        is_eos = torch.isin(tokens, eos).tolist()
-        for row, token in enumerate(tokens.tolist()):
-            if done[row]:
-                continue
-            if is_eos[row]:
-                done[row] = True  # EOS ends the row and is not returned
-                continue
-            outputs[row].append(token)
-            if stop:
-                trimmed = trim_to_stop(tokenizer, outputs[row], stop)
-                if trimmed is not None:
-                    outputs[row], done[row] = trimmed, True
-        bar.update(1)
-        if all(done) or step == max_new_tokens - 1:
+    running = list(range(len(prompts)))  # the prompt each row of the batch decodes
+    for _ in tqdm(range(max_new_tokens), desc="generating", disable=not progress, leave=False):
+        tokens = next_tokens(logits, temperature, top_p, generator).tolist()  # one per running row
+        going = [i for i, (row, token) in enumerate(zip(running, tokens))
+                 if advance(backbone.tokenizer, eos, outputs[row], token, **rule) is None]  # fmt: skip
+        if not going:
             break
-        # Finished rows still ride along (the cache is one batch) but feed a masked pad that nothing attends to.
-        live = torch.tensor([[not d] for d in done], dtype=torch.long, device=device)  # (B, 1)
-        step_ids = torch.where(live.bool(), tokens[:, None], torch.full_like(tokens[:, None], pad))  # (B, 1)
-        hidden, past_mask = backbone.forward(step_ids, live, cache, past_mask)
-        logits = backbone.logits(hidden[:, -1])  # (B, vocab)
-    bar.close()
+        batch.keep(going)
+        running = [running[i] for i in going]
+        logits = batch.step([outputs[row][-1] for row in running])
     return outputs

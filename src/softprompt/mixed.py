@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .backbone import Backbone
+from .backbones import Backbone
 from .data import Example
 from .errors import SoftPromptError
 from .evaluate import target_logprobs

@@ -51,15 +51,14 @@ class ServeConfig:
 
 def build(config: ServeConfig):
     """(app, engine, registry) for `config`: the model loaded, every prompt's K/V computed, the engine started."""
-    from ..backbone import Backbone
+    from ..backbones import backbone_for
     from ..models import context_size, load_model
-    from . import batch_cache
     from .app import Limits, create_app
     from .engine import Engine, EngineConfig
     from .registry import Registry
 
-    backbone = Backbone(*load_model(config.model))
-    batch_cache.check_supported(backbone)  # before loading any prompt: an unservable model fails fast
+    backbone = backbone_for(*load_model(config.model))
+    backbone.check_joinable()  # before loading any prompt: an unservable model fails fast
     registry = Registry(backbone, config.model, config.prompts)
     registry.reload(strict=True)  # a broken artifact at startup is an error, not a silent gap
     engine = Engine(backbone, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue)).start()

@@ -1,10 +1,10 @@
 """The scheduler: continuous batching of generation requests across prompts, in one worker thread.
 
 Each running row (one generated choice) holds its own prompt's K/V prefix, its prompt tokens and what it generated,
-all in one batch cache. Between decode steps, rows that finished leave (index-selected out of the batch) and
-waiting rows join: they are prefilled together (their prefixes stacked, shorter ones left-padded with masked slots)
-and merged into the running cache, the shorter side left-padded with masked slots. Since positions count real slots
-only, a row's tokens do not depend on who shares its batch. Classification requests are scored between steps, all
+all in one `RunningBatch` (backbones/running.py), which owns the cache. Between decode steps, rows that finished
+leave and waiting rows join: they are prefilled together (their prefixes stacked, shorter ones left-padded with masked
+slots) and merged into the running batch. Since positions count real slots only, a row's tokens do not depend on who
+shares its batch. This file keeps requests, sampling and scheduling. Classification requests are scored between steps, all
 waiting ones in one mixed batch. Every torch call happens in the worker thread; other threads submit work and get
 updates through callbacks (the HTTP side forwards them to asyncio queues).
 """
@@ -19,11 +19,10 @@ from typing import Callable
 
 import torch
 
-from ..backbone import Backbone
+from ..backbones import Backbone, RunningBatch
 from ..errors import SoftPromptError
-from ..generate import eos_ids, next_tokens, trim_to_stop
+from ..generate import advance, eos_ids, next_tokens
 from ..mixed import label_scores_mixed, stack
-from . import batch_cache
 
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -123,19 +122,16 @@ class Stats:
 
 class Engine:
     def __init__(self, backbone: Backbone, config: EngineConfig | None = None):
-        batch_cache.check_supported(backbone)
+        backbone.check_joinable()
         self.backbone, self.config = backbone, config or EngineConfig()
-        self.pad = backbone.pad_id
         self.eos = eos_ids(backbone)
         self.stats = Stats()
         self._lock = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._scoring: collections.deque[ScoreRequest] = collections.deque()
         self._jobs: collections.deque[tuple[Callable, Future]] = collections.deque()
-        self._rows: list[Sequence] = []  # running, in batch order
-        self._cache = None  # their DynamicCache
-        self._mask: torch.Tensor | None = None  # (B, T) real cache slots
-        self._last: torch.Tensor | None = None  # (B,) each row's newest token, fed at the next step
+        self._rows: list[Sequence] = []  # running, in the order of the batch's rows
+        self._batch = RunningBatch(backbone)  # their cache
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -273,80 +269,49 @@ class Engine:
             _emit(r, s, None)
 
     def _admit(self) -> None:
-        """Prefill waiting rows (as many as fit) and merge them into the running batch. A failure here ends the
-        joining rows only: the running batch's state changes only after the last step that can fail (and a failed
-        merge puts its cache back as it was)."""
+        """Prefill waiting rows (as many as fit) into the running batch and give each its first token. A failure
+        while joining ends the joining rows only: `RunningBatch.join` leaves the running rows as they were."""
         joining = self._take(self._waiting, self.config.max_batch - len(self._rows))
         for seq in [s for s in joining if s.sampling.max_tokens <= 0]:
             _emit(seq, Update([], True, "length"))
         joining = [s for s in joining if s.sampling.max_tokens > 0]
         if not joining:
             return
-        done: set[int] = set()  # joining rows that already sent their final update (or were cancelled)
         try:
             for seq in joining:
                 if seq.sampling.seed is not None and seq.sampling.temperature > 0:
                     seq.generator = torch.Generator(device=self.backbone.device).manual_seed(seq.sampling.seed)
-            cache, mask, logits = self._prefill(joining)
-            self.stats.prefills += 1
-            tokens = self._sample(logits, joining)
-            for i, (seq, token) in enumerate(zip(joining, tokens)):
-                if self._advance(seq, token):
-                    done.add(i)
-            keep = [i for i in range(len(joining)) if i not in done]
-            if not keep:
-                return
-            if len(keep) < len(joining):
-                mask = batch_cache.select(cache, mask, keep)
-            last = torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=self.backbone.device)
-            if self._rows:
-                last = torch.cat([self._last, last])
-                mask, cache = batch_cache.merge(self._cache, self._mask, cache, mask), self._cache
-                self.stats.rows_joined_running += len(keep)
-            self._cache, self._mask, self._last = cache, mask, last
-            self._rows = self._rows + [joining[i] for i in keep]
+            prefix, prefix_mask = stack(self.backbone, [s.prefix for s in joining])
+            logits = self._batch.join([s.prompt_ids for s in joining], prefix, prefix_mask)
         except Exception as error:
             message = f"generation failed: {type(error).__name__}: {error}"
-            for i, seq in enumerate(joining):
-                if i not in done:
-                    _emit(seq, Update(list(seq.tokens), True, "error", message))
-
-    def _prefill(self, rows: list[Sequence]):
-        """Prefix + prompt of each joining row, one left-padded batch: (cache, mask (G, T), next-token logits)."""
-        device = self.backbone.device
-        width = max(len(s.prompt_ids) for s in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long, device=device)  # (G, T)
-        attention = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # (G, T)
-        for row, seq in enumerate(rows):
-            ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids, dtype=torch.long)
-            attention[row, width - len(seq.prompt_ids) :] = 1
-        prefix, prefix_mask = stack(self.backbone, [s.prefix for s in rows])
-        cache = self.backbone.new_cache(prefix, len(rows))
-        hidden, mask = self.backbone.forward(ids, attention, cache, prefix_mask)
-        return cache, mask, self.backbone.logits(hidden[:, -1])  # left padding: every row ends in the last column
+            for seq in joining:
+                _emit(seq, Update(list(seq.tokens), True, "error", message))
+            return
+        self.stats.prefills += 1
+        running = len(self._rows)
+        self._rows += joining
+        self._finish_step(self._sample(logits, joining), first=running)
+        if running:  # joined rows mid-generation that go on after their first token
+            self.stats.rows_joined_running += sum(seq in self._rows for seq in joining)
 
     def _decode(self) -> None:
-        """Feed every running row its newest token; sample the next; finished and cancelled rows leave."""
-        rows = self._rows
+        """Feed every running row its newest token (the last one it kept: a row that ended on EOS or a stop string
+        has left); sample the next; finished and cancelled rows leave."""
         self.stats.decode_steps += 1
-        self.stats.record_batch(len(rows))
-        step = torch.ones(len(rows), 1, dtype=torch.long, device=self._last.device)  # (B, 1)
-        hidden, self._mask = self.backbone.forward(self._last[:, None], step, self._cache, self._mask)
-        tokens = self._sample(self.backbone.logits(hidden[:, -1]), rows)
-        keep = [i for i, (seq, token) in enumerate(zip(rows, tokens)) if not self._advance(seq, token)]
-        self._last = torch.tensor([self.pad if t is None else t for t in tokens], dtype=torch.long,
-                                  device=self._last.device)  # fmt: skip
-        self._keep(keep)
+        self.stats.record_batch(len(self._rows))
+        logits = self._batch.step([seq.tokens[-1] for seq in self._rows])
+        self._finish_step(self._sample(logits, self._rows))
+
+    def _finish_step(self, tokens: list[int | None], first: int = 0) -> None:
+        """Add a sampled token to each row from `first` on; the rows that end leave the batch."""
+        rows = self._rows
+        ended = {first + i for i, token in enumerate(tokens) if self._advance(rows[first + i], token)}
+        self._keep([i for i in range(len(rows)) if i not in ended])
 
     def _keep(self, keep: list[int]) -> None:
         keep = [i for i in keep if not self._rows[i].cancelled]
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._rows, self._cache, self._mask, self._last = [], None, None, None
-            return
-        self._mask = batch_cache.select(self._cache, self._mask, keep)
-        self._last = self._last[keep]
+        self._batch.keep(keep)
         self._rows = [self._rows[i] for i in keep]
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int | None]:
@@ -370,20 +335,14 @@ class Engine:
         return tokens
 
     def _advance(self, seq: Sequence, token: int | None) -> bool:
-        """Add a sampled token to a row (the rules of `generate`); report it; True when the row is done."""
+        """Add a sampled token to a row (`generate.advance`, the rule `generate` follows); report it; True when the
+        row is done."""
         if token is None:
             return True  # its draw failed: it has sent its error
-        p, reason = seq.sampling, None
-        if token in self.eos and not p.ignore_eos:
-            reason = "stop"  # EOS ends the row and is not returned
-        else:
-            seq.tokens.append(token)
-            self.stats.generated_tokens += 1
-            trimmed = trim_to_stop(self.backbone.tokenizer, seq.tokens, p.stop) if p.stop else None
-            if trimmed is not None:
-                seq.tokens, reason = trimmed, "stop"
-            elif len(seq.tokens) >= p.max_tokens:
-                reason = "length"
+        p = seq.sampling
+        reason = advance(self.backbone.tokenizer, self.eos, seq.tokens, token, max_tokens=p.max_tokens, stop=p.stop,
+                         ignore_eos=p.ignore_eos)  # fmt: skip
+        self.stats.generated_tokens += not (token in self.eos and not p.ignore_eos)  # EOS is not generated text
         if reason or seq.stream:
             _emit(seq, Update(list(seq.tokens), reason is not None, reason))
         return reason is not None or seq.cancelled
@@ -391,7 +350,7 @@ class Engine:
     def _fail_running(self, message: str) -> None:
         for seq in self._rows:
             _emit(seq, Update(list(seq.tokens), True, "error", message))
-        self._rows, self._cache, self._mask, self._last = [], None, None, None
+        self._rows, self._batch = [], RunningBatch(self.backbone)
 
 
 def _emit(target, *update) -> None:

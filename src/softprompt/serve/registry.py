@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import artifact
-from ..backbone import Backbone
+from ..backbones import Backbone
 from ..config import TaskConfig
 from ..data import Task, fill
 from ..errors import SoftPromptError

@@ -21,13 +21,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, FalconConfig, LlamaForCausalLM
 
-from softprompt.backbone import Backbone, cache_keyword
+from softprompt.backbones import Backbone, backbone_for, cache_keyword
 from softprompt.errors import SoftPromptError
 from softprompt.generate import generate
 from softprompt.mixed import generate_mixed
 
 from conftest import EOS, MORE_ARCHS, PAD, VOCAB_SIZE, random_prompt, tiny_config, tiny_model, tiny_tokenizer
-from test_equivalence import explicit_logits, peft_prefix_model, prefix_path_logits, right_padded_batch
+from test_backbones_causal import explicit_logits, peft_prefix_model, prefix_path_logits, right_padded_batch
 
 ATOL = 1e-4
 ATTENTION = {"gemma2": "eager"}  # Gemma 2 has no SDPA kernel (its attention logits are softcapped)
@@ -41,7 +41,7 @@ def model_of(arch: str, seed: int = 0):
 
 
 def backbone_of(arch: str, seed: int = 0) -> Backbone:
-    return Backbone(model_of(arch, seed), tiny_tokenizer())
+    return backbone_for(model_of(arch, seed), tiny_tokenizer())
 
 
 def token_lists(lengths, seed=0):
@@ -180,7 +180,7 @@ def test_model_with_an_unknown_head_transform_is_refused():
     decoder = model.model
     with pytest.raises(SoftPromptError, match="DoubledLogits takes its logits in a way softprompt does not know: its "
                                               "logits differ from ours by up to .* Known transforms"):  # fmt: skip
-        Backbone(model, tiny_tokenizer())
+        backbone_for(model, tiny_tokenizer())
     assert model.model is decoder  # the check put the decoder back
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(model(input_ids=ids).logits, 2 * LlamaForCausalLM.forward(model, input_ids=ids).logits)
@@ -189,7 +189,7 @@ def test_model_with_an_unknown_head_transform_is_refused():
 def test_check_leaves_accepted_models_as_they_were():
     model = model_of("cohere")
     decoder, before = model.model, model(input_ids=torch.tensor([[5, 6, 7]])).logits
-    Backbone(model, tiny_tokenizer())
+    backbone_for(model, tiny_tokenizer())
     assert model.model is decoder
     assert torch.equal(model(input_ids=torch.tensor([[5, 6, 7]])).logits, before)
 
@@ -200,7 +200,7 @@ def windowed_backbone(arch: str, window: int) -> Backbone:
     config.sliding_window = window
     torch.manual_seed(2)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION.get(arch, "sdpa"))
-    return Backbone(model.eval(), tiny_tokenizer())
+    return backbone_for(model.eval(), tiny_tokenizer())
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "starcoder2"])
@@ -239,7 +239,7 @@ def test_prefix_tuning_on_multi_query_falcon():
     config = FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
                           max_position_embeddings=128, vocab_size=VOCAB_SIZE, eos_token_id=EOS, pad_token_id=PAD)
     torch.manual_seed(0)
-    backbone = Backbone(AutoModelForCausalLM.from_config(config).eval(), tiny_tokenizer())
+    backbone = backbone_for(AutoModelForCausalLM.from_config(config).eval(), tiny_tokenizer())
     ids, mask = right_padded_batch()
     with torch.no_grad():
         prefix = random_prompt(backbone, "prefix", n=3, seed=2).kv(backbone)

@@ -3,11 +3,11 @@
 Why a second backbone: in a causal LM the soft prompt P attends only to itself, so its per-layer keys/values are the
 same for every input and both methods reduce to one K/V prefix. A T5 encoder is bidirectional: P attends to the
 input, its states depend on it, so prompt tuning must run the encoder over the explicit `[P; E]`. That difference
-lives here and nowhere else; `Backbone(model, tokenizer)` returns this class for an encoder-decoder model.
+lives here and nowhere else; `backbone_for(model, tokenizer)` returns this class for an encoder-decoder model.
 
-The contract, i.e. what a "prefix" is on this backbone (the rest of the library passes it along without looking in):
-- prompt tuning: `prefix_from_embeddings(P)` is P itself, (n, d_model): soft tokens that the encoder reads in front
-  of the input; the decoder gets nothing. One per row: (B, n, d_model).
+What a prompt hands this backbone (the rest of the library passes it along without looking in):
+- prompt tuning: *soft tokens*, not a prefix: `prefix_from_embeddings(P)` is P itself, (n, d_model), which the
+  encoder reads in front of the input; the decoder gets nothing. One per row: (B, n, d_model).
 - prefix tuning: a K/V prefix (L_enc + L_dec, 2, heads, n, d_kv); its first L_enc layers prefix the encoder's
   self-attention, the rest the decoder's self-attention (Li & Liang 2021; cross-attention is left as it is). One
   per row: (B, L_enc + L_dec, 2, heads, n, d_kv). `shapes.num_layers` counts both stacks, so `Prefix` sizes itself
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .backbone import Backbone, Shapes, cache_keyword
-from .errors import SoftPromptError
+from ..errors import SoftPromptError
+from .base import Backbone, Shapes, cache_keyword
 
 SUPPORTED = ("t5", "mt5")
 """Model types whose stacks are T5's (blocks with one relative position bias, shared across layers)."""
@@ -43,9 +43,9 @@ SUPPORTED = ("t5", "mt5")
 class Seq2SeqCache:
     """What `Seq2SeqBackbone.new_cache` hands out: the prompt, and once it is read, the encoder's output."""
 
-    soft: torch.Tensor | None
+    soft_tokens: torch.Tensor | None
     """(B, n, d_model) soft tokens for the encoder (prompt tuning), or None."""
-    encoder_kv: torch.Tensor | None
+    encoder_prefix: torch.Tensor | None
     """(B, L_enc, 2, heads, n, d_kv) encoder self-attention prefix (prefix tuning), or None."""
     decoder: EncoderDecoderCache
     """Decoder self-attention (pre-filled with its prefix, if any) and cross-attention caches."""
@@ -63,7 +63,16 @@ class Seq2SeqCache:
 
 class Seq2SeqBackbone(Backbone):
     """A frozen T5-style encoder-decoder plus the operations the prompt methods, training, scoring and generation
-    need from it (see the module docstring for what a prefix is here)."""
+    need from it (see the module docstring for what a prompt hands it)."""
+
+    kind = "encoder-decoder"
+    cannot = {
+        "pack rows for training": "packing is for causal LMs; an encoder-decoder trains through target_hidden",
+        "use gradient checkpointing": "T5 blocks are not checkpointed with their prefix yet; train without it",
+        "shard its layers": "sharding (--shard-model, FSDP) is for causal LMs; train T5 unsharded",
+        "batch continuously": "the serving engine batches decoder-only (causal LM) models only. Serve a causal LM, "
+        "or use `softprompt generate` / `softprompt eval` with this model",
+    }
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         config = model.config
@@ -81,20 +90,16 @@ class Seq2SeqBackbone(Backbone):
             start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
         if start is None:
             raise SoftPromptError(f"{config.model_type} model without decoder_start_token_id in its config")
-        self.model = model.requires_grad_(False)  # the one freezing call, as in Backbone
-        self.tokenizer = tokenizer
-        self.encoder, self.decoder = model.get_encoder(), model.get_decoder()
-        self.head = model.get_output_embeddings()
+        encoder, decoder = model.get_encoder(), model.get_decoder()
+        layers = len(encoder.block) + len(decoder.block)
+        super().__init__(model, tokenizer, Shapes(layers, config.num_heads, config.d_kv, config.d_model,
+                                                  config.vocab_size))  # fmt: skip
+        self.encoder, self.decoder = encoder, decoder
         self.start_id = int(start)
-        self.encoder_layers = len(self.encoder.block)
-        self.shapes = Shapes(
-            self.encoder_layers + len(self.decoder.block), config.num_heads, config.d_kv, config.d_model,
-            config.vocab_size,
-        )  # fmt: skip
+        self.encoder_layers = len(encoder.block)
         # Original T5 (tied embeddings) rescales the decoder output before the head; v1.1 does not.
         scaled = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
         self.output_scale = config.d_model**-0.5 if scaled else None
-        self._checkpointed_layers = []
         self._cache_keyword = cache_keyword(self.decoder)
         self._block_cache_keyword = cache_keyword(self.encoder.block[0])
         # before transformers 5.24 a block places its relative position bias by `cache_position`, later by its cache
@@ -103,8 +108,8 @@ class Seq2SeqBackbone(Backbone):
     # --- prompts -----------------------------------------------------------------------------------------------
 
     def prefix_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Prompt tuning's prefix here is the soft tokens themselves, (n, d_model): the encoder reads `[P; E]`, since
-        P's states depend on the input in a bidirectional encoder. Differentiable (it is the input)."""
+        """Prompt tuning hands this backbone soft tokens, not a prefix: P itself, (n, d_model). The encoder reads
+        `[P; E]`, since P's states depend on the input in a bidirectional encoder. Differentiable (it is the input)."""
         return embeddings
 
     def prefix_from_ids(self, input_ids: list[int]) -> torch.Tensor:
@@ -177,19 +182,19 @@ class Seq2SeqBackbone(Backbone):
     # --- running the model -------------------------------------------------------------------------------------
 
     def new_cache(self, prefix: torch.Tensor | None, batch_size: int) -> Seq2SeqCache:
-        """An empty cache holding the prompt, expanded to the batch when it is shared."""
-        soft = encoder_kv = None
+        """An empty cache holding the prompt (soft tokens or a K/V prefix), expanded to the batch when shared."""
+        soft_tokens = encoder_prefix = None
         decoder_self = DynamicCache()
         if prefix is not None and prefix.dim() in (2, 3):
-            soft = prefix.expand(batch_size, *prefix.shape[-2:])  # (B, n, d_model)
+            soft_tokens = prefix.expand(batch_size, *prefix.shape[-2:])  # (B, n, d_model)
         elif prefix is not None:
             if prefix.dim() == 5:
                 prefix = prefix.unsqueeze(0).expand(batch_size, *prefix.shape)  # (B, layers, 2, heads, n, d_kv)
-            encoder_kv = prefix[:, : self.encoder_layers]
+            encoder_prefix = prefix[:, : self.encoder_layers]
             decoder_self = DynamicCache([(layer[:, 0], layer[:, 1]) for layer in prefix[:, self.encoder_layers :]
                                          .unbind(1)])  # fmt: skip
         slots = 0 if prefix is None else prefix.shape[-2]
-        return Seq2SeqCache(soft, encoder_kv, EncoderDecoderCache(decoder_self, DynamicCache()), slots)
+        return Seq2SeqCache(soft_tokens, encoder_prefix, EncoderDecoderCache(decoder_self, DynamicCache()), slots)
 
     def forward(
         self,
@@ -254,17 +259,17 @@ class Seq2SeqBackbone(Backbone):
         ids, mask = ids.gather(1, order), mask.gather(1, order)
         embeds = self.embed(ids)  # (B, T, d_model)
         encoder_cache = None
-        if cache.soft is not None:
-            embeds = torch.cat([cache.soft.to(embeds.dtype), embeds], dim=1)  # (B, n + T, d_model): [P; E]
+        if cache.soft_tokens is not None:
+            embeds = torch.cat([cache.soft_tokens.to(embeds.dtype), embeds], dim=1)  # (B, n + T, d_model): [P; E]
             mask = torch.cat([slot_mask, mask], dim=-1)
             keys_mask = mask
         else:
             keys_mask = torch.cat([slot_mask, mask], dim=-1)  # (B, n + T): prefix slots, then the tokens
-            if cache.encoder_kv is not None:
-                encoder_cache = DynamicCache([(layer[:, 0], layer[:, 1]) for layer in cache.encoder_kv.unbind(1)])
+            if cache.encoder_prefix is not None:
+                encoder_cache = DynamicCache([(layer[:, 0], layer[:, 1]) for layer in cache.encoder_prefix.unbind(1)])
         cache.encoder_states = self._run_encoder(embeds, keys_mask, encoder_cache)
         cache.encoder_mask = mask
-        has_decoder_prefix = cache.encoder_kv is not None
+        has_decoder_prefix = cache.encoder_prefix is not None
         return slot_mask if has_decoder_prefix else slot_mask[:, :0]
 
     def _run_encoder(
@@ -299,12 +304,10 @@ class Seq2SeqBackbone(Backbone):
         )
         return out.last_hidden_state, full_mask
 
-    # --- what does not apply -----------------------------------------------------------------------------------
-
-    def packed_forward(self, *args, **kwargs) -> torch.Tensor:
-        raise SoftPromptError("packed_forward is for causal LMs; an encoder-decoder trains through target_hidden")
-
-    def gradient_checkpointing(self, enabled: bool = True) -> "Seq2SeqBackbone":
-        if enabled:
-            raise SoftPromptError("gradient checkpointing is not supported for encoder-decoder models (T5) yet")
-        return self
+    def select_rows(self, cache: Seq2SeqCache, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Keep only `rows` of a cache whose prompt has been read, in place; returns their decoder mask."""
+        index = torch.tensor(rows, dtype=torch.long, device=mask.device)
+        cache.decoder.self_attention_cache.batch_select_indices(index)
+        cache.decoder.cross_attention_cache.batch_select_indices(index)
+        cache.encoder_states, cache.encoder_mask = cache.encoder_states[index], cache.encoder_mask[index]
+        return mask[index]

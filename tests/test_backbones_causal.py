@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from softprompt import methods
-from softprompt.backbone import Backbone, Shapes, cache_keyword
+from softprompt.backbones import Backbone, Shapes, cache_keyword
 from softprompt.config import PromptConfig
 
 from conftest import ARCHS, PAD, tiny_backbone  # noqa: E402  (tests/ is on sys.path via rootdir conftest)

@@ -127,7 +127,7 @@ def tiny_records(n: int, seed: int, labels: list[str]) -> list[dict]:
     ids=["one-token", "mixed-lengths", "two-tokens"],
 )
 def test_independent_scorer_agrees_on_a_tiny_model(tmp_path, labels):
-    from softprompt.backbone import Backbone
+    from softprompt.backbones import backbone_for
     from softprompt.models import load_model
 
     from conftest import tiny_model, tiny_tokenizer
@@ -135,7 +135,7 @@ def test_independent_scorer_agrees_on_a_tiny_model(tmp_path, labels):
     model_dir = tmp_path / "tiny-llama"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    backbone = Backbone(*load_model(str(model_dir)))
+    backbone = backbone_for(*load_model(str(model_dir)))
     train_prompt(backbone, tiny_records(48, 1, labels), tmp_path / "prompt", "review {text} sentiment", labels,
                  steps=15, lr=0.1, warmup_steps=0)
 

@@ -1,126 +1,40 @@
-"""The frozen model, seen as a stack of attention layers that accept a key/value prefix.
+"""A decoder-only (causal) LM as a stack of attention layers that accept a key/value prefix.
 
-Every contact with transformers' moving parts (Cache classes, attention masks, position ids) lives here, so a
-transformers upgrade touches one file. Both prompt methods hand this module a per-layer K/V prefix of shape
-(num_layers, 2, kv_heads, n, head_dim), shared by all rows, or (B, num_layers, 2, kv_heads, n, head_dim), one per row.
+In a causal model the soft tokens attend only to each other, so both prompt methods reach it as a per-layer K/V
+prefix (num_layers, 2, kv_heads, n, head_dim), shared by all rows, or (B, num_layers, 2, kv_heads, n, head_dim), one
+per row, put in the model's own cache in front of the tokens. This file holds our calls into transformers' cache,
+masks and positions for such models; `cache_rows.py` reshapes a running batch's cache, `replay.py` checkpoints layers.
 """
 
 from __future__ import annotations
 
-import inspect
-from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import cached_property, partial
-
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .errors import SoftPromptError
+from ..errors import SoftPromptError
+from . import cache_rows
+from .base import Backbone, Shapes, cache_keyword
+from .head import HeadTransform, check_head
+from .replay import replaying
 
 PACK_WIDTH = 256
 """Tokens per packed row in `packed_forward`: masked attention over a packed row costs O(width) per token, small next
 to the layers' matmuls at this width."""
 
 
-@dataclass(frozen=True)
-class Shapes:
-    """Sizes of the frozen model that a prompt must match."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-
-    @classmethod
-    def of(cls, config) -> "Shapes":
-        config = config.get_text_config(decoder=True)
-        get = lambda *names: next(getattr(config, n) for n in names if getattr(config, n, None) is not None)  # noqa: E731
-        hidden = get("hidden_size", "n_embd", "d_model")
-        heads = get("num_attention_heads", "n_head")
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
-            kv_heads = 1  # Falcon-7B's layout caches one K/V head, whatever num_kv_heads says
-        head_dim = getattr(config, "head_dim", None) or hidden // heads  # Qwen3 states head_dim explicitly
-        return cls(get("num_hidden_layers", "n_layer"), kv_heads, head_dim, hidden, config.vocab_size)
-
-
-@dataclass(frozen=True)
-class HeadTransform:
-    """What a causal LM's forward does to its LM head's output, in the model's own operations: Cohere multiplies by
-    `logit_scale`, Granite divides by `logits_scaling`, Gemma 2 and 3 softcap with `final_logit_softcapping`.
-    `Backbone` refuses a model whose forward does anything else (`Backbone._check_head`)."""
-
-    scale: float | None = None
-    divisor: float | None = None
-    softcap: float | None = None
-
-    @classmethod
-    def of(cls, config) -> "HeadTransform":
-        config = config.get_text_config(decoder=True)
-        names = ("logit_scale", "logits_scaling", "final_logit_softcapping")
-        return cls(*(getattr(config, name, None) for name in names))
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.scale is not None:
-            logits = logits * self.scale
-        if self.divisor is not None:
-            logits = logits / self.divisor
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-
-class Backbone:
+class CausalBackbone(Backbone):
     """A frozen causal LM plus the operations the prompt methods need from it."""
 
-    def __new__(cls, model: PreTrainedModel | None = None, *args, **kwargs):
-        # The factory: an encoder-decoder model (T5) gets its own backbone, whose soft prompt enters the encoder.
-        if cls is Backbone and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            from .seq2seq import Seq2SeqBackbone
-
-            cls = Seq2SeqBackbone
-        return super().__new__(cls)
+    kind = "causal LM"
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
-        self.model = model.requires_grad_(False)  # the one freezing call: nothing of the base model ever trains
-        self.tokenizer = tokenizer
-        self.shapes = Shapes.of(model.config)
+        super().__init__(model, tokenizer, Shapes.of(model.config))
         self.decoder = model.base_model  # the transformer stack without the LM head
-        self.head = model.get_output_embeddings()
         self.head_transform = HeadTransform.of(model.config)
-        self._check_head()  # refuses a model whose own forward takes its logits otherwise
+        check_head(self)  # refuses a model whose own forward takes its logits otherwise
         self._checkpointed_layers: list[torch.nn.Module] = []  # the decoder layers, while checkpointing is on
         self._cache_keyword = cache_keyword(self.decoder)
-
-    @property
-    def device(self) -> torch.device:
-        return self.head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype
-
-    @property
-    def pad_id(self) -> int:
-        """The token id every batch pads with: the tokenizer's pad token, else its EOS, else 0. Pads are always
-        masked, so only their being a valid id matters."""
-        tok = self.tokenizer
-        return next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
-
-    @property
-    def window(self) -> float:
-        """The most cache slots an attention layer reads (sliding window or attention chunk), inf when unlimited.
-        Masked slots count too, so pads between a prefix and a row's tokens shorten what the row sees."""
-        config = self.model.config.get_text_config(decoder=True)
-        limits = (getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size"))
-        return min((limit for limit in limits if limit), default=float("inf"))
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
 
     def prefix_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Per-layer K/V of the frozen model run over `embeddings` (n, hidden) at batch 1: exactly what every row of
@@ -170,21 +84,6 @@ class Backbone:
         else:
             hidden = self.packed_forward(prefix, batch.input_ids, batch.attention_mask, prefix_mask)
         return hidden[batch.loss_rows, batch.loss_positions]
-
-    def stack_prefixes(self, prefixes: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One per-row prefix for a mixed batch: each row's (num_layers, 2, kv_heads, n_i, head_dim) prefix (None: no
-        prompt) left-padded with masked slots to the longest. Returns the prefix (B, num_layers, 2, kv_heads, n,
-        head_dim) and its mask (B, n), 1 on real slots; pass both to `new_cache` and `forward(past_mask=...)`."""
-        s = self.shapes
-        n = max((p.shape[-2] for p in prefixes if p is not None), default=0)
-        stacked = torch.zeros(len(prefixes), s.num_layers, 2, s.num_kv_heads, n, s.head_dim, dtype=self.dtype,
-                              device=self.device)  # fmt: skip
-        mask = torch.zeros(len(prefixes), n, dtype=torch.long, device=self.device)
-        for row, prefix in enumerate(prefixes):
-            if prefix is not None and prefix.shape[-2]:
-                stacked[row, ..., n - prefix.shape[-2] :, :] = prefix
-                mask[row, n - prefix.shape[-2] :] = 1
-        return stacked, mask
 
     def forward(
         self,
@@ -280,13 +179,6 @@ class Backbone:
         hidden = hidden.index_copy(0, torch.cat(source), packed[torch.cat(target)])
         return hidden.view(batch, T, -1)
 
-    @cached_property
-    def fingerprint(self) -> str:
-        """The base model's weight fingerprint (artifacts record it), taken once: sharding later hides the weights."""
-        from .models import fingerprint
-
-        return fingerprint(self.model)
-
     def shard_layers(self, device: torch.device) -> int:
         """Shard every decoder layer's frozen weights across the processes of the running torch.distributed group
         (FSDP2 `fully_shard`, each layer its own unit: its weights are gathered for its forward and freed after),
@@ -316,7 +208,7 @@ class Backbone:
             )
         return layers
 
-    def gradient_checkpointing(self, enabled: bool = True) -> "Backbone":
+    def gradient_checkpointing(self, enabled: bool = True) -> "CausalBackbone":
         """Trade compute for memory: keep only each decoder layer's inputs and recompute its activations during the
         backward pass (one extra forward). Gradients are unchanged; works for both methods.
 
@@ -342,103 +234,18 @@ class Backbone:
         output (`head_transform`): callers pass only the positions they need."""
         return self.head_transform(self.head(hidden)).float()
 
-    def _check_head(self) -> None:
-        """Refuse a model whose forward takes its logits otherwise than `logits` does. The model's own forward runs
-        once with its decoder replaced by a module returning probe hidden states, so only what follows the decoder
-        (the head and any transform of its output) is compared. Probe rows up to logits far past a softcap make any
-        scale, divisor or cap show."""
-        scales = torch.tensor([[0.1], [1.0], [10.0], [100.0]])
-        probe = torch.randn(4, self.shapes.hidden_size, generator=torch.Generator().manual_seed(0)) * scales
-        probe = probe[None].to(self.device, self.dtype)  # (1, 4, hidden)
-        name, problem = self.model.base_model_prefix, None
-        if getattr(self.model, name, None) is not self.decoder:
-            problem = f"its decoder is not its attribute {name!r}, so its forward cannot be checked"
-        else:
-            setattr(self.model, name, _DecoderStandIn(probe))
-            try:
-                with torch.no_grad():
-                    ids = torch.zeros(probe.shape[:2], dtype=torch.long, device=self.device)
-                    theirs = self.model(input_ids=ids, use_cache=False).logits.float()
-            except Exception as error:  # any failure leaves the head unchecked: refused below
-                problem = f"its forward failed on a stand-in decoder ({type(error).__name__}: {error})"
-            finally:
-                setattr(self.model, name, self.decoder)
-        if problem is None:
-            with torch.no_grad():
-                ours = self.logits(probe)
-            if ours.shape != theirs.shape:
-                problem = f"its forward gives logits of shape {tuple(theirs.shape)}, the LM head {tuple(ours.shape)}"
-            elif not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * theirs.nan_to_num(0, 0, 0).abs().max().item()):
-                problem = f"its logits differ from ours by up to {(ours - theirs).abs().max():.3g} on probe states"
-        if problem is not None:
+    def select_rows(self, cache: DynamicCache, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        return cache_rows.select(cache, mask, rows)
+
+    def merge_rows(self, cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor
+                   ) -> torch.Tensor:  # fmt: skip
+        return cache_rows.merge(cache, mask, other, other_mask)
+
+    def check_joinable(self) -> None:
+        """Sliding-window layers keep only their last window of slots, which breaks the slot-for-slot mask that rows
+        joining and leaving a running batch rely on."""
+        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=self.model.config).layers):
             raise SoftPromptError(
-                f"{type(self.model).__name__} takes its logits in a way softprompt does not know: {problem}. Known "
-                "transforms of the LM head's output: logit_scale (Cohere), logits_scaling (Granite), "
-                "final_logit_softcapping (Gemma 2, Gemma 3)"
+                f"{type(self.model).__name__} uses sliding-window attention; the serving engine cannot batch its "
+                "cache yet. Serve a model without sliding windows."
             )
-
-
-@dataclass
-class _StandInOutput(BaseModelOutputWithPast):
-    """What `_DecoderStandIn` returns: fields a causal LM's forward copies from its decoder's output and a stand-in
-    does not have (router logits, image states) read as None."""
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return None
-
-
-class _DecoderStandIn(torch.nn.Module):
-    """Takes a decoder's place in its causal LM for `Backbone._check_head`: returns the given hidden states."""
-
-    def __init__(self, hidden: torch.Tensor):
-        super().__init__()
-        self.hidden = hidden
-
-    def forward(self, *args, **kwargs) -> _StandInOutput:
-        return _StandInOutput(last_hidden_state=self.hidden)
-
-
-def cache_keyword(module: torch.nn.Module) -> str:
-    """The keyword `module.forward` takes its K/V cache under: `cache` from transformers 5.24, `past_key_values`
-    before (the old name still works there, with a FutureWarning; our calls use the current one)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-@contextmanager
-def replaying(layers: list[torch.nn.Module], cache: DynamicCache):
-    """While active, layer i of `layers` runs under torch's non-reentrant checkpoint, and each run of it (the forward
-    and the backward's replay) starts from `cache.layers[i]` as the forward found it."""
-    own = [vars(layer).get("forward") for layer in layers]  # a hook's forward (accelerate's device_map) stays
-    for i, layer in enumerate(layers):
-        layer.forward = partial(_replayable, layer.forward, cache, i)  # instance attribute shadows the class's
-    try:
-        yield
-    finally:
-        for layer, forward in zip(layers, own):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
-
-
-def _replayable(forward, cache: DynamicCache, index: int, /, *args, **kwargs):
-    """One decoder layer under activation checkpointing. The first three parameters are positional-only, so the
-    layer's own arguments pass through whatever transformers names them (its cache is `past_key_values` or `cache`,
-    by keyword or by position)."""
-    if not any(value is cache for value in (*args, *kwargs.values())):
-        # Restoring an entry of a cache the layer does not write to would replay on top of the first run's keys.
-        raise SoftPromptError(
-            f"decoder layer {index} was not handed the prefix cache (this transformers version passes it in a way "
-            "softprompt does not know), so gradient checkpointing cannot replay it; train without it"
-        )
-    entry = cache.layers[index]
-    state = dict(vars(entry))  # keys/values as this layer finds them (the prefix): the tensors, not copies
-
-    def run(*args):
-        vars(entry).clear()
-        vars(entry).update(state)  # a replay appends to the prefix, not to the first run's result
-        return forward(*args, **kwargs)
-
-    return checkpoint(run, *args, use_reentrant=False)

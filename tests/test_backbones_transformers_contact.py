@@ -18,7 +18,7 @@ from softprompt.generate import generate
 from softprompt.train import train
 
 from conftest import random_prompt, tiny_backbone
-from test_seq2seq import tiny_seq2seq
+from test_backbones_seq2seq import tiny_seq2seq
 
 
 @contextmanager
@@ -52,7 +52,7 @@ RECORDS = [{"text": f"the movie was {word}", "label": label} for word, label in
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 @pytest.mark.parametrize("arch, checkpointing", [("llama", False), ("llama", True), ("gpt2", True), ("t5", False)])
 def test_our_paths_raise_no_deprecation(tmp_path, arch, method, checkpointing):
-    """T5 without checkpointing: encoder-decoder models refuse it (test_seq2seq checks the message)."""
+    """T5 without checkpointing: encoder-decoder models refuse it (test_backbones_seq2seq checks the message)."""
     backbone = tiny_seq2seq() if arch == "t5" else tiny_backbone(arch)
     backbone.gradient_checkpointing(checkpointing)
     task = Task(TaskConfig(template="review {text} sentiment", labels=["negative", "positive"], label_field="label"),

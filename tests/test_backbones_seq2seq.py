@@ -19,7 +19,7 @@ from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5F
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from softprompt import methods
-from softprompt.backbone import Backbone
+from softprompt.backbones import Backbone, backbone_for
 from softprompt.cli import main
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
 from softprompt.data import Example, Task, collate
@@ -27,7 +27,7 @@ from softprompt.errors import SoftPromptError
 from softprompt.evaluate import label_scores, position_logprobs
 from softprompt.generate import generate
 from softprompt.models import load_model
-from softprompt.seq2seq import Seq2SeqBackbone
+from softprompt.backbones import Seq2SeqBackbone
 from softprompt.train import loss_on, train
 
 from conftest import EOS, PAD, VOCAB, VOCAB_SIZE, tiny_tokenizer
@@ -52,7 +52,7 @@ def tiny_t5(variant: str = "t5", seed: int = 0) -> T5ForConditionalGeneration:
 
 
 def tiny_seq2seq(variant: str = "t5", seed: int = 0) -> Seq2SeqBackbone:
-    return Backbone(tiny_t5(variant, seed), tiny_tokenizer())
+    return backbone_for(tiny_t5(variant, seed), tiny_tokenizer())
 
 
 def ids(text: str) -> list[int]:
@@ -174,7 +174,7 @@ def test_written_out_t5_is_transformers_t5(variant):
 
 
 def test_backbone_builds_a_seq2seq_backbone_for_t5():
-    backbone = Backbone(tiny_t5(), tiny_tokenizer())
+    backbone = backbone_for(tiny_t5(), tiny_tokenizer())
     assert type(backbone) is Seq2SeqBackbone and isinstance(backbone, Backbone)
     assert (backbone.shapes.num_layers, backbone.shapes.num_kv_heads, backbone.shapes.head_dim) == (5, HEADS, D_KV)
     assert backbone.shapes.hidden_size == D_MODEL
@@ -339,6 +339,24 @@ def test_cached_greedy_generation_equals_uncached_argmax(kind):
     assert max(map(len, outputs)) >= 2  # decoding went past the first step somewhere
 
 
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_a_row_that_ends_leaves_the_batch_and_the_others_go_on(kind):
+    backbone = tiny_seq2seq()
+    prompts = [e.input_ids for e in EXAMPLES]
+    prefix = {"prompt": random_soft(3, seed=6), "prefix": random_prefix(3, seed=7)}[kind]
+    full = generate(backbone, prompts, prefix, max_new_tokens=8)
+    # a token that one row makes early and no other row makes becomes an extra EOS: that row leaves the batch
+    ends = [(row, i) for row, out in enumerate(full) for i, t in enumerate(out[:4])
+            if all(t not in other for other in full[:row] + full[row + 1 :])]  # fmt: skip
+    assert ends, "pick other seeds: no token separates the rows"
+    row, i = ends[0]
+    assert any(len(out) > i + 1 for out in full[:row] + full[row + 1 :]), "no other row decodes past that step"
+    backbone.model.generation_config.eos_token_id = [EOS, full[row][i]]
+    out = generate(backbone, prompts, prefix, max_new_tokens=8)
+    assert out[row] == full[row][:i]  # EOS itself is not returned
+    assert out[:row] + out[row + 1 :] == full[:row] + full[row + 1 :]
+
+
 @pytest.mark.parametrize("labels", [LABELS, ["very good", "not good"]], ids=["one-token", "two-token"])
 def test_label_scores_sum_the_label_tokens(labels):
     backbone = tiny_seq2seq()
@@ -373,7 +391,7 @@ def test_load_model_and_cli_on_a_t5_folder(tmp_path, monkeypatch, capsys):
     tiny_t5().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     model, tokenizer = load_model(str(folder))
-    assert isinstance(model, T5ForConditionalGeneration) and isinstance(Backbone(model, tokenizer), Seq2SeqBackbone)
+    assert isinstance(model, T5ForConditionalGeneration) and isinstance(backbone_for(model, tokenizer), Seq2SeqBackbone)
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(f'{{"text": "{r["text"]}", "label": "{r["label"]}"}}\n' for r in sentiment_records(16, 9)))
@@ -409,7 +427,14 @@ def test_user_mistakes_raise_clear_errors():
         backbone.stack_prefixes([random_soft(2, 0), random_prefix(2, 0)])
     with pytest.raises(SoftPromptError, match="gradient checkpointing"):
         backbone.gradient_checkpointing(True)
+    # what a causal LM can do and T5 cannot is refused with the reason, not run with a causal LM's assumptions
+    for operation, call in [("shard its layers", lambda: backbone.shard_layers(torch.device("cpu"))),
+                            ("pack rows for training", lambda: backbone.packed_forward(None, None, None)),
+                            ("batch continuously", backbone.check_joinable)]:  # fmt: skip
+        refusal = rf"T5ForConditionalGeneration \(encoder-decoder\) cannot {operation}: "
+        with pytest.raises(SoftPromptError, match=refusal):
+            call()
     bart = BartConfig(vocab_size=VOCAB_SIZE, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                       decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, max_position_embeddings=32)
     with pytest.raises(SoftPromptError, match="not supported"):
-        Backbone(BartForConditionalGeneration(bart), tiny_tokenizer())
+        backbone_for(BartForConditionalGeneration(bart), tiny_tokenizer())

@@ -23,8 +23,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-import softprompt.backbone as backbone_module
-from softprompt.backbone import Backbone, cache_keyword, replaying
+import softprompt.backbones.replay as replay_module
+from softprompt.backbones import backbone_for, cache_keyword
+from softprompt.backbones.replay import replaying
 from softprompt.data import Example, collate
 from softprompt.errors import SoftPromptError
 from softprompt.train import loss_on
@@ -177,9 +178,9 @@ def test_checkpointing_is_off_without_gradients(make_backbone, monkeypatch):
     layers = [m for m in backbone.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert len(layers) == backbone.shapes.num_layers
     checkpointed, wrapped = [], []  # torch checkpoint calls; per layer run, whether its forward was wrapped
-    real_checkpoint = backbone_module.checkpoint
+    real_checkpoint = replay_module.checkpoint
     spy = lambda *args, **kwargs: checkpointed.append(1) or real_checkpoint(*args, **kwargs)  # noqa: E731
-    monkeypatch.setattr(backbone_module, "checkpoint", spy)
+    monkeypatch.setattr(replay_module, "checkpoint", spy)
     for layer in layers:
         layer.register_forward_pre_hook(lambda layer, _: wrapped.append("forward" in vars(layer)))
     with torch.no_grad():
@@ -379,7 +380,7 @@ def test_packed_forward_falls_back_for_a_sliding_window_shorter_than_a_row(monke
         config = tiny_config("mistral")
         config.sliding_window = window
         torch.manual_seed(0)
-        backbone = Backbone(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval(),
+        backbone = backbone_for(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval(),
                             tiny_tokenizer())  # fmt: skip
         kv = make_method(backbone, "prefix").kv(backbone).detach()
         calls = forward_calls(backbone, monkeypatch)

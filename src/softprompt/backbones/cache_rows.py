@@ -1,8 +1,8 @@
 """Reshaping a running batch's K/V cache: rows join (merged in, left-padded with masked slots), rows leave
 (index-selected out), and columns masked in every row are dropped.
 
-The one place where serving touches transformers' cache layers (`cache.layers[i].keys/values`, as
-`DynamicLayer.crop` does itself); it belongs beside `Backbone.new_cache` in backbone.py. Every layer holds
+Used by `RunningBatch` through `CausalBackbone.select_rows/merge_rows`; it writes transformers' cache layers
+(`cache.layers[i].keys/values`, as `DynamicLayer.crop` does itself). Every layer holds
 (B, kv_heads, T, head_dim) keys and values; the batch's mask (B, T) says which slots are real. Positions come from
 the mask's sums (`Backbone.forward`), so a masked slot anywhere changes nothing for its row.
 """
@@ -12,26 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-
-from ..backbone import Backbone
-from ..errors import SoftPromptError
-
-
-def check_supported(backbone: Backbone) -> None:
-    """Refuse what the engine cannot batch: an encoder-decoder model (its cache is not a DynamicCache of decoder
-    layers) and sliding-window layers (they keep only their last window of slots, breaking the slot-for-slot mask)."""
-    config = backbone.model.config
-    if getattr(config, "is_encoder_decoder", False):
-        raise SoftPromptError(
-            f"{config.model_type} is an encoder-decoder model; the serving engine batches decoder-only (causal LM) "
-            "models only. Serve a causal LM, or use `softprompt generate` / `softprompt eval` with this model."
-        )
-    layers = DynamicCache(config=config).layers
-    if any(getattr(layer, "is_sliding", False) for layer in layers):
-        raise SoftPromptError(
-            f"{type(backbone.model).__name__} uses sliding-window attention; the serving engine cannot batch its "
-            "cache yet. Serve a model without sliding windows."
-        )
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
@@ -62,14 +42,14 @@ def merge(cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_ma
 
 
 def select(cache: DynamicCache, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """Keep only `rows` (in that order), in place; then drop leading columns no remaining row uses. Returns the
-    new mask."""
+    """Keep only `rows` (in that order), in place; then drop leading columns no remaining row uses (unless a layer
+    keeps a sliding window: its slots no longer line up with the mask's columns). Returns the new mask."""
     index = torch.tensor(rows, dtype=torch.long, device=mask.device)
     cache.batch_select_indices(index)
     mask = mask[index]
     used = mask.any(0).nonzero()
     start = int(used[0]) if len(used) else mask.shape[1]
-    if start:
+    if start and not any(getattr(layer, "is_sliding", False) for layer in cache.layers):
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
         mask = mask[:, start:]
