@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import random
 import signal
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LRScheduler
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list
 from tqdm.auto import tqdm
@@ -33,13 +33,14 @@ from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
 from . import artifact, methods
-from .backbone import Backbone
+from .backbones import Backbone
 from .checkpoint import data_fingerprint, latest_checkpoint, resume_state, save_checkpoint
 from .config import PromptConfig, TrainConfig, to_dict
 from .data import Example, Task, collate
 from .errors import SoftPromptError
 from .evaluate import evaluate
 from .interruption import TrainingInterrupted, signals_caught
+from .run_files import Layout, MetricsLog, RunState, plot_losses
 
 
 @dataclass
@@ -161,8 +162,8 @@ def train(
 ) -> Run:
     """Train one prompt for one task; `out_dir` becomes its artifact (plus log, plot and checkpoints)."""
     data = TaskData(task, train_examples, valid_examples or [], init_method)
-    return _train(backbone, {"prompt": data}, prompt_config, train_config, Path(out_dir), progress, resume,
-                  single=True)["prompt"]
+    return _train(backbone, {"prompt": data}, prompt_config, train_config, Layout(Path(out_dir)), progress,
+                  resume)["prompt"]  # fmt: skip
 
 
 def train_multitask(
@@ -181,7 +182,8 @@ def train_multitask(
     if bad or not tasks:
         raise SoftPromptError(f"task names must be non-empty letters, digits, '-' or '_' (they name folders); got "
                               f"{bad or 'no tasks'}")  # fmt: skip
-    return _train(backbone, tasks, prompt_config, train_config, Path(out_dir), progress, resume, single=False)
+    return _train(backbone, tasks, prompt_config, train_config, Layout(Path(out_dir), tuple(sorted(tasks))), progress,
+                  resume)  # fmt: skip
 
 
 def _train(
@@ -189,16 +191,40 @@ def _train(
     tasks: dict[str, TaskData],
     prompt_config: PromptConfig,
     cfg: TrainConfig,
-    out_dir: Path,
+    layout: Layout,
     progress: bool,
     resume: bool,
-    single: bool,
 ) -> dict[str, Run]:
-    """The loop behind both: `single` runs write their one artifact into `out_dir` itself."""
+    """The run behind both: set-up in order (every check before the model moves; the seed right before the prompts
+    are built), the loop (`_Trainer.fit`), then each task's best prompt written as its artifact."""
+    several = len(tasks) > 1  # a batch may leave some prompts unused: DDP must not wait for their gradients
+    accelerator = _setup_accelerator(find_unused=several)
+    _check_data(tasks, cfg, accelerator.num_processes)
+    data_id = data_fingerprint(tasks)
+    saved = _saved_state(layout.out_dir, prompt_config, cfg, data_id, resume)
+    sharded, frozen_held = _setup_model(backbone, cfg, accelerator)
+    seed_everything(cfg.seed)
+    prompts = _setup_prompts(backbone, tasks, prompt_config, cfg.seed, accelerator.device)
+    model, optimizer, scheduler = _setup_optimizer(prompts, cfg, accelerator, sharded, find_unused=several)
+    run = _Trainer(backbone, tasks, prompt_config, cfg, layout, accelerator, data_id, sharded, frozen_held, prompts,
+                   model, optimizer, scheduler)  # fmt: skip
+    if saved:
+        run.restore(saved)
+    run.log.start()
+    if run.valid and saved is None:
+        run.validate(0)  # the starting prompt is the first best one
+    run.fit(progress)
+    return run.finish()
+
+
+def _setup_accelerator(find_unused: bool) -> Accelerator:
     # Without CUDA, processes started by `accelerate launch`/torchrun train on the CPU and synchronise over gloo.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=len(tasks) > 1)])
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+
+
+def _check_data(tasks: dict[str, TaskData], cfg: TrainConfig, world: int) -> None:
+    """Refuse what cannot make one global batch, split evenly over processes and accumulation steps."""
     if cfg.batch_size % (world * cfg.grad_accum):
         raise SoftPromptError(
             f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world} x {cfg.grad_accum}."
@@ -210,29 +236,51 @@ def _train(
     if available < cfg.batch_size:
         raise SoftPromptError(f"the training data has {available} examples, fewer than one batch of "
                               f"{cfg.batch_size}; lower --batch-size or add data.")  # fmt: skip
-    data_id = data_fingerprint(tasks)
-    state = resume_state(out_dir, prompt_config, cfg, data_id) if resume else None
+
+
+def _saved_state(out_dir: Path, prompt_config: PromptConfig, cfg: TrainConfig, data_id: str,
+                 resume: bool) -> dict | None:  # fmt: skip
+    """The checkpoint to resume from (checked to belong to this run), if any; a new run must not overwrite one."""
+    saved = resume_state(out_dir, prompt_config, cfg, data_id) if resume else None
     if not resume and latest_checkpoint(out_dir):
         raise SoftPromptError(
             f"{out_dir} already holds a run (checkpoint {latest_checkpoint(out_dir).name}); pass --resume to "
             "continue it, or choose another --out."
         )
-    artifact_dir = {name: out_dir if single else out_dir / name for name in tasks}
+    return saved
+
+
+def _setup_model(backbone: Backbone, cfg: TrainConfig, accelerator: Accelerator) -> tuple[bool, int]:
+    """Put the frozen model on this process's device, whole or sharded; returns whether it is sharded and how many
+    of its parameters this process holds."""
     # Sharding the frozen layers (FSDP2) starts from the CPU copy, so no device ever holds the whole model.
-    sharded = world > 1 and (cfg.shard_model or accelerator.distributed_type == DistributedType.FSDP)
+    sharded = accelerator.num_processes > 1 and (
+        cfg.shard_model or accelerator.distributed_type == DistributedType.FSDP)  # fmt: skip
     if sharded:
         frozen_held = backbone.shard_layers(accelerator.device)
     else:
         backbone.model.to(accelerator.device)
         frozen_held = sum(p.numel() for p in backbone.model.parameters())
     backbone.gradient_checkpointing(cfg.gradient_checkpointing)
-    seed_everything(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    prompts = PromptSet({
+    return sharded, frozen_held
+
+
+def _setup_prompts(backbone: Backbone, tasks: dict[str, TaskData], prompt_config: PromptConfig, seed: int,
+                   device: torch.device) -> PromptSet:  # fmt: skip
+    """Each task's starting prompt: a copy of its `init`, or a new one drawn from one seeded generator in task
+    order."""
+    generator = torch.Generator().manual_seed(seed)
+    return PromptSet({
         name: copy.deepcopy(data.init) if data.init else methods.build(prompt_config, backbone,
                                                                       data.task.config.labels, generator)
         for name, data in tasks.items()
-    }).to(accelerator.device)  # fmt: skip
+    }).to(device)  # fmt: skip
+
+
+def _setup_optimizer(prompts: PromptSet, cfg: TrainConfig, accelerator: Accelerator, sharded: bool,
+                     find_unused: bool) -> tuple[nn.Module, torch.optim.Optimizer, LRScheduler]:  # fmt: skip
+    """The optimizer over the prompts, its learning-rate schedule, and the prompts as the model to run (replicated
+    across processes)."""
     optimizer = make_optimizer(prompts.parameters(), cfg)
     # Not prepared by accelerate: its wrapper would step once per process; `steps` counts global optimizer steps.
     scheduler = get_scheduler(
@@ -240,209 +288,208 @@ def _train(
         optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps,
     )
     if sharded:  # only the prompt module is replicated: our DDP over it, never accelerate's FSDP wrapping of it
-        model = DistributedDataParallel(prompts, find_unused_parameters=len(tasks) > 1)
+        model = DistributedDataParallel(prompts, find_unused_parameters=find_unused)
     else:  # accelerate: DDP across processes, or the module as it is
         model, optimizer = accelerator.prepare(prompts, optimizer)
-    valid = {name: data.valid[: cfg.eval_size] for name, data in tasks.items() if data.valid}
-    mixture = [(name, example) for name, data in tasks.items() for example in data.train]
-    order = BatchOrder(mixture, cfg.batch_size, cfg.seed)
-    shard = cfg.batch_size // world  # this process's rows of each global batch
-    micro = shard // cfg.grad_accum
-    log_path = out_dir / "metrics.jsonl"
-    history: list[dict] = []
-    best: dict[str, tuple] = {}  # per task: selection key, step, artifact tensors
-    evals_without_gain = dict.fromkeys(tasks, 0)
-    first_step, stopped_early, tokens_seen, train_seconds, started = 1, False, 0, 0.0, time.perf_counter()
+    return model, optimizer, scheduler
 
-    if state:
-        prompts.load_state_dict(state["prompts"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        best, evals_without_gain, stopped_early = state["best"], state["evals_without_gain"], state["stopped_early"]
-        first_step = cfg.steps + 1 if stopped_early or state["step"] >= cfg.steps else state["step"] + 1
-        tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
-        if main and log_path.is_file():  # as it was at the checkpoint (only the main process touches the log)
-            history = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
-            history = [r for r in history if r["step"] <= state["step"]]
-        if main:
-            tqdm.write(f"resuming from {latest_checkpoint(out_dir)} (step {state['step']} of {cfg.steps})",
-                       file=sys.stderr)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
 
-    def log(record: dict) -> None:
-        history.append(record)
-        if main:
-            with log_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+@dataclass
+class _Trainer:
+    """A set-up run: the loop (`fit`) and what it calls each step, validation with keep-best, checkpoints, and the
+    final artifacts. Its progress is `state`; every process runs it, only the main one validates (unless sharded),
+    logs and writes."""
 
-    def training_summary(name: str) -> dict:
-        step = best[name][1] if name in best else None
-        result = next((r["valid"] for r in history if r["step"] == step and r.get("task", name) == name
-                       and "valid" in r), {})  # fmt: skip
-        return {"best_step": step, "valid": result, **to_dict(cfg), "processes": world, "model_sharded": sharded,
-                "frozen_parameters_per_process": frozen_held,
-                **({} if single else {"task": name, "tasks": sorted(tasks)})}  # fmt: skip
+    backbone: Backbone
+    tasks: dict[str, TaskData]
+    prompt_config: PromptConfig
+    cfg: TrainConfig
+    layout: Layout
+    accelerator: Accelerator
+    data_id: str
+    sharded: bool
+    frozen_held: int
+    """Parameters of the frozen model this process holds."""
+    prompts: PromptSet
+    model: nn.Module
+    """`prompts` as run: wrapped for DDP across processes (or the module itself in one process)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
 
-    def validate_and_keep_best(step: int) -> bool:
+    def __post_init__(self) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
+        self.valid = {name: data.valid[: cfg.eval_size] for name, data in self.tasks.items() if data.valid}
+        self.order = BatchOrder([(name, e) for name, data in self.tasks.items() for e in data.train], cfg.batch_size,
+                                cfg.seed)  # global batches of (task name, example) pairs
+        self.shard = cfg.batch_size // self.world  # this process's rows of each global batch
+        self.micro = self.shard // cfg.grad_accum
+        self.log = MetricsLog(self.layout.out_dir / "metrics.jsonl", self.main)
+        self.state = RunState(evals_without_gain=dict.fromkeys(self.tasks, 0))
+        self.started = time.perf_counter()
+
+    def restore(self, saved: dict) -> None:
+        """Continue from checkpoint `saved`: module, optimizer, schedule and random states, progress, and the log."""
+        self.prompts.load_state_dict(saved["prompts"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        random.setstate(saved["python_rng"])
+        self.state = RunState.from_checkpoint(saved)
+        self.log.reload(until_step=self.state.step)
+        if self.main:
+            tqdm.write(f"resuming from {latest_checkpoint(self.layout.out_dir)} (step {self.state.step} of "
+                       f"{self.cfg.steps})", file=sys.stderr)  # fmt: skip
+
+    def fit(self, progress: bool) -> None:
+        """Train until `steps`, an early stop, or a signal (which writes a checkpoint and raises)."""
+        cfg, state, acc = self.cfg, self.state, self.accelerator
+        first = state.next_step(cfg.steps)
+        bar = tqdm(range(first, cfg.steps + 1), desc="training", disable=not (progress and self.main),
+                   initial=first - 1, total=cfg.steps)  # fmt: skip
+        try:
+            with signals_caught() as caught:
+                for step in bar:
+                    state.step, step_started = step, time.perf_counter()
+                    batch = self.order[step - 1]  # (task name, example) pairs
+                    local_loss = self.forward_backward(batch)
+                    state.tokens_seen += sum(len(e.input_ids) + len(e.target_ids) for _, e in batch)
+                    # One collective per step: the global loss, and whether any process was asked to stop.
+                    stop_flag = local_loss.new_tensor(float(bool(caught)))
+                    loss, stop_requested = acc.reduce(torch.stack([local_loss, stop_flag]), "sum").tolist()
+                    # A finite loss can still have a non-finite gradient (an overflow in the backward pass): stepping
+                    # on it would make the prompt NaN, and then the best one and every later checkpoint.
+                    grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf")))
+                    lr = self.scheduler.get_last_lr()[0]  # what this step applies (after scheduler.step: the next's)
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        raise self.diverged(loss, grad_norm, lr)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    state.train_seconds += time.perf_counter() - step_started
+                    self.log.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                     "tokens_per_s": round(state.tokens_seen / state.train_seconds, 1)})  # fmt: skip
+                    bar.set_postfix(loss=f"{loss:.4f}")
+
+                    evaluating = self.valid and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
+                    state.stopped_early = bool(evaluating) and self.validate(step)
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                        self.checkpoint()
+                    # Several processes decide together (a signal that reached one stops them all), one alone at once.
+                    if stop_requested or (self.world == 1 and caught):
+                        raise self.interrupted(caught[0] if caught else signal.SIGTERM)
+                    if state.stopped_early:
+                        break
+        finally:
+            bar.close()
+            self.backbone.gradient_checkpointing(False)
+
+    def forward_backward(self, batch: list[tuple[str, Example]]) -> torch.Tensor:
+        """Forward and backward over this process's rows of the global `batch`, `grad_accum` micro-batches
+        (gradients synchronised on the last only); returns its share of the global mean loss (a 0-d tensor)."""
+        rows = batch[self.rank * self.shard : (self.rank + 1) * self.shard]
+        # Every process knows the whole global batch, so each divides its summed loss by the global target count
+        # (times `world`, which DDP's gradient averaging undoes): the gradient of the global mean.
+        normalizer = sum(len(e.target_ids) for _, e in batch) / self.world
+        acc, backbone = self.accelerator, self.backbone
+        total = torch.zeros((), device=acc.device)
+        for start in range(0, self.shard, self.micro):
+            names, examples = zip(*rows[start : start + self.micro])
+            last = start + self.micro >= self.shard
+            with contextlib.nullcontext() if last else acc.no_sync(self.model), acc.autocast():
+                # Each prompt's K/V, once per micro-batch, shared by the rows of its task.
+                kv, prefix_mask = row_prefixes(backbone, self.model(backbone, set(names)), list(names))
+                loss, _ = loss_on(backbone, kv, list(examples), normalizer, prefix_mask)
+                acc.backward(loss)
+            total += loss.detach() / self.world
+        return total
+
+    def diverged(self, loss: float, grad_norm: float, lr: float) -> SoftPromptError:
+        """The error for a non-finite loss or gradient at this step, pointing at what survives it."""
+        last_good, out_dir, cfg = latest_checkpoint(self.layout.out_dir), self.layout.out_dir, self.cfg
+        what = f"loss became {loss}" if not math.isfinite(loss) else (
+            f"gradient norm became {grad_norm} (loss {loss:.4g})")  # fmt: skip
+        return SoftPromptError(
+            f"The training {what} at step {self.state.step} (learning rate {lr:.3g}); training stopped. The best "
+            f"prompt so far stays in {out_dir}"
+            + (f", and the last good checkpoint is {last_good}" if last_good else "")
+            + f". Try a lower --lr (now {cfg.lr}), more --warmup-steps, or --max-grad-norm 1.0."
+        )
+
+    def interrupted(self, number: int) -> TrainingInterrupted:
+        """Write a checkpoint (main process) and return the error that ends the run for signal `number`."""
+        path = self.checkpoint()
+        return TrainingInterrupted(
+            f"{signal.Signals(number).name} received: stopped after step {self.state.step}"
+            + (f", checkpoint written to {path}" if path else "")
+            + ". Run the same command with --resume to continue.",
+            number,
+        )
+
+    def validate(self, step: int) -> bool:
         """Validate each task on the main process (on every process when the layers are sharded: their forwards
         gather weights together), keeping each task's best prompt; True when training should stop early: no task
         improved for `patience` evaluations (the main process decides for all)."""
-        stop = [False]
-        results = {}
-        if main or sharded:
-            with torch.no_grad(), accelerator.autocast():
-                results = {name: evaluate(backbone, tasks[name].task, examples, prompts.prompts[name].kv(backbone))
-                           for name, examples in valid.items()}  # fmt: skip
-        if main:
+        state, cfg = self.state, self.cfg
+        stop, results = [False], {}
+        if self.main or self.sharded:
+            with torch.no_grad(), self.accelerator.autocast():
+                results = {name: evaluate(self.backbone, self.tasks[name].task, examples,
+                                          self.prompts.prompts[name].kv(self.backbone))
+                           for name, examples in self.valid.items()}  # fmt: skip
+        if self.main:
             for name, result in results.items():
-                prompt = prompts.prompts[name]
-                log({"step": step, **({} if single else {"task": name}), "valid": result})
+                prompt = self.prompts.prompts[name]
+                self.log.append({"step": step, **self.layout.record_tag(name), "valid": result})
                 key = selection_key(result)
-                if name not in best or improves(key, best[name][0]):
-                    best[name], evals_without_gain[name] = (key, step, prompt.artifact_tensors()), 0
-                    artifact.save(artifact_dir[name], prompt, tasks[name].task.config, backbone,
-                                  training=training_summary(name))  # fmt: skip
+                if name not in state.best or improves(key, state.best[name][0]):
+                    state.best[name], state.evals_without_gain[name] = (key, step, prompt.artifact_tensors()), 0
+                    artifact.save(self.layout.artifact_dir(name), prompt, self.tasks[name].task.config, self.backbone,
+                                  training=self.summary(name))  # fmt: skip
                 else:
-                    evals_without_gain[name] += 1
-            stop = [bool(cfg.patience) and all(evals_without_gain[n] >= cfg.patience for n in valid)]
+                    state.evals_without_gain[name] += 1
+            stop = [bool(cfg.patience) and all(state.evals_without_gain[n] >= cfg.patience for n in self.valid)]
         return broadcast_object_list(stop)[0]
 
-    def checkpoint(step: int, finished: bool = False) -> Path | None:
-        if not main:
+    def summary(self, name: str) -> dict:
+        """Task `name`'s training summary so far: its best step and result, the settings, how the run was spread."""
+        step = self.state.best[name][1] if name in self.state.best else None
+        return {"best_step": step, "valid": self.log.valid_result(name, step), **to_dict(self.cfg),
+                "processes": self.world, "model_sharded": self.sharded,
+                "frozen_parameters_per_process": self.frozen_held, **self.layout.summary_tag(name)}  # fmt: skip
+
+    def checkpoint(self, finished: bool = False) -> Path | None:
+        """Write a checkpoint at the current step (main process only; None elsewhere)."""
+        if not self.main:
             return None
-        return save_checkpoint(out_dir, step, {
-            "prompts": {k: v.detach().clone() for k, v in prompts.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "batches_consumed": step,
-            "best": best, "evals_without_gain": evals_without_gain, "tokens_seen": tokens_seen,
-            "train_seconds": train_seconds, "prompt_config": to_dict(prompt_config), "train_config": to_dict(cfg),
-            "data": data_id, "finished": finished, "stopped_early": stopped_early,
-        })  # fmt: skip
+        modules = {"prompts": {k: v.detach().clone() for k, v in self.prompts.state_dict().items()},
+                   "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}  # fmt: skip
+        identity = {"prompt_config": to_dict(self.prompt_config), "train_config": to_dict(self.cfg),
+                    "data": self.data_id}  # fmt: skip
+        return save_checkpoint(self.layout.out_dir, self.state.step,
+                               self.state.to_checkpoint(modules, identity, finished))  # fmt: skip
 
-    if valid and state is None:
-        validate_and_keep_best(0)
-
-    step = state["step"] if state else 0
-    bar = tqdm(range(first_step, cfg.steps + 1), desc="training", disable=not (progress and main),
-               initial=first_step - 1, total=cfg.steps)  # fmt: skip
-    try:
-        with signals_caught() as caught:
-            for step in bar:
-                step_started = time.perf_counter()
-                batch = order[step - 1]  # (task name, example) pairs
-                rows = batch[rank * shard : (rank + 1) * shard]
-                # Every process knows the whole global batch, so each divides its summed loss by the global target
-                # count (times `world`, which DDP's gradient averaging undoes): the gradient of the global mean.
-                normalizer = sum(len(e.target_ids) for _, e in batch) / world
-                step_loss = torch.zeros((), device=accelerator.device)
-                for start in range(0, shard, micro):
-                    names, examples = zip(*rows[start : start + micro])
-                    last = start + micro >= shard
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-                        # Each prompt's K/V, once per micro-batch, shared by the rows of its task.
-                        kv, prefix_mask = row_prefixes(backbone, model(backbone, set(names)), list(names))
-                        loss, _ = loss_on(backbone, kv, list(examples), normalizer, prefix_mask)
-                        accelerator.backward(loss)
-                    step_loss += loss.detach() / world
-                tokens_seen += sum(len(e.input_ids) + len(e.target_ids) for _, e in batch)
-                # One collective per step: the global loss, and whether any process was asked to stop.
-                totals = accelerator.reduce(torch.stack([step_loss, step_loss.new_tensor(float(bool(caught)))]), "sum")
-                step_loss, stop_requested = totals.tolist()
-                # A finite loss can still have a non-finite gradient (an overflow in the backward pass): stepping on
-                # it would make the prompt NaN, and then the best one and every later checkpoint.
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
-                lr = scheduler.get_last_lr()[0]  # what this step applies (after scheduler.step: the next step's)
-                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                    last_good = latest_checkpoint(out_dir)
-                    what = f"loss became {step_loss}" if not math.isfinite(step_loss) else (
-                        f"gradient norm became {grad_norm} (loss {step_loss:.4g})")  # fmt: skip
-                    raise SoftPromptError(
-                        f"The training {what} at step {step} (learning rate {lr:.3g}); training stopped. The best "
-                        f"prompt so far stays in {out_dir}"
-                        + (f", and the last good checkpoint is {last_good}" if last_good else "")
-                        + f". Try a lower --lr (now {cfg.lr}), more --warmup-steps, or --max-grad-norm 1.0."
-                    )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                train_seconds += time.perf_counter() - step_started
-                log({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                     "tokens_per_s": round(tokens_seen / train_seconds, 1)})  # fmt: skip
-                bar.set_postfix(loss=f"{step_loss:.4f}")
-
-                evaluating = valid and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
-                stopped_early = bool(evaluating) and validate_and_keep_best(step)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    checkpoint(step)
-                # Several processes decide together (a signal that reached one stops them all), one alone at once.
-                if stop_requested or (world == 1 and caught):
-                    number = caught[0] if caught else signal.SIGTERM
-                    path = checkpoint(step)
-                    raise TrainingInterrupted(
-                        f"{signal.Signals(number).name} received: stopped after step {step}"
-                        + (f", checkpoint written to {path}" if path else "")
-                        + ". Run the same command with --resume to continue.",
-                        number,
-                    )
-                if stopped_early:
-                    break
-    finally:
-        bar.close()
-        backbone.gradient_checkpointing(False)
-
-    for name in tasks:  # a task without validation data keeps its last prompt
-        if name not in valid:
-            best[name] = ((), step, prompts.prompts[name].artifact_tensors())
-    best = broadcast_object_list([best])[0]  # only the main process validated
-    runs = {}
-    for name, data in tasks.items():
-        summary = training_summary(name)
-        summary.update(last_step=step, stopped_early=stopped_early, seconds=round(time.perf_counter() - started, 1))
-        best_method = methods.from_tensors(prompts.prompts[name].config, backbone, best[name][2])
-        if main:
-            artifact.save(artifact_dir[name], best_method, data.task.config, backbone, training=summary)
-        runs[name] = Run(best_method, summary)
-    if main:
-        checkpoint(step, finished=True)
-        plot_losses(history, out_dir / "loss.png")
-    accelerator.wait_for_everyone()
-    return runs
-
-
-def plot_losses(history: list[dict], path: Path) -> None:
-    """Training loss (raw and smoothed) and the validation metric, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in history if "loss" in r]
-    losses = [r["loss"] for r in history if "loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, alpha=0.35, label="train loss")
-    if losses:
-        smooth, value = [], losses[0]
-        for x in losses:
-            value = 0.9 * value + 0.1 * x
-            smooth.append(value)
-        ax.plot(steps, smooth, label="train loss (smoothed)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    evals = [r for r in history if "valid" in r]
-    if evals:
-        other = ax.twinx()
-        for task in dict.fromkeys(r.get("task") for r in evals):  # one line per task, in order of appearance
-            mine = [r for r in evals if r.get("task") == task]
-            key = "accuracy" if "accuracy" in mine[0]["valid"] else "loss"
-            other.plot([r["step"] for r in mine], [r["valid"][key] for r in mine], "o-",
-                       label=f"{task + ' ' if task else ''}valid {key}")
-        other.set_ylabel("validation")
-        other.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    def finish(self) -> dict[str, Run]:
+        """Write each task's best prompt (its last one without validation data) as its artifact, with the run's
+        summary; then the final checkpoint and the loss plot."""
+        state = self.state
+        for name in self.tasks:  # a task without validation data keeps its last prompt
+            if name not in self.valid:
+                state.best[name] = ((), state.step, self.prompts.prompts[name].artifact_tensors())
+        state.best = broadcast_object_list([state.best])[0]  # only the main process validated
+        runs = {}
+        for name, data in self.tasks.items():
+            summary = self.summary(name)
+            summary.update(last_step=state.step, stopped_early=state.stopped_early,
+                           seconds=round(time.perf_counter() - self.started, 1))  # fmt: skip
+            best_method = methods.from_tensors(self.prompts.prompts[name].config, self.backbone, state.best[name][2])
+            if self.main:
+                artifact.save(self.layout.artifact_dir(name), best_method, data.task.config, self.backbone,
+                              training=summary)  # fmt: skip
+            runs[name] = Run(best_method, summary)
+        if self.main:
+            self.checkpoint(finished=True)
+            plot_losses(self.log.records, self.layout.out_dir / "loss.png")
+        self.accelerator.wait_for_everyone()
+        return runs
