@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 from dataclasses import dataclass, replace
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -119,72 +120,133 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-def create_app(registry: Registry, engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
-    limits = limits or Limits()
-    tokenizer = registry.backbone.tokenizer
-    vocab = min(len(tokenizer), registry.backbone.shapes.vocab_size)  # ids a client may send
-    counters = metrics.Counters()
-    app = FastAPI(title="softprompt", docs_url=None, redoc_url=None, openapi_url=None)
+def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, update: Update) -> None:
+    """A generated row's sink: called on the engine's thread, so the update goes into `queue` through the loop."""
+    loop.call_soon_threadsafe(queue.put_nowait, (index, update))
 
-    # ---- errors, auth, counting ----
 
-    @app.exception_handler(ApiError)
-    async def api_error(_, error: ApiError):
-        return JSONResponse(error.body, status_code=error.status)
+def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, scores, error: str | None) -> None:
+    """A scoring request's sink: called on the engine's thread, so `future` is settled through the loop."""
+    loop.call_soon_threadsafe(_settle, future, (scores, error))
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(_, error: RequestValidationError):
-        where = lambda e: ".".join(str(p) for p in e["loc"] if p != "body") or "body"  # noqa: E731
-        problems = [f"{where(e)}: {e['msg']}" for e in error.errors()]
-        return JSONResponse(protocol.error_body("Invalid request: " + "; ".join(problems[:10])), status_code=400)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_, error: HTTPException):
-        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return JSONResponse(protocol.error_body(str(error.detail), kind), status_code=error.status_code)
+def _settle(future: asyncio.Future, result) -> None:
+    if not future.done():  # cancelled meanwhile (the client left)
+        future.set_result(result)
 
-    @app.exception_handler(Exception)
-    async def server_error(_, error: Exception):
-        message = f"internal error: {type(error).__name__}: {error}"
-        return JSONResponse(protocol.error_body(message, "server_error"), status_code=500)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
+def _route(path: str) -> str:
+    """The path as a metrics label: a known route, or "other" (so random paths cannot grow the counters)."""
+    return path if path in ROUTES else "other"
+
+
+class Reply:
+    """The fixed parts of one answer: its shape (chat or completion), its id (one for every chunk of a stream) and
+    the model name."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat, self.model = chat, model
+        self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
+        self.build = protocol.chat_completion if chat else protocol.completion
+
+    def choice(self, index: int, text: str, finish: str | None, delta: bool = False, **extra) -> dict:
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish, **extra}
+        if delta:
+            return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None,
+                    "finish_reason": finish}  # fmt: skip
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish, **extra}  # fmt: skip
+
+    def json(self, choices: list[dict], usage: dict) -> JSONResponse:
+        return JSONResponse(self.build(self.id, self.model, choices, usage))
+
+    def event(self, choices: list[dict], usage: dict | None = None) -> str:
+        """One streamed chunk as a server-sent event."""
+        return _sse(self.build(self.id, self.model, choices, usage, True))
+
+    async def label_events(self, choices: list[dict], usage: dict, include_usage: bool):
+        """A classification answer as a stream: each finished choice in one chunk."""
+        for c in choices:
+            text = c["message"]["content"] if self.chat else c["text"]
+            yield self.event([self.choice(c["index"], text, "stop", delta=True)])
+        if include_usage:
+            yield self.event([], usage)
+        yield _sse("[DONE]")
+
+
+# ---- errors: every one an OpenAI-style body ----
+
+
+async def api_error(_, error: ApiError):
+    return JSONResponse(error.body, status_code=error.status)
+
+
+async def invalid_body(_, error: RequestValidationError):
+    """A body that does not parse: 400 (not FastAPI's 422), naming the first ten problems."""
+    where = lambda e: ".".join(str(p) for p in e["loc"] if p != "body") or "body"  # noqa: E731
+    problems = [f"{where(e)}: {e['msg']}" for e in error.errors()]
+    return JSONResponse(protocol.error_body("Invalid request: " + "; ".join(problems[:10])), status_code=400)
+
+
+async def http_error(_, error: HTTPException):
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return JSONResponse(protocol.error_body(str(error.detail), kind), status_code=error.status_code)
+
+
+async def server_error(_, error: Exception):
+    message = f"internal error: {type(error).__name__}: {error}"
+    return JSONResponse(protocol.error_body(message, "server_error"), status_code=500)
+
+
+class Api:
+    """The app's handlers and what they share: the registry, the engine, the limits, the API key and the request
+    counters."""
+
+    def __init__(self, registry: Registry, engine: Engine, limits: Limits, api_key: str | None):
+        self.registry, self.engine, self.limits, self.api_key = registry, engine, limits, api_key
+        self.tokenizer = registry.backbone.tokenizer
+        self.vocab = min(len(self.tokenizer), registry.backbone.shapes.vocab_size)  # ids a client may send
+        self.counters = metrics.Counters()
+
+    # ---- auth and counting (the middleware) ----
+
+    async def auth_and_count(self, request: Request, call_next):
+        """Refuse a wrong or missing key (all but /health) and count every request by route and status."""
         path = request.url.path
-        if api_key and path != "/health":
+        if self.api_key and path != "/health":
             given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 response = JSONResponse(protocol.error_body(
                     "Invalid or missing API key: send the header 'Authorization: Bearer <key>' with the server's "
                     "--api-key.", "authentication_error", code="invalid_api_key"), status_code=401)  # fmt: skip
-                counters.requests[(path if path in ROUTES else "other", 401)] += 1
+                self.counters.requests[(_route(path), 401)] += 1
                 return response
         response = await call_next(request)
-        body = response.body_iterator
-
-        async def counted():  # counted once sent: a stream whose client left midway sets its status to 499
-            try:
-                async for chunk in body:
-                    yield chunk
-            finally:
-                status = getattr(request.state, "status", response.status_code)
-                counters.requests[(path if path in ROUTES else "other", status)] += 1
-
-        response.body_iterator = counted()
+        response.body_iterator = self.counted(response.body_iterator, request, response.status_code, path)
         return response
+
+    async def counted(self, body, request: Request, status: int, path: str):
+        """`body`, the request counted once it is sent: a stream whose client left midway set its status to 499."""
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            self.counters.requests[(_route(path), getattr(request.state, "status", status))] += 1
 
     # ---- resolving a request ----
 
-    def lookup(model: str) -> Prompt:
-        prompt = registry.get(model)
+    def lookup(self, model: str) -> Prompt:
+        prompt = self.registry.get(model)
         if prompt is None:
-            known = ", ".join(sorted(registry.prompts)[:20])
+            known = ", ".join(sorted(self.registry.prompts)[:20])
             raise ApiError(404, f"The model {model!r} does not exist. Loaded: {known}.", "not_found_error", "model",
                            "model_not_found")  # fmt: skip
         return prompt
 
-    def job_for(body: protocol.Common, prompt: Prompt, inputs: list[list[int]], max_tokens: int | None) -> Job:
+    def job_for(self, body: protocol.Common, prompt: Prompt, inputs: list[list[int]], max_tokens: int | None) -> Job:
         """Check the request against the limits, collecting every problem into one message."""
+        limits, vocab = self.limits, self.vocab
         problems = [f"{name} is not supported by this server" for name in body.unsupported()]
         n = 1 if body.n is None else body.n
         temperature = 1.0 if body.temperature is None else body.temperature
@@ -228,7 +290,7 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return Job(prompt, inputs, sampling, n, bool(body.stream), include_usage)
 
-    def fill(prompt: Prompt, text: str) -> str:
+    def fill(self, prompt: Prompt, text: str) -> str:
         """The text put into the prompt's template, as in training; a template of several fields cannot take one
         text (every field would get it), so the client formats it."""
         if prompt.task is not None and len(set(prompt.task.fields)) > 1:
@@ -237,12 +299,12 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
                            "yourself and send it to /v1/completions with \"raw\": true.")  # fmt: skip
         return prompt.format(text)
 
-    def tokenize(text: str, special: bool = True) -> list[int]:
-        return tokenizer(text, add_special_tokens=special)["input_ids"]
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
     # ---- running a job ----
 
-    def hand_over(submit, items: list, job: Job) -> None:
+    def hand_over(self, submit, items: list, job: Job) -> None:
         """Give work to the engine (a full queue answers 429, a stopping server 503) and count the request."""
         try:
             submit(items)
@@ -250,34 +312,29 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
             raise ApiError(429, str(error), "rate_limit_error", code="queue_full") from None
         except Stopped as error:
             raise ApiError(503, str(error), "server_error") from None
-        counters.model_requests[job.prompt.name] += 1
-        counters.prompt_tokens += sum(map(len, job.inputs))
+        self.counters.model_requests[job.prompt.name] += 1
+        self.counters.prompt_tokens += sum(map(len, job.inputs))
 
-    async def run_generation(job: Job):
-        """Submit every choice; return the rows and the queue their (choice index, Update) arrive on."""
+    async def run_generation(self, job: Job):
+        """Submit every choice; return the rows and the queue their (choice index, Update) arrive on. The engine's
+        worker thread posts each update into the queue through the loop."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         rows = []
         for i, ids in enumerate(job.inputs):
             for j in range(job.n):
                 seed = None if job.sampling.seed is None else job.sampling.seed + j
-                post = lambda update, index=i * job.n + j: queue.put_nowait((index, update))  # noqa: E731
-                sink = lambda update, post=post: loop.call_soon_threadsafe(post, update)  # noqa: E731
+                sink = partial(_post, loop, queue, i * job.n + j)
                 rows.append(Sequence(ids, job.prompt.prefix, replace(job.sampling, seed=seed), sink, job.stream))
-        hand_over(engine.submit, rows, job)
+        self.hand_over(self.engine.submit, rows, job)
         return rows, queue
 
-    async def run_scoring(job: Job) -> list[tuple[str, dict]]:
+    async def run_scoring(self, job: Job) -> list[tuple[str, dict]]:
         """Classification: the chosen label word of each input and every label's log-probability."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in job.inputs]
-
-        def sink(future):
-            return lambda scores, error: loop.call_soon_threadsafe(
-                lambda: future.done() or future.set_result((scores, error)))
-
-        requests = [ScoreRequest(ids, job.prompt.label_ids, job.prompt.prefix, sink(f))
+        requests = [ScoreRequest(ids, job.prompt.label_ids, job.prompt.prefix, partial(_resolve, loop, f))
                     for ids, f in zip(job.inputs, futures)]  # fmt: skip
-        hand_over(engine.submit_scoring, requests, job)
+        self.hand_over(self.engine.submit_scoring, requests, job)
         try:
             results = await asyncio.gather(*futures)
         finally:
@@ -291,109 +348,98 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
             answers.append((labels[int(scores.argmax())], dict(zip(labels, map(float, scores)))))
         return answers
 
-    def choice(chat: bool, index: int, text: str, finish: str | None, delta: bool = False, **extra) -> dict:
-        if not chat:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish, **extra}
-        if delta:
-            return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None,
-                    "finish_reason": finish}  # fmt: skip
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish, **extra}  # fmt: skip
+    # ---- answering ----
 
-    async def respond(job: Job, chat: bool, request: Request):
-        build = protocol.chat_completion if chat else protocol.completion
-        rid, name = protocol.new_id("chatcmpl" if chat else "cmpl"), job.prompt.name
-        prompt_tokens = sum(map(len, job.inputs))
-        total = len(job.inputs) * job.n
-
+    async def respond(self, job: Job, chat: bool, request: Request):
+        """Run `job` and answer it: labels for a classification prompt, else generated text; whole or streamed."""
+        reply = Reply(chat, job.prompt.name)
         if job.prompt.is_classification:
-            answers = await run_scoring(job)
-            label_tokens = [len(tokenize(" " + label, special=False)) for label, _ in answers]
-            usage = protocol.usage(prompt_tokens, sum(label_tokens) * job.n)
-            choices = [choice(chat, i * job.n + j, label, "stop", label_scores=scores)
-                       for i, (label, scores) in enumerate(answers) for j in range(job.n)]  # fmt: skip
-            if not job.stream:
-                return JSONResponse(build(rid, name, choices, usage))
+            return await self.answer_labels(job, reply, request)
+        rows, queue = await self.run_generation(job)
+        if job.stream:
+            return EventStream(request, self.generation_events(job, reply, rows, queue))
+        return await self.collect(job, reply, rows, queue, request)
 
-            async def labels_stream():
-                for c in choices:
-                    text = c["text"] if not chat else c["message"]["content"]
-                    yield _sse(build(rid, name, [choice(chat, c["index"], text, "stop", delta=True)], None, True))
-                if job.include_usage:
-                    yield _sse(build(rid, name, [], usage, True))
-                yield _sse("[DONE]")
-
-            return EventStream(request, labels_stream())
-
-        rows, queue = await run_generation(job)
+    async def answer_labels(self, job: Job, reply: Reply, request: Request):
+        answers = await self.run_scoring(job)
+        label_tokens = [len(self.tokenize(" " + label, special=False)) for label, _ in answers]
+        usage = protocol.usage(sum(map(len, job.inputs)), sum(label_tokens) * job.n)
+        choices = [reply.choice(i * job.n + j, label, "stop", label_scores=scores)
+                   for i, (label, scores) in enumerate(answers) for j in range(job.n)]  # fmt: skip
         if not job.stream:
-            finals: dict[int, Update] = {}
-            gone = asyncio.ensure_future(disconnected(request))
-            try:
-                while len(finals) < total:
-                    got = asyncio.ensure_future(queue.get())
-                    await asyncio.wait([got, gone], return_when=asyncio.FIRST_COMPLETED)
-                    if not got.done():
-                        got.cancel()
-                        return Response(status_code=CLIENT_GONE)  # nobody reads it; its rows leave below
-                    index, update = got.result()
-                    if update.finished:
-                        finals[index] = update
-            finally:
-                gone.cancel()
-                for row in rows:
-                    row.cancelled = True  # no-op for finished rows; frees the batch if the client went away
-            failed = [u.error for u in finals.values() if u.finish_reason == "error"]
-            if failed:
-                raise ApiError(500, failed[0], "server_error")
-            choices = [choice(chat, i, decode_new(tokenizer, finals[i].tokens), finals[i].finish_reason)
-                       for i in range(total)]  # fmt: skip
-            usage = protocol.usage(prompt_tokens, sum(len(u.tokens) for u in finals.values()))
-            return JSONResponse(build(rid, name, choices, usage))
+            return reply.json(choices, usage)
+        return EventStream(request, reply.label_events(choices, usage, job.include_usage))
 
-        async def events():
-            texts = [TextStream(tokenizer, job.sampling.stop) for _ in range(total)]
-            done, generated = 0, 0
-            try:
-                if chat:
-                    first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(total)]  # fmt: skip
-                    yield _sse(build(rid, name, first, None, True))
-                while done < total:
-                    index, update = await queue.get()
-                    if update.finish_reason == "error":
-                        yield _sse(protocol.error_body(update.error or "generation failed", "server_error"))
-                        return
-                    delta = texts[index].delta(update.tokens, update.finished)
-                    if update.finished:
-                        done, generated = done + 1, generated + len(update.tokens)
-                    if delta or update.finished:
-                        finish = update.finish_reason if update.finished else None
-                        yield _sse(build(rid, name, [choice(chat, index, delta, finish, delta=True)], None, True))
-                if job.include_usage:
-                    yield _sse(build(rid, name, [], protocol.usage(prompt_tokens, generated), True))
-                yield _sse("[DONE]")
-            finally:
-                for row in rows:
-                    row.cancelled = True
+    async def collect(self, job: Job, reply: Reply, rows: list[Sequence], queue: asyncio.Queue, request: Request):
+        """The whole answer once every choice has finished; a client that leaves first stops its rows (499)."""
+        total = len(job.inputs) * job.n
+        finals: dict[int, Update] = {}
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            while len(finals) < total:
+                got = asyncio.ensure_future(queue.get())
+                await asyncio.wait([got, gone], return_when=asyncio.FIRST_COMPLETED)
+                if not got.done():
+                    got.cancel()
+                    return Response(status_code=CLIENT_GONE)  # nobody reads it; its rows leave below
+                index, update = got.result()
+                if update.finished:
+                    finals[index] = update
+        finally:
+            gone.cancel()
+            for row in rows:
+                row.cancelled = True  # no-op for finished rows; frees the batch if the client went away
+        failed = [u.error for u in finals.values() if u.finish_reason == "error"]
+        if failed:
+            raise ApiError(500, failed[0], "server_error")
+        choices = [reply.choice(i, decode_new(self.tokenizer, finals[i].tokens), finals[i].finish_reason)
+                   for i in range(total)]  # fmt: skip
+        usage = protocol.usage(sum(map(len, job.inputs)), sum(len(u.tokens) for u in finals.values()))
+        return reply.json(choices, usage)
 
-        return EventStream(request, events())
+    async def generation_events(self, job: Job, reply: Reply, rows: list[Sequence], queue: asyncio.Queue):
+        """The answer as server-sent events, text deltas as they come; closing it (the client gone) stops the rows."""
+        total = len(job.inputs) * job.n
+        texts = [TextStream(self.tokenizer, job.sampling.stop) for _ in range(total)]
+        done, generated = 0, 0
+        try:
+            if reply.chat:
+                first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(total)]  # fmt: skip
+                yield reply.event(first)
+            while done < total:
+                index, update = await queue.get()
+                if update.finish_reason == "error":
+                    yield _sse(protocol.error_body(update.error or "generation failed", "server_error"))
+                    return
+                delta = texts[index].delta(update.tokens, update.finished)
+                if update.finished:
+                    done, generated = done + 1, generated + len(update.tokens)
+                if delta or update.finished:
+                    finish = update.finish_reason if update.finished else None
+                    yield reply.event([reply.choice(index, delta, finish, delta=True)])
+            if job.include_usage:
+                yield reply.event([], protocol.usage(sum(map(len, job.inputs)), generated))
+            yield _sse("[DONE]")
+        finally:
+            for row in rows:
+                row.cancelled = True
 
     # ---- routes ----
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "prompts": len(registry), "running": engine.running, "waiting": engine.queue_depth}
+    async def health(self):
+        engine = self.engine
+        return {"status": "ok", "prompts": len(self.registry), "running": engine.running,
+                "waiting": engine.queue_depth}  # fmt: skip
 
-    @app.get("/metrics")
-    async def metrics_endpoint():
-        return PlainTextResponse(metrics.render(counters, engine, len(registry)), media_type=metrics.CONTENT_TYPE)
+    async def metrics_endpoint(self):
+        text = metrics.render(self.counters, self.engine, len(self.registry))
+        return PlainTextResponse(text, media_type=metrics.CONTENT_TYPE)
 
-    @app.get("/v1/models")
-    async def models():
-        base = registry.base.name
+    async def models(self):
+        base = self.registry.base.name
         data = []
-        for p in registry.prompts.values():
+        for p in self.registry.prompts.values():
             entry = {"id": p.name, "object": "model", "created": p.created, "owned_by": "softprompt",
                      "root": base, "parent": None if p.prefix is None else base}  # fmt: skip
             if p.task is not None:
@@ -402,19 +448,18 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
             data.append(entry)
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions")
-    async def completions(body: protocol.CompletionRequest, request: Request):
-        prompt = lookup(body.model)
+    async def completions(self, body: protocol.CompletionRequest, request: Request):
+        prompt = self.lookup(body.model)
         raw = body.prompt
         if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
             raw = [raw]  # one prompt: a text or a list of token ids
-        inputs = [list(p) if isinstance(p, list) else tokenize(p if body.raw else fill(prompt, p)) for p in raw]
-        return await respond(job_for(body, prompt, inputs, 16 if body.max_tokens is None else body.max_tokens), False,
-                             request)
+        inputs = [list(p) if isinstance(p, list) else self.tokenize(p if body.raw else self.fill(prompt, p))
+                  for p in raw]  # fmt: skip
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        return await self.respond(self.job_for(body, prompt, inputs, max_tokens), False, request)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: protocol.ChatRequest, request: Request):
-        prompt = lookup(body.model)
+    async def chat_completions(self, body: protocol.ChatRequest, request: Request):
+        prompt = self.lookup(body.model)
         if not body.messages:
             raise ApiError(400, "messages is empty: send at least one message", param="messages")
         if prompt.is_classification:
@@ -422,25 +467,41 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
             users = [m.text() for m in body.messages if m.role == "user"]
             if not users:
                 raise ApiError(400, f"{prompt.name!r} classifies a user message; send one", param="messages")
-            inputs = [tokenize(fill(prompt, users[-1]))]
+            inputs = [self.tokenize(self.fill(prompt, users[-1]))]
         else:
-            if not getattr(tokenizer, "chat_template", None):
+            if not getattr(self.tokenizer, "chat_template", None):
                 raise ApiError(400, f"the base model of {prompt.name!r} has no chat template; use /v1/completions")
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception as error:  # the template's own checks (roles, order) raise template errors
                 raise ApiError(400, f"the chat template refused the messages: {error}", param="messages") from None
-            inputs = [tokenize(text, special=False)]  # the template writes the special tokens itself
+            inputs = [self.tokenize(text, special=False)]  # the template writes the special tokens itself
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if asked is None:  # chat's default: as much as the context and the limit allow
-            room = (limits.context or 1 << 30) - prompt.num_tokens - len(inputs[0])
-            asked = max(1, min(limits.max_tokens, room))
-        return await respond(job_for(body, prompt, inputs, asked), True, request)
+            room = (self.limits.context or 1 << 30) - prompt.num_tokens - len(inputs[0])
+            asked = max(1, min(self.limits.max_tokens, room))
+        return await self.respond(self.job_for(body, prompt, inputs, asked), True, request)
 
-    @app.post("/admin/reload")
-    async def reload():
-        report = await asyncio.wrap_future(engine.call(registry.reload))
-        return {"prompts": sorted(p for p in registry.prompts if p != registry.base.name), **report}
+    async def reload(self):
+        """Reload the prompt artifacts on the engine's thread, between batches."""
+        report = await asyncio.wrap_future(self.engine.call(self.registry.reload))
+        return {"prompts": sorted(p for p in self.registry.prompts if p != self.registry.base.name), **report}
 
+
+def create_app(registry: Registry, engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app: the error handlers, the auth-and-count middleware and the routes, all on one `Api`."""
+    api = Api(registry, engine, limits or Limits(), api_key)
+    app = FastAPI(title="softprompt", docs_url=None, redoc_url=None, openapi_url=None)
+    app.exception_handler(ApiError)(api_error)
+    app.exception_handler(RequestValidationError)(invalid_body)
+    app.exception_handler(HTTPException)(http_error)
+    app.exception_handler(Exception)(server_error)
+    app.middleware("http")(api.auth_and_count)
+    app.get("/health")(api.health)
+    app.get("/metrics")(api.metrics_endpoint)
+    app.get("/v1/models")(api.models)
+    app.post("/v1/completions")(api.completions)
+    app.post("/v1/chat/completions")(api.chat_completions)
+    app.post("/admin/reload")(api.reload)
     return app
