@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from softprompt import artifact
-from softprompt.backbone import Backbone
+from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Task
 from softprompt.datasets import sentiment_splits
-from softprompt.demo import DEMO_TRAINING, INIT_TEXT, LABELS, TEMPLATE
+from softprompt.demo import DEMO_TRAINING, INIT_TEXT, LABELS, NUM_TOKENS, TEMPLATE
 from softprompt.ensemble import member_scores, summarize
 from softprompt.models import DEFAULT_MODEL, load_model
+from softprompt.prepare import fitted_task
 from softprompt.train import train
 
 
@@ -42,13 +42,14 @@ def main() -> None:
     say = lambda text: print(text, flush=True)  # noqa: E731
     started = time.perf_counter()
 
-    backbone = Backbone(*load_model(DEFAULT_MODEL))
+    backbone = backbone_for(*load_model(DEFAULT_MODEL))
     training = {**DEMO_TRAINING, "lr": args.lr}
     splits = sentiment_splits(test_size=args.test_size, valid_size=training["eval_size"])
-    task = Task(TaskConfig(template=TEMPLATE, labels=LABELS, label_field="label"), backbone.tokenizer)
+    task = fitted_task(TaskConfig(template=TEMPLATE, labels=LABELS, label_field="label"), backbone, NUM_TOKENS)
     train_examples, valid_examples = task.encode(splits["train"], "train"), task.encode(splits["valid"], "valid")
     test = task.encode(splits["test"], "test")
 
+    prompt_config = PromptConfig(method="prompt", num_tokens=NUM_TOKENS, init="text", init_text=INIT_TEXT)
     prefixes, names, seconds = [], [], {}
     for seed in args.seeds:
         folder = args.out / f"seed{seed}"
@@ -58,9 +59,8 @@ def main() -> None:
         else:
             say(f"seed {seed}: training {args.steps} steps into {folder} ...")
             t0 = time.perf_counter()
-            run = train(backbone, task, PromptConfig(method="prompt", num_tokens=20, init="text", init_text=INIT_TEXT),
-                        TrainConfig(steps=args.steps, seed=seed, **training), train_examples, folder, valid_examples,
-                        progress=False)  # fmt: skip
+            run = train(backbone, task, prompt_config, TrainConfig(steps=args.steps, seed=seed, **training),
+                        train_examples, folder, valid_examples, progress=False)  # fmt: skip
             method, seconds[seed] = run.method, round(time.perf_counter() - t0)
             say(f"seed {seed}: best validation at step {run.summary['best_step']} "
                 f"(accuracy {run.summary['valid']['accuracy']:.3f}), {seconds[seed]} s")
@@ -77,8 +77,8 @@ def main() -> None:
     mean_accuracy = sum(m["accuracy"] for m in members) / len(members)
     mean_f1 = sum(m["macro_f1"] for m in members) / len(members)
 
-    say(f"\nHeld-out accuracy on {len(test)} Rotten Tomatoes snippets ({DEFAULT_MODEL}, 20-token prompt tuning, "
-        f"{args.steps} steps, lr {args.lr}):")
+    say(f"\nHeld-out accuracy on {len(test)} Rotten Tomatoes snippets ({DEFAULT_MODEL}, {NUM_TOKENS}-token prompt "
+        f"tuning, {args.steps} steps, lr {args.lr}):")
     rows = [(name, m["accuracy"], m["macro_f1"]) for name, m in zip(names, members)]
     rows.append(("mean of the members", mean_accuracy, mean_f1))
     rows += [(f"ensemble, {how}", r.ensemble["accuracy"], r.ensemble["macro_f1"]) for how, r in results.items()]

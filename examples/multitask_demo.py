@@ -19,12 +19,12 @@ import time
 import torch
 
 from softprompt import artifact
-from softprompt.backbone import Backbone
+from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Task
 from softprompt.datasets import review_or_plot, sentiment_splits
 from softprompt.evaluate import evaluate
 from softprompt.models import load_model
+from softprompt.prepare import fitted_task
 from softprompt.train import TaskData, train_multitask
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
-    backbone = Backbone(*load_model("smollm2-135m"))
+    backbone = backbone_for(*load_model("smollm2-135m"))
     sentiment = sentiment_splits(test_size=300, valid_size=100)
     configs = {
         "sentiment": (TaskConfig(template="Review: {text}\nSentiment:", labels=["negative", "positive"],
@@ -52,14 +52,15 @@ def main() -> None:
         "kind": (TaskConfig(template="Text: {text}\nThis text is a movie", labels=["review", "summary"],
                             label_field="kind"), kind_splits()),
     }  # fmt: skip
+    prompt_config = PromptConfig(num_tokens=20, init="text", init_text="Classify this movie text.")
     tasks, held_out = {}, {}
     for name, (config, splits) in configs.items():
-        task = Task(config, backbone.tokenizer)
+        task = fitted_task(config, backbone, prompt_config.num_tokens)
         tasks[name] = TaskData(task, task.encode(splits["train"], f"{name} train"),
                                task.encode(splits["valid"], f"{name} valid"))  # fmt: skip
         held_out[name] = task.encode(splits["test"], f"{name} test")
     runs = train_multitask(
-        backbone, tasks, PromptConfig(num_tokens=20, init="text", init_text="Classify this movie text."),
+        backbone, tasks, prompt_config,
         TrainConfig(steps=args.steps, lr=0.03, eval_every=20, eval_size=100, patience=0), args.out,
     )  # fmt: skip
     report = {}

@@ -11,8 +11,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from .config import PromptConfig, TaskConfig, TrainConfig
 from .errors import SoftPromptError
 from .models import DEFAULT_MODEL
+from .serve import ServeConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Adapt a frozen causal LM by learning continuous prompts (prompt tuning, prefix tuning).")
@@ -21,8 +23,6 @@ Opt = typer.Option
 
 
 def _task_config(template, labels, label_field, target_field):
-    from .config import TaskConfig
-
     return TaskConfig.infer(template, labels, label_field, target_field)
 
 
@@ -46,10 +46,10 @@ def _launched_with_fsdp() -> bool:
 
 
 def _backbone(model_name: str):
-    from .backbone import Backbone
+    from .backbones import backbone_for
     from .models import load_model
 
-    return Backbone(*load_model(model_name))
+    return backbone_for(*load_model(model_name))
 
 
 @app.command()
@@ -66,40 +66,46 @@ def train(
     labels: Annotated[Optional[str], Opt(help="Comma-separated label words (classification).")] = None,
     label_field: Annotated[Optional[str], Opt(help="Field holding the label.")] = None,
     target_field: Annotated[Optional[str], Opt(help="Field holding the target text (generation).")] = None,
-    method: Annotated[str, Opt(help="prompt or prefix.")] = "prompt",
-    num_tokens: Annotated[int, Opt(help="Virtual tokens.")] = 20,
-    init: Annotated[str, Opt(help="random, vocab, text or labels.")] = "text",
-    init_text: Annotated[Optional[str], Opt(help="Text for --init text (default: the template's literal words).")] = None,
-    init_range: Annotated[float, Opt(help="Half-width of the uniform range for --init random.")] = 0.5,
-    prefix_mlp: Annotated[bool, Opt(help="Prefix tuning through an MLP reparameterization.")] = False,
-    mlp_hidden: Annotated[int, Opt(help="Hidden width of that MLP.")] = 512,
-    steps: Annotated[int, Opt(help="Optimizer steps.")] = 300,
-    batch_size: Annotated[int, Opt(help="Examples per step.")] = 8,
-    grad_accum: Annotated[int, Opt(help="Micro-batches per step.")] = 1,
-    lr: Annotated[float, Opt(help="Peak learning rate.")] = 0.01,
-    optimizer: Annotated[str, Opt(help="adamw or adafactor.")] = "adamw",
-    schedule: Annotated[str, Opt(help="linear, cosine or constant decay after warmup.")] = "linear",
-    warmup_steps: Annotated[int, Opt(help="Linear warmup steps.")] = 10,
-    weight_decay: Annotated[float, Opt()] = 0.0,
-    max_grad_norm: Annotated[float, Opt(help="Gradient clipping (0: off).")] = 1.0,
-    eval_every: Annotated[int, Opt(help="Validate every N steps.")] = 25,
-    eval_size: Annotated[int, Opt(help="Validation examples used.")] = 300,
-    patience: Annotated[int, Opt(help="Early stop after N evaluations without gain (0: never).")] = 6,
-    max_length: Annotated[int, Opt(help="Longest example in tokens.")] = 512,
-    too_long: Annotated[str, Opt(help="A longer example: truncate its input (with a warning) or refuse.")] = "truncate",
-    seed: Annotated[int, Opt()] = 0,
-    checkpoint_every: Annotated[int, Opt(help="Write a resumable checkpoint every N steps (0: only when stopped).")] = 50,
+    method: Annotated[str, Opt(help="prompt or prefix.")] = PromptConfig.method,
+    num_tokens: Annotated[int, Opt(help="Virtual tokens.")] = PromptConfig.num_tokens,
+    init: Annotated[str, Opt(help="random, vocab, text or labels.")] = PromptConfig.init,
+    init_text: Annotated[Optional[str], Opt(help="Text for --init text (default: the template's literal "
+                                                 "words).")] = PromptConfig.init_text,
+    init_range: Annotated[float, Opt(help="Half-width of the uniform range for --init "
+                                          "random.")] = PromptConfig.init_range,
+    prefix_mlp: Annotated[bool, Opt(help="Prefix tuning through an MLP reparameterization.")] = PromptConfig.prefix_mlp,
+    mlp_hidden: Annotated[int, Opt(help="Hidden width of that MLP.")] = PromptConfig.mlp_hidden,
+    steps: Annotated[int, Opt(help="Optimizer steps.")] = TrainConfig.steps,
+    batch_size: Annotated[int, Opt(help="Examples per step.")] = TrainConfig.batch_size,
+    grad_accum: Annotated[int, Opt(help="Micro-batches per step.")] = TrainConfig.grad_accum,
+    lr: Annotated[float, Opt(help="Peak learning rate.")] = TrainConfig.lr,
+    optimizer: Annotated[str, Opt(help="adamw or adafactor.")] = TrainConfig.optimizer,
+    schedule: Annotated[str, Opt(help="linear, cosine or constant decay after warmup.")] = TrainConfig.schedule,
+    warmup_steps: Annotated[int, Opt(help="Linear warmup steps.")] = TrainConfig.warmup_steps,
+    weight_decay: Annotated[float, Opt()] = TrainConfig.weight_decay,
+    max_grad_norm: Annotated[float, Opt(help="Gradient clipping (0: off).")] = TrainConfig.max_grad_norm,
+    eval_every: Annotated[int, Opt(help="Validate every N steps.")] = TrainConfig.eval_every,
+    eval_size: Annotated[int, Opt(help="Validation examples used.")] = TrainConfig.eval_size,
+    patience: Annotated[int, Opt(help="Early stop after N evaluations without gain (0: "
+                                      "never).")] = TrainConfig.patience,
+    max_length: Annotated[int, Opt(help="Longest example in tokens.")] = TrainConfig.max_length,
+    too_long: Annotated[str, Opt(help="A longer example: truncate its input (with a warning) or "
+                                      "refuse.")] = TrainConfig.too_long,
+    seed: Annotated[int, Opt()] = TrainConfig.seed,
+    checkpoint_every: Annotated[int, Opt(help="Write a resumable checkpoint every N steps (0: only when "
+                                              "stopped).")] = TrainConfig.checkpoint_every,
     resume: Annotated[bool, Opt(help="Continue the run in --out from its newest checkpoint.")] = False,
-    gradient_checkpointing: Annotated[bool, Opt(help="Recompute activations in backward: less memory, slower.")] = False,
-    shard_model: Annotated[bool, Opt(help="Several processes: shard the frozen layers across them (FSDP2).")] = False,
+    gradient_checkpointing: Annotated[bool, Opt(help="Recompute activations in backward: less memory, "
+                                                    "slower.")] = TrainConfig.gradient_checkpointing,
+    shard_model: Annotated[bool, Opt(help="Several processes: shard the frozen layers across them "
+                                          "(FSDP2).")] = TrainConfig.shard_model,
     init_from: Annotated[Optional[Path], Opt(help="Start from a trained prompt directory (transfer, SPoT).")] = None,
     progress: Annotated[bool, Opt(help="Progress bars.")] = True,
 ):
     """Train a soft prompt or prefix on a frozen model; --out becomes the artifact (with --tasks, one per task)."""
-    from .config import PLACEHOLDER, PromptConfig, TrainConfig
-    from .data import Task, read_records
-    from .models import context_size
+    from .data import read_records
     from .multitask import TaskSpec, read_tasks_file
+    from .prepare import fitted_task, template_init_text, transfer_source
     from .train import TaskData, train_multitask
     from .train import train as run_training
 
@@ -112,7 +118,7 @@ def train(
         "prompt": TaskSpec(_task_config(template, labels, label_field, target_field), train_file, valid_file)}
     shard_model = _launched_with_fsdp() or shard_model  # the flag leaves the environment either way
     if init == "text" and not init_text:  # the literal words of the (first) template
-        init_text = " ".join(PLACEHOLDER.sub(" ", next(iter(specs.values())).config.template).split()) or "Answer:"
+        init_text = template_init_text(next(iter(specs.values())).config.template)
     prompt_config, train_config = _all_or_errors(
         lambda: PromptConfig(method=method, num_tokens=num_tokens, init=init, init_text=init_text,
                              init_range=init_range, prefix_mlp=prefix_mlp, mlp_hidden=mlp_hidden),
@@ -128,14 +134,12 @@ def train(
     backbone = _backbone(model)
     init_method = None
     if init_from:  # the source prompt's method and length replace --method/--num-tokens/--init
-        from . import artifact
-
-        init_method = artifact.attach(artifact.load(init_from), backbone, f"--init-from {init_from}")
+        init_method = transfer_source(init_from, backbone, f"--init-from {init_from}")
         prompt_config = init_method.config
     data = {}
     for name, spec in specs.items():
-        task = Task(spec.config, backbone.tokenizer, train_config.max_length, too_long=train_config.too_long,
-                    context=context_size(backbone.model), virtual_tokens=prompt_config.num_tokens)
+        task = fitted_task(spec.config, backbone, prompt_config.num_tokens, train_config.max_length,
+                           train_config.too_long)  # fmt: skip
         train_records, valid_records = records[name]
         data[name] = TaskData(task, task.encode(train_records, str(spec.train)),
                               task.encode(valid_records, str(spec.valid)) if valid_records else [], init_method)
@@ -181,9 +185,9 @@ def evaluate_command(
 ):
     """Score a prompt (or the base model with the template alone) on labelled data."""
     from . import artifact
-    from .data import Task, read_records
+    from .data import read_records
     from .evaluate import evaluate
-    from .models import context_size
+    from .prepare import fitted_task
 
     if batch_size < 1 or (limit is not None and limit < 1):
         raise SoftPromptError(f"--batch-size and --limit must be at least 1, got {batch_size} and {limit}.")
@@ -203,8 +207,7 @@ def evaluate_command(
             raise SoftPromptError("eval needs --prompt DIR, or --template with --labels/--label-field or --target-field.")
         task_config = _task_config(template, labels, label_field, target_field)
         backbone, prefix = _backbone(model or DEFAULT_MODEL), None
-    task = Task(task_config, backbone.tokenizer, context=context_size(backbone.model),
-                virtual_tokens=saved.prompt.num_tokens if prompt else 0)
+    task = fitted_task(task_config, backbone, saved.prompt.num_tokens if prompt else 0)
     result = evaluate(backbone, task, task.encode(records, str(data)), prefix, batch_size, progress and not as_json)
     if as_json:
         typer.echo(json.dumps(result))
@@ -215,9 +218,8 @@ def evaluate_command(
 def _evaluate_ensemble(data, records, prompts, combine, model, batch_size, as_json, progress):
     """`eval` with several prompts: all members in one mixed batch, then the ensemble."""
     from . import artifact
-    from .data import Task
     from .ensemble import evaluate_ensemble, format_table
-    from .models import context_size
+    from .prepare import fitted_task
 
     saved = [artifact.load(p) for p in prompts]
     differ = [f"{p}: {s.task}" for p, s in zip(prompts, saved) if s.task != saved[0].task]
@@ -226,8 +228,7 @@ def _evaluate_ensemble(data, records, prompts, combine, model, batch_size, as_js
                               + "\n  - ".join(differ))  # fmt: skip
     backbone = _backbone(model or saved[0].base_model)
     prefixes = [artifact.prefix_of(s, backbone, str(p)) for p, s in zip(prompts, saved)]
-    task = Task(saved[0].task, backbone.tokenizer, context=context_size(backbone.model),
-                virtual_tokens=max(s.prompt.num_tokens for s in saved))
+    task = fitted_task(saved[0].task, backbone, max(s.prompt.num_tokens for s in saved))
     result = evaluate_ensemble(backbone, task, task.encode(records, str(data)), prefixes, combine, batch_size,
                                progress and not as_json)  # fmt: skip
     if as_json:
@@ -254,7 +255,7 @@ def generate(
     from .data import fill
     from .generate import decode_new
     from .generate import generate as run_generate
-    from .models import context_size
+    from .prepare import check_generation_fits
 
     saved = artifact.load(prompt) if prompt else None
     backbone = _backbone(model or (saved.base_model if saved else DEFAULT_MODEL))
@@ -262,11 +263,7 @@ def generate(
     fields = saved.task.fields if saved and not raw else []
     inputs = [fill(saved.task.template, {f: text for f in fields}) if fields else text for text in texts]
     ids = [backbone.tokenizer(text)["input_ids"] for text in inputs]
-    context, n = context_size(backbone.model), saved.prompt.num_tokens if saved else 0
-    over = [f"{t!r} ({len(i)} tokens)" for t, i in zip(texts, ids) if context and n + len(i) + max_new_tokens > context]
-    if over:
-        raise SoftPromptError(f"Longer than the model's context of {context} positions with {n} virtual tokens and "
-                              f"--max-new-tokens {max_new_tokens}: {', '.join(over)}; shorten them or generate less.")
+    check_generation_fits(backbone, texts, ids, saved.prompt.num_tokens if saved else 0, max_new_tokens)
     outputs = run_generate(backbone, ids, prefix, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, stop=stop, seed=seed)
     for text, out in zip(texts, outputs):
@@ -339,7 +336,8 @@ def import_command(
     peft_dir: Annotated[Path, typer.Argument(help="A PEFT prompt-tuning, P-tuning or prefix-tuning adapter folder.")],
     out: Annotated[Path, Opt(help="The artifact directory to write.")],
     model: Annotated[Optional[str], Opt(help="Base model (default: the adapter's base_model_name_or_path).")] = None,
-    template: Annotated[str, Opt(help="How records become input (PEFT adapters carry no template).")] = "{text}",
+    template: Annotated[str, Opt(help="How records become input (PEFT adapters carry no "
+                                      "template).")] = TaskConfig.template,
     labels: Annotated[Optional[str], Opt(help="Comma-separated label words (classification).")] = None,
     label_field: Annotated[Optional[str], Opt(help="Field holding the label.")] = None,
     target_field: Annotated[Optional[str], Opt(help="Field holding the target text (generation).")] = "target",
@@ -360,7 +358,7 @@ def import_command(
 def demo(
     out: Annotated[Path, Opt(help="Where the demo writes its data splits, run and artifact.")] = Path("runs/demo"),
     steps: Annotated[int, Opt(help="Training steps.")] = 150,
-    method: Annotated[str, Opt(help="prompt or prefix.")] = "prompt",
+    method: Annotated[str, Opt(help="prompt or prefix.")] = PromptConfig.method,
     progress: Annotated[bool, Opt()] = True,
 ):
     """Movie-review sentiment on the embedded SmolLM2-135M: baseline, train, evaluate, inspect, generate."""
@@ -371,19 +369,20 @@ def demo(
 
 @app.command()
 def serve(
-    model: Annotated[str, Opt(help="Base model: embedded short name, local folder or hub name.")] = DEFAULT_MODEL,
-    prompts: Annotated[Optional[Path], Opt(help="Folder of prompt artifacts; each subfolder's name is a model id.")] = None,
-    host: Annotated[str, Opt()] = "127.0.0.1",
-    port: Annotated[int, Opt()] = 8000,
-    api_key: Annotated[Optional[str], Opt(help="Require 'Authorization: Bearer KEY' (all but /health).")] = None,
-    max_batch: Annotated[int, Opt(help="Rows decoded together.")] = 64,
-    max_queue: Annotated[int, Opt(help="Rows that may wait; more get 429.")] = 256,
-    max_prompt_tokens: Annotated[int, Opt(help="Longest prompt in tokens.")] = 2048,
-    max_tokens: Annotated[int, Opt(help="Most new tokens per choice.")] = 512,
-    max_n: Annotated[int, Opt(help="Most choices per prompt.")] = 16,
+    model: Annotated[str, Opt(help="Base model: embedded short name, local folder or hub name.")] = ServeConfig.model,
+    prompts: Annotated[Optional[Path], Opt(help="Folder of prompt artifacts; each subfolder's name is a model "
+                                                "id.")] = ServeConfig.prompts,
+    host: Annotated[str, Opt()] = ServeConfig.host,
+    port: Annotated[int, Opt()] = ServeConfig.port,
+    api_key: Annotated[Optional[str], Opt(help="Require 'Authorization: Bearer KEY' (all but "
+                                               "/health).")] = ServeConfig.api_key,
+    max_batch: Annotated[int, Opt(help="Rows decoded together.")] = ServeConfig.max_batch,
+    max_queue: Annotated[int, Opt(help="Rows that may wait; more get 429.")] = ServeConfig.max_queue,
+    max_prompt_tokens: Annotated[int, Opt(help="Longest prompt in tokens.")] = ServeConfig.max_prompt_tokens,
+    max_tokens: Annotated[int, Opt(help="Most new tokens per choice.")] = ServeConfig.max_tokens,
+    max_n: Annotated[int, Opt(help="Most choices per prompt.")] = ServeConfig.max_n,
 ):
     """OpenAI-compatible server: every prompt in --prompts, and the bare model, in mixed continuous batches."""
-    from .serve import ServeConfig
     from .serve import serve as run_server
 
     run_server(ServeConfig(model=model, prompts=prompts, host=host, port=port, api_key=api_key, max_batch=max_batch,

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import SoftPromptError
+from .methods import REGISTRY
 
-METHODS = ("prompt", "prefix")
+METHODS = tuple(REGISTRY)
 INITS = ("random", "vocab", "text", "labels")
 TASKS = ("classification", "generation")
 OPTIMIZERS = ("adamw", "adafactor")
@@ -61,8 +62,9 @@ class PromptConfig:
             problems.append(f"init_range must be positive, got {self.init_range}")
         if self.mlp_hidden < 1:
             problems.append(f"mlp_hidden must be at least 1, got {self.mlp_hidden}")
-        if self.prefix_mlp and self.method != "prefix":
-            problems.append("prefix_mlp applies to method=prefix only")
+        if self.prefix_mlp and not getattr(REGISTRY.get(self.method), "supports_mlp", False):
+            with_mlp = ", ".join(name for name, method in REGISTRY.items() if method.supports_mlp)
+            problems.append(f"prefix_mlp applies to method={with_mlp} only")
         _check(problems, "prompt settings")
 
 

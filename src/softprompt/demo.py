@@ -10,7 +10,7 @@ import torch
 
 from . import artifact, methods
 from .atomic import write_atomic
-from .backbone import Backbone
+from .backbones import backbone_for
 from .config import PromptConfig, TaskConfig, TrainConfig
 from .data import Task, fill
 from .datasets import sentiment_splits
@@ -18,6 +18,7 @@ from .evaluate import evaluate
 from .generate import decode_new, generate
 from .inspection import describe, format_report
 from .models import DEFAULT_MODEL, load_model
+from .prepare import fitted_task
 from .train import train
 
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -25,6 +26,7 @@ INSTRUCTION = "Is the following movie review positive or negative?\n" + TEMPLATE
 LABELS = ["negative", "positive"]
 STOP = ["\n"]
 INIT_TEXT = "Classify the sentiment of this movie review as positive or negative."
+NUM_TOKENS = 20
 # Defaults measured on this task (README): AdamW at 0.03 with warmup and linear decay, 20 tokens, text init,
 # validation every 25 steps keeping the best prompt.
 DEMO_TRAINING = dict(batch_size=8, lr=0.03, warmup_steps=10, eval_every=25, eval_size=200, patience=4)
@@ -38,21 +40,22 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     write_atomic(path, dump)
 
 
-def run_demo(out: Path, steps: int = 150, method: str = "prompt", test_size: int = 600, progress: bool = True) -> dict:
+def run_demo(out: Path, steps: int = 150, method: str = PromptConfig.method, test_size: int = 600,
+             progress: bool = True) -> dict:
     started = time.perf_counter()
     out = Path(out)
     say = lambda text: print(text, flush=True)  # noqa: E731
     say(f"Loading the embedded model {DEFAULT_MODEL} (SmolLM2-135M-Instruct)...")
-    backbone = Backbone(*load_model(DEFAULT_MODEL))
+    backbone = backbone_for(*load_model(DEFAULT_MODEL))
     splits = sentiment_splits(test_size=test_size, valid_size=DEMO_TRAINING["eval_size"])
     for name, records in splits.items():
         write_jsonl(out / "data" / f"{name}.jsonl", records)
     say(f"Rotten Tomatoes snippets: {', '.join(f'{len(v)} {k}' for k, v in splits.items())} "
         f"(written to {out / 'data'}; the test split is never trained on)")
 
-    def task_for(template: str) -> Task:
+    def task_for(template: str) -> Task:  # room for the prompt's virtual tokens in the model's context
         config = TaskConfig(template=template, labels=LABELS, label_field="label")
-        return Task(config, backbone.tokenizer)
+        return fitted_task(config, backbone, NUM_TOKENS)
 
     task = task_for(TEMPLATE)
     test = task.encode(splits["test"], "test")
@@ -68,13 +71,14 @@ def run_demo(out: Path, steps: int = 150, method: str = "prompt", test_size: int
     score("base model, instruction + template", instruction, instruction.encode(splits["test"], "test"), None)
     score("base model, template only", task, test, None)
 
-    prompt_config = PromptConfig(method=method, num_tokens=20, init="text", init_text=INIT_TEXT)
+    prompt_config = PromptConfig(method=method, num_tokens=NUM_TOKENS, init="text", init_text=INIT_TEXT)
     generator = torch.Generator().manual_seed(0)
     untrained = methods.build(prompt_config, backbone, LABELS, generator)
     with torch.no_grad():
         score("untrained soft prompt (text init) + template", task, test, untrained.kv(backbone))
 
-    say(f"\nTraining a {method}-tuning prompt of 20 tokens for up to {steps} steps (best on validation kept)...")
+    say(f"\nTraining a {method}-tuning prompt of {NUM_TOKENS} tokens for up to {steps} steps (best on validation "
+        "kept)...")
     run = train(
         backbone, task, prompt_config, TrainConfig(steps=steps, **DEMO_TRAINING),
         task.encode(splits["train"], "train"), out / "prompt", task.encode(splits["valid"], "valid"),

@@ -48,7 +48,7 @@ def _rounded(matrix: torch.Tensor) -> list[list[float]]:
 
 def describe(artifact: Artifact, prompt_dir: str | Path, backbone=None, k: int = 5) -> dict:
     """A JSON-ready report; nearest tokens need the base model (prompt tuning only)."""
-    tensors = artifact.tensors
+    tensors, method = artifact.tensors, methods.REGISTRY[artifact.prompt.method]
     vectors = token_vectors(artifact)
     similarity = cosine_matrix(vectors, vectors)  # (n, n)
     n = len(vectors)
@@ -68,7 +68,7 @@ def describe(artifact: Artifact, prompt_dir: str | Path, backbone=None, k: int =
         "token_cosine": _rounded(similarity),
         "mean_token_cosine": round(float(off_diagonal.mean()), 4) if n > 1 else None,
     }
-    if methods.REGISTRY[artifact.prompt.method].in_embedding_space:
+    if method.in_embedding_space:
         if backbone is not None:
             embeddings = backbone.model.get_input_embeddings().weight.detach().cpu()
             report["mean_vocab_norm"] = round(float(embeddings.norm(dim=-1).mean()), 4)
@@ -76,7 +76,7 @@ def describe(artifact: Artifact, prompt_dir: str | Path, backbone=None, k: int =
             report["nearest_tokens"] = [[token for token, _ in row] for row in nearest]
             report["nearest_cosines"] = [[round(score, 4) for _, score in row] for row in nearest]
     else:
-        prefix = tensors["prefix"]  # (layers, 2, kv_heads, n, head_dim)
+        prefix = tensors[method.artifact_key]  # (layers, 2, kv_heads, n, head_dim)
         report["key_norm_per_layer"] = [round(float(x), 4) for x in prefix[:, 0].norm(dim=-1).mean(dim=(1, 2))]
         report["value_norm_per_layer"] = [round(float(x), 4) for x in prefix[:, 1].norm(dim=-1).mean(dim=(1, 2))]
     return report

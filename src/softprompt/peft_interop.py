@@ -10,13 +10,16 @@ tensor, `prompt_embeddings` (PEFT 0.21, `get_peft_model_state_dict`):
   so it is the same layout (the reparameterization is already folded, as ours is).
 
 Export needs no model: the artifact's config.json records the shapes. Import needs the base model, to check the
-shapes and to fingerprint the artifact.
+shapes and to fingerprint the artifact. What differs by method (its PEFT types, config entries, layout and shape
+checks) is the method class's (`peft_types`, `peft_config`, `token_vectors`, `peft_problems`); this module keeps the
+files and the flow.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError
@@ -24,21 +27,14 @@ from safetensors.torch import load_file, save_file
 
 from . import artifact, methods
 from .atomic import write_atomic, write_json
-from .backbone import Backbone
+from .backbones import Backbone
 from .config import PromptConfig, TaskConfig
 from .errors import SoftPromptError
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 KEY = "prompt_embeddings"
-READABLE = {"PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
-"""PEFT types we read, and the method each becomes."""
-
-
-def from_peft_layout(weight: torch.Tensor, num_layers: int, kv_heads: int, head_dim: int) -> torch.Tensor:
-    """PEFT's (n, layers * 2 * kv_heads * head_dim) -> our prefix (layers, 2, kv_heads, n, head_dim)."""
-    n = weight.shape[0]
-    per_token = weight.view(n, num_layers, 2, kv_heads, head_dim)  # (n, layers, 2, kv_heads, head_dim)
-    return per_token.permute(1, 2, 3, 0, 4).contiguous()
+READABLE = {peft_type: cls for cls in methods.REGISTRY.values() for peft_type in cls.peft_types}
+"""PEFT types we read, and the method class each becomes."""
 
 
 def export_peft(prompt_dir: str | Path, out_dir: str | Path) -> Path:
@@ -48,8 +44,8 @@ def export_peft(prompt_dir: str | Path, out_dir: str | Path) -> Path:
     shapes = saved.extra.get("shapes")
     if not shapes:
         raise SoftPromptError(f"{prompt_dir}/config.json records no model shapes; re-save it with this version.")
-    n = saved.prompt.num_tokens
-    common = {
+    n, method = saved.prompt.num_tokens, methods.REGISTRY[saved.prompt.method]
+    config = {
         "base_model_name_or_path": saved.base_model,
         "task_type": "CAUSAL_LM",
         "inference_mode": True,
@@ -59,31 +55,9 @@ def export_peft(prompt_dir: str | Path, out_dir: str | Path) -> Path:
         "revision": None,
         "modules_to_save": None,
         "auto_mapping": None,
+        **method.peft_config(SimpleNamespace(**shapes)),
     }
-    if saved.prompt.method == "prompt":
-        weight = saved.tensors["prompt_embeddings"]  # (n, hidden)
-        config = {
-            **common,
-            "peft_type": "PROMPT_TUNING",
-            "token_dim": shapes["hidden_size"],
-            "num_attention_heads": None,  # PEFT fills it from the model's config; prompt tuning does not use it
-            "prompt_tuning_init": "RANDOM",  # how it started does not matter once trained
-            "prompt_tuning_init_text": None,
-            "tokenizer_name_or_path": None,
-            "tokenizer_kwargs": None,
-        }
-    else:
-        weight = methods.Prefix.token_vectors(saved.tensors["prefix"])  # PEFT's (n, layers * 2 * kv_heads * head_dim)
-        token_dim = shapes["num_kv_heads"] * shapes["head_dim"]
-        config = {
-            **common,
-            "peft_type": "PREFIX_TUNING",
-            "token_dim": token_dim,
-            "num_attention_heads": shapes["num_kv_heads"],  # PEFT's view for grouped-query attention
-            "encoder_hidden_size": token_dim,
-            "prefix_projection": False,  # an artifact holds plain key/values, any MLP already folded
-            "init_weights": None,
-        }
+    weight = method.token_vectors(saved.tensors[method.artifact_key])  # PEFT's (n, width)
     out_dir = Path(out_dir)
     tensors = {KEY: weight.float().contiguous()}
     write_atomic(out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -149,25 +123,11 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, backbone: Backbone, t
         problems.append(f"{KEY} has shape {tuple(weight.shape)}, expected {n} rows (num_virtual_tokens)")
     _check(problems, peft_dir, backbone)
     method = READABLE[peft_type]
-    if method == "prompt":
-        if weight.shape[1] != s.hidden_size:
-            problems.append(f"virtual tokens of width {weight.shape[1]}, the model's hidden size is {s.hidden_size}")
-        tensor = {"prompt_embeddings": weight}
-    else:
-        expected = s.num_layers * 2 * s.num_kv_heads * s.head_dim
-        layers, heads = config.get("num_layers"), config.get("num_attention_heads")
-        if layers is not None and layers != s.num_layers:
-            problems.append(f"num_layers {layers}, the model has {s.num_layers}")
-        if heads is not None and heads != s.num_kv_heads:
-            problems.append(f"num_attention_heads {heads}, the model has {s.num_kv_heads} key/value heads")
-        if weight.shape[1] != expected:
-            problems.append(f"prefix rows of width {weight.shape[1]}, the model needs num_layers x 2 x kv_heads x "
-                            f"head_dim = {s.num_layers} x 2 x {s.num_kv_heads} x {s.head_dim} = {expected}")
-        tensor = {} if problems else {"prefix": from_peft_layout(weight, s.num_layers, s.num_kv_heads, s.head_dim)}
-    _check(problems, peft_dir, backbone)
+    _check(method.peft_problems(config, weight, s), peft_dir, backbone)
+    restored = {method.artifact_key: method.from_token_vectors(weight, s)}
     text = config.get("prompt_tuning_init_text") if config.get("prompt_tuning_init") == "TEXT" else None
-    prompt = PromptConfig(method=method, num_tokens=n, init="text" if text else "random", init_text=text)
-    imported = methods.from_tensors(prompt, backbone, tensor)
+    prompt = PromptConfig(method=method.name, num_tokens=n, init="text" if text else "random", init_text=text)
+    imported = methods.from_tensors(prompt, backbone, restored)
     training = {
         "imported_from": str(Path(peft_dir).resolve()),
         "peft_type": peft_type,

@@ -20,6 +20,10 @@ class PromptMethod(nn.Module):
     """The axis of that tensor that counts the virtual tokens."""
     in_embedding_space: ClassVar[bool]
     """Whether its vectors are input embeddings, so the nearest vocabulary tokens mean something."""
+    supports_mlp: ClassVar[bool] = False
+    """Whether it can train through an MLP reparameterization (`PromptConfig.prefix_mlp`)."""
+    peft_types: ClassVar[tuple[str, ...]]
+    """PEFT `peft_type`s whose adapters hold this method's tensor; export writes the first."""
 
     def __init__(self, config, shapes):
         super().__init__()
@@ -41,6 +45,22 @@ class PromptMethod(nn.Module):
     @classmethod
     def token_vectors(cls, tensor: torch.Tensor) -> torch.Tensor:
         """One vector per virtual token of the saved tensor, (n, width)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_token_vectors(cls, vectors: torch.Tensor, shapes) -> torch.Tensor:
+        """The saved tensor from one vector per virtual token, (n, width): the inverse of `token_vectors`.
+        (n, width) is also PEFT's layout, so it reads PEFT adapters."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_config(cls, shapes) -> dict:
+        """This method's entries of PEFT's adapter_config.json, `peft_type` first; `shapes` the model's."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_problems(cls, config: dict, vectors: torch.Tensor, shapes) -> list[str]:
+        """Why a PEFT adapter (its config and (n, width) tensor) does not fit a model of `shapes`; empty if it does."""
         raise NotImplementedError
 
     @classmethod

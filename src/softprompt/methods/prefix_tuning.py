@@ -20,11 +20,45 @@ class Prefix(PromptMethod):
     artifact_key = "prefix"
     token_axis = -2  # (layers, 2, kv_heads, num_tokens, head_dim)
     in_embedding_space = False
+    supports_mlp = True
+    peft_types = ("PREFIX_TUNING",)  # with prefix_projection PEFT saves the MLP's output: the same layout
 
     @classmethod
     def token_vectors(cls, tensor):
         n = tensor.shape[-2]
         return tensor.float().permute(3, 0, 1, 2, 4).reshape(n, -1)  # (n, layers * 2 * kv_heads * head_dim)
+
+    @classmethod
+    def from_token_vectors(cls, vectors, shapes):
+        s, n = shapes, vectors.shape[0]
+        per_token = vectors.view(n, s.num_layers, 2, s.num_kv_heads, s.head_dim)  # per token, layer-major, K then V
+        return per_token.permute(1, 2, 3, 0, 4).contiguous()  # (layers, 2, kv_heads, n, head_dim)
+
+    @classmethod
+    def peft_config(cls, shapes):
+        token_dim = shapes.num_kv_heads * shapes.head_dim
+        return {
+            "peft_type": cls.peft_types[0],
+            "token_dim": token_dim,
+            "num_attention_heads": shapes.num_kv_heads,  # PEFT's view for grouped-query attention
+            "encoder_hidden_size": token_dim,
+            "prefix_projection": False,  # an artifact holds plain key/values, any MLP already folded
+            "init_weights": None,
+        }
+
+    @classmethod
+    def peft_problems(cls, config, vectors, shapes):
+        s, problems = shapes, []
+        expected = s.num_layers * 2 * s.num_kv_heads * s.head_dim
+        layers, heads = config.get("num_layers"), config.get("num_attention_heads")
+        if layers is not None and layers != s.num_layers:
+            problems.append(f"num_layers {layers}, the model has {s.num_layers}")
+        if heads is not None and heads != s.num_kv_heads:
+            problems.append(f"num_attention_heads {heads}, the model has {s.num_kv_heads} key/value heads")
+        if vectors.shape[1] != expected:
+            problems.append(f"prefix rows of width {vectors.shape[1]}, the model needs num_layers x 2 x kv_heads x "
+                            f"head_dim = {s.num_layers} x 2 x {s.num_kv_heads} x {s.head_dim} = {expected}")
+        return problems
 
     def __init__(self, config, shapes, prefix: torch.Tensor | None = None):
         super().__init__(config, shapes)

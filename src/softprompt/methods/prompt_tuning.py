@@ -20,6 +20,7 @@ class SoftPrompt(PromptMethod):
     artifact_key = "prompt_embeddings"
     token_axis = 0  # (num_tokens, hidden)
     in_embedding_space = True
+    peft_types = ("PROMPT_TUNING", "P_TUNING")  # P-tuning saves its encoder's output: plain virtual embeddings
 
     def __init__(self, config, shapes, embeddings: torch.Tensor):
         super().__init__(config, shapes)
@@ -34,6 +35,28 @@ class SoftPrompt(PromptMethod):
     @classmethod
     def token_vectors(cls, tensor):
         return tensor.float()  # (n, hidden)
+
+    @classmethod
+    def from_token_vectors(cls, vectors, shapes):
+        return vectors
+
+    @classmethod
+    def peft_config(cls, shapes):
+        return {
+            "peft_type": cls.peft_types[0],
+            "token_dim": shapes.hidden_size,
+            "num_attention_heads": None,  # PEFT fills it from the model's config; prompt tuning does not use it
+            "prompt_tuning_init": "RANDOM",  # how it started does not matter once trained
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+            "tokenizer_kwargs": None,
+        }
+
+    @classmethod
+    def peft_problems(cls, config, vectors, shapes):
+        if vectors.shape[1] != shapes.hidden_size:
+            return [f"virtual tokens of width {vectors.shape[1]}, the model's hidden size is {shapes.hidden_size}"]
+        return []
 
     @classmethod
     def create(cls, config, backbone, labels, generator):
