@@ -221,7 +221,7 @@ def main() -> None:
                 peft_ttft.append(time.perf_counter() - t)
 
     total_tokens = args.requests * args.new_tokens
-    eos = eos_ids(backbone)
+    eos = eos_ids(backbone.tokenizer, backbone.model.generation_config)
     ours_out, peft_out = ours_runs[0][2], peft_runs[0][2]
     batched_equal = sum(same_before_eos(ours_out[i], peft_out[i], eos) for i in range(args.requests))
     # Correctness before any ratio: the first request of each of --check prompts, decoded by the definition.

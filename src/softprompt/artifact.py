@@ -132,7 +132,7 @@ def check_base(artifact: Artifact, backbone: Backbone, where: str = "the prompt"
     if shapes_differ or (artifact.base_fingerprint and artifact.base_fingerprint != actual):
         raise SoftPromptError(
             f"{where} was trained on base model {artifact.base_model!r} (fingerprint {artifact.base_fingerprint}), "
-            f"but the loaded model {backbone.model.config.name_or_path!r} has fingerprint {actual}"
+            f"but the loaded model {backbone.name!r} has fingerprint {actual}"
             + (f" and shapes {vars(backbone.shapes)} instead of {expected_shapes}" if shapes_differ else "")
             + f". Load it onto {artifact.base_model!r} (--model {artifact.base_model})."
         )

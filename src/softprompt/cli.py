@@ -381,13 +381,19 @@ def serve(
     max_prompt_tokens: Annotated[int, Opt(help="Longest prompt in tokens.")] = ServeConfig.max_prompt_tokens,
     max_tokens: Annotated[int, Opt(help="Most new tokens per choice.")] = ServeConfig.max_tokens,
     max_n: Annotated[int, Opt(help="Most choices per prompt.")] = ServeConfig.max_n,
+    vllm_url: Annotated[Optional[str], Opt(help="Front a running `vllm serve --enable-prompt-embeds` of the same "
+                                                "base model at this URL instead of running the model here "
+                                                "(prompt-tuning artifacts only).")] = ServeConfig.vllm_url,
+    vllm_timeout: Annotated[float, Opt(help="Seconds to wait for vLLM's next bytes before answering "
+                                            "504.")] = ServeConfig.vllm_timeout,
 ):
-    """OpenAI-compatible server: every prompt in --prompts, and the bare model, in mixed continuous batches."""
+    """OpenAI-compatible server: every prompt in --prompts, and the bare model, in mixed continuous batches (or
+    through vLLM, with --vllm-url)."""
     from .serve import serve as run_server
 
     run_server(ServeConfig(model=model, prompts=prompts, host=host, port=port, api_key=api_key, max_batch=max_batch,
                            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
-                           max_n=max_n))
+                           max_n=max_n, vllm_url=vllm_url, vllm_timeout=vllm_timeout))
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

@@ -44,11 +44,10 @@ def trim_to_stop(tokenizer, ids: list[int], stop: list[str]) -> list[int] | None
     return []
 
 
-def eos_ids(backbone: Backbone) -> set[int]:
+def eos_ids(tokenizer, generation_config=None) -> set[int]:
     """Every id that ends a row: the tokenizer's EOS and the model's generation_config EOS (an int or a list)."""
     ids = set()
-    config = getattr(backbone.model, "generation_config", None)
-    for value in (backbone.tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
         if isinstance(value, int):
             ids.add(value)
         elif value is not None:
@@ -144,7 +143,7 @@ def generate(
             rows += generate(backbone, [ids], own, **options)
         return rows
     rule = dict(max_tokens=max_new_tokens, stop=[s for s in stop or () if s])
-    eos = eos_ids(backbone)
+    eos = eos_ids(backbone.tokenizer, getattr(backbone.model, "generation_config", None))
     generator = None
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=backbone.device).manual_seed(seed)

@@ -23,6 +23,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -172,9 +173,10 @@ def load_model(
     return model, tokenizer
 
 
-def context_size(model: PreTrainedModel) -> int | None:
-    """Positions the model can attend over (virtual tokens included), or None where its config states no limit."""
-    config = model.config.get_text_config(decoder=True)
+def context_size(model: PreTrainedModel | PretrainedConfig) -> int | None:
+    """Positions the model (or a model of this config) can attend over, virtual tokens included; None where its
+    config states no limit."""
+    config = getattr(model, "config", model).get_text_config(decoder=True)
     size = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return int(size) if size else None
 
@@ -182,9 +184,14 @@ def context_size(model: PreTrainedModel) -> int | None:
 def fingerprint(model: PreTrainedModel) -> str:
     """A short hash of the input embeddings and the last few parameters: cheap on large models, and it changes
     when the weights do (a fine-tune of the same architecture is caught, not only a different shape)."""
+    return fingerprint_of([model.get_input_embeddings().weight, *list(model.parameters())[-3:]])
+
+
+def fingerprint_of(tensors: list[torch.Tensor]) -> str:
+    """`fingerprint` over given tensors (the input embeddings, then the model's last three parameters): a front
+    that reads only those from the weight files computes the same value."""
     digest = hashlib.sha256()
-    params = list(model.parameters())
-    for tensor in [model.get_input_embeddings().weight, *params[-3:]]:
+    for tensor in tensors:
         flat = tensor.detach().float().flatten()
         stride = max(1, flat.numel() // 1_000_000)  # hash at most ~1M values per tensor
         digest.update(str(tuple(tensor.shape)).encode())

@@ -94,6 +94,11 @@ class Backbone(ABC):
         limits = (getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size"))
         return min((limit for limit in limits if limit), default=float("inf"))
 
+    @property
+    def name(self) -> str:
+        """The name the model was loaded by (messages, artifacts)."""
+        return self.model.config.name_or_path
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 

@@ -33,6 +33,10 @@ class ServeConfig:
     max_n: int = 16
     """Most choices per prompt."""
     log_level: str = "info"
+    vllm_url: str | None = None
+    """Front a running `vllm serve --enable-prompt-embeds` of the same base model instead of running it here."""
+    vllm_timeout: float = 60.0
+    """Seconds to wait for vLLM's next bytes before answering 504."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -43,6 +47,10 @@ class ServeConfig:
             problems.append(f"port must be in 0..65535, got {self.port}")
         if self.prompts is not None and not Path(self.prompts).is_dir():
             problems.append(f"--prompts {self.prompts} is not a directory (give a folder of prompt artifacts)")
+        if self.vllm_url is not None and not self.vllm_url.startswith(("http://", "https://")):
+            problems.append(f"--vllm-url must be an http(s) URL such as http://127.0.0.1:8000, got {self.vllm_url!r}")
+        if self.vllm_timeout <= 0:
+            problems.append(f"vllm_timeout must be positive, got {self.vllm_timeout}")
         if self.api_key is not None and not self.api_key.strip():
             problems.append("api_key is empty: give a key or leave the option out")
         if problems:
@@ -57,12 +65,23 @@ def build(config: ServeConfig):
     from .engine import Engine, EngineConfig
     from .registry import Registry
 
-    backbone = backbone_for(*load_model(config.model))
-    backbone.check_joinable()  # before loading any prompt: an unservable model fails fast
+    engine_config = EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue)
+    if config.vllm_url:  # a front: the tokenizer and the input embeddings only; vLLM runs the model
+        from ..vllm import InputEmbeddings
+        from .vllm_engine import VllmEngine
+
+        backbone = InputEmbeddings.load(config.model)
+        context = context_size(backbone.config)
+        engine = VllmEngine(backbone, config.vllm_url, engine_config, config.vllm_timeout)
+    else:
+        backbone = backbone_for(*load_model(config.model))
+        backbone.check_joinable()  # before loading any prompt: an unservable model fails fast
+        context = context_size(backbone.model)
+        engine = Engine(backbone, engine_config)
     registry = Registry(backbone, config.model, config.prompts)
     registry.reload(strict=True)  # a broken artifact at startup is an error, not a silent gap
-    engine = Engine(backbone, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue)).start()
-    limits = Limits(config.max_prompt_tokens, config.max_tokens, config.max_n, context_size(backbone.model))
+    engine.start()
+    limits = Limits(config.max_prompt_tokens, config.max_tokens, config.max_n, context)
     return create_app(registry, engine, limits, config.api_key), engine, registry
 
 

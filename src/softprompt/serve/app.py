@@ -125,9 +125,10 @@ def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, upd
     loop.call_soon_threadsafe(queue.put_nowait, (index, update))
 
 
-def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, scores, error: str | None) -> None:
+def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, scores, error: str | None,
+             status: int = 500) -> None:  # fmt: skip
     """A scoring request's sink: called on the engine's thread, so `future` is settled through the loop."""
-    loop.call_soon_threadsafe(_settle, future, (scores, error))
+    loop.call_soon_threadsafe(_settle, future, (scores, error, status))
 
 
 def _settle(future: asyncio.Future, result) -> None:
@@ -342,9 +343,9 @@ class Api:
                 r.cancelled = True  # harmless once scored; skips the work if the client left first
         labels = job.prompt.task.labels
         answers = []
-        for scores, error in results:
+        for scores, error, status in results:
             if error:
-                raise ApiError(500, error, "server_error")
+                raise ApiError(status, error, "server_error")
             answers.append((labels[int(scores.argmax())], dict(zip(labels, map(float, scores)))))
         return answers
 
@@ -389,9 +390,9 @@ class Api:
             gone.cancel()
             for row in rows:
                 row.cancelled = True  # no-op for finished rows; frees the batch if the client went away
-        failed = [u.error for u in finals.values() if u.finish_reason == "error"]
+        failed = [u for u in finals.values() if u.finish_reason == "error"]
         if failed:
-            raise ApiError(500, failed[0], "server_error")
+            raise ApiError(failed[0].status, failed[0].error, "server_error")
         choices = [reply.choice(i, decode_new(self.tokenizer, finals[i].tokens), finals[i].finish_reason)
                    for i in range(total)]  # fmt: skip
         usage = protocol.usage(sum(map(len, job.inputs)), sum(len(u.tokens) for u in finals.values()))
@@ -428,9 +429,12 @@ class Api:
     # ---- routes ----
 
     async def health(self):
+        """The server's state and its engine's; 503 while the engine's backend (vLLM) cannot be reached."""
         engine = self.engine
-        return {"status": "ok", "prompts": len(self.registry), "running": engine.running,
-                "waiting": engine.queue_depth}  # fmt: skip
+        backend = await engine.health()
+        body = {"status": backend["status"], "prompts": len(self.registry), "running": engine.running,
+                "waiting": engine.queue_depth, "backend": backend}  # fmt: skip
+        return JSONResponse(body, status_code=200 if backend["status"] == "ok" else 503)
 
     async def metrics_endpoint(self):
         text = metrics.render(self.counters, self.engine, len(self.registry))

@@ -76,6 +76,8 @@ class Update:
     finish_reason: str | None = None
     """stop (EOS or a stop string), length (max_tokens) or error."""
     error: str | None = None
+    status: int = 500
+    """The HTTP status an error answers with (503/504 when a backend is unreachable or slow)."""
 
 
 class Sequence:
@@ -124,7 +126,7 @@ class Engine:
     def __init__(self, backbone: Backbone, config: EngineConfig | None = None):
         backbone.check_joinable()
         self.backbone, self.config = backbone, config or EngineConfig()
-        self.eos = eos_ids(backbone)
+        self.eos = eos_ids(backbone.tokenizer, getattr(backbone.model, "generation_config", None))
         self.stats = Stats()
         self._lock = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -156,6 +158,10 @@ class Engine:
                 )
             queue.extend(items)
             self._lock.notify()
+
+    async def health(self) -> dict:
+        """The engine's own state for /health: this one runs in-process, so it is ok while it runs."""
+        return {"engine": "softprompt", "status": "ok" if not self._stopping else "stopping"}
 
     def submit(self, sequences: list[Sequence]) -> None:
         """Queue rows for generation, all or none (QueueFull)."""

@@ -15,6 +15,7 @@ from ..backbones import Backbone
 from ..config import TaskConfig
 from ..data import Task, fill
 from ..errors import SoftPromptError
+from ..vllm import InputEmbeddings
 
 
 @dataclass
@@ -23,7 +24,8 @@ class Prompt:
 
     name: str
     prefix: torch.Tensor | None
-    """(num_layers, 2, kv_heads, n, head_dim), computed once; None for the bare base model."""
+    """(num_layers, 2, kv_heads, n, head_dim), computed once (in front of vLLM: the soft tokens (n, hidden)); None
+    for the bare base model."""
     task: TaskConfig | None = None
     """The artifact's template and labels; None for the bare base model."""
     label_ids: list[list[int]] = field(default_factory=list)
@@ -61,7 +63,9 @@ def _signature(folder: Path) -> tuple:
 class Registry:
     """Model id -> Prompt. Reads may come from any thread: `reload` swaps in a new dict in one assignment."""
 
-    def __init__(self, backbone: Backbone, base_name: str, prompts_dir: str | Path | None = None):
+    def __init__(self, backbone: Backbone | InputEmbeddings, base_name: str, prompts_dir: str | Path | None = None):
+        """`backbone`: the model our engine runs, or, in front of vLLM, its input embeddings (prompts are then their
+        soft tokens P, and prefix-tuning artifacts are refused)."""
         self.backbone = backbone
         self.base = Prompt(base_id(base_name), None)
         self.prompts_dir = Path(prompts_dir) if prompts_dir else None  # ServeConfig checks that it is a folder
@@ -76,7 +80,10 @@ class Registry:
     def _load(self, folder: Path) -> Prompt:
         saved = artifact.load(folder)
         with torch.no_grad():
-            prefix = artifact.prefix_of(saved, self.backbone, str(folder))
+            if isinstance(self.backbone, InputEmbeddings):
+                prefix = self.backbone.soft_tokens(saved, str(folder))  # (n, hidden), for vLLM's prompt_embeds
+            else:
+                prefix = artifact.prefix_of(saved, self.backbone, str(folder))
         labels = Task(saved.task, self.backbone.tokenizer).label_ids if saved.task.task == "classification" else []
         return Prompt(folder.name, prefix, saved.task, labels, saved.prompt.method, signature=_signature(folder))
 
