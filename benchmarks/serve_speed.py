@@ -1,5 +1,6 @@
 """Serving many prompts on one model: softprompt's engine (mixed-prompt continuous batching) against PEFT serving
-the same requests group by group, side by side in one process (issue 4).
+the same requests group by group, side by side in one process (issue 4), then vLLM with the same soft prompts as
+prompt_embeds, directly and through our front (issue 13).
 
 The embedded SmolLM2-135M (float32, CPU) is loaded once; both libraries use this very model object.
 
@@ -24,6 +25,12 @@ The embedded SmolLM2-135M (float32, CPU) is loaded once; both libraries use this
   differs is also run through PEFT alone. If PEFT is still wrong, the summary says `"peer_correct": false` and
   reports no ratio.
 
+- vLLM (unless --no-vllm): a `vllm serve --enable-prompt-embeds` process of the same model (CPU build from
+  .venv-vllm, float32, eager) gets the same 64 requests twice, alternating: directly (one streamed HTTP request per
+  row, `prompt_embeds` = `[P; E]` from the same soft prompts), and through our front (`VllmEngine`, what
+  `softprompt serve --vllm-url` runs). Their greedy outputs are compared with ours; TTFT as above. The vLLM
+  process runs after ours and PEFT's runs, so it never competes with them for the cores.
+
     python benchmarks/serve_speed.py            # table
     python benchmarks/serve_speed.py --json     # only the summary: one JSON object on one line
 """
@@ -38,6 +45,7 @@ import shlex
 import statistics
 import sys
 import time
+import urllib.request
 import warnings
 
 import torch
@@ -146,6 +154,8 @@ def main() -> None:
                         help="torch intra-op threads (default 1: on shared cores a second thread mostly spin-waits).")
     parser.add_argument("--check", type=int, default=8,
                         help="Requests (one per prompt) whose outputs are checked against uncached [P; E] decoding.")
+    parser.add_argument("--no-vllm", action="store_true",
+                        help="Leave out the vLLM columns (vLLM direct, and our front to it; need .venv-vllm).")
     parser.add_argument("--json", action="store_true", help="Print only the JSON summary (one line).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -243,6 +253,7 @@ def main() -> None:
     ours_correct = ours_right == len(checked)
     throughput_ratio = statistics.median(ratios) if peer_correct else None
     ttft_ratio = statistics.median(peft_ttft) / statistics.median(ours_ttft) if peer_correct else None
+    vllm = None if args.no_vllm else run_vllm(args, prompts, ttft_prompt, requests, owner, ttft_ids, ours_out, eos, log)
     import peft
     import transformers
 
@@ -258,6 +269,8 @@ def main() -> None:
         "peft_batched_equal_ours": batched_equal,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }
+    if vllm:
+        summary["vllm"] = {k: v for k, v in vllm.items() if k != "runs"}
     if args.json:
         print(json.dumps(summary))
         return
@@ -296,7 +309,83 @@ def main() -> None:
     for name, ours, theirs, ratio, how in rows:
         shown = f"{ratio:>7.2f}x  {how}" if ratio is not None else ""
         print(f"{name:<34}{ours:>10.2f}{theirs:>10.2f}{shown}")
+    if vllm:
+        direct, front = vllm["runs"]
+        print()
+        print(f"vLLM {vllm['version']} (CPU build, separate process, float32, eager): greedy outputs equal ours for "
+              f"{vllm['direct_equal_ours']}/{args.requests} requests sent directly, {vllm['front_equal_ours']}/"
+              f"{args.requests} through our front")  # fmt: skip
+        print(f"{'':<34}{'ours':>10}{'vLLM':>10}{'front':>10}{'front/vLLM':>12}")
+        lines = [("throughput (tokens/s)", lambda r: total_tokens / r[0]),
+                 ("latency p50 (s)", lambda r: statistics.median(r[1])),
+                 ("latency p95 (s)", lambda r: percentile(r[1], 95))]  # fmt: skip
+        for name, f in lines:
+            values = [med(ours_runs, f), med(direct, f), med(front, f)]
+            print(f"{name:<34}{values[0]:>10.2f}{values[1]:>10.2f}{values[2]:>10.2f}{values[2] / values[1]:>11.2f}x")
+        ttft = [statistics.median(ours_ttft) * 1000, vllm["ttft_direct_ms"], vllm["ttft_front_ms"]]
+        print(f"{f'TTFT, {args.ttft_prompt_tokens}-token prompt (ms)':<34}{ttft[0]:>10.2f}{ttft[1]:>10.2f}"
+              f"{ttft[2]:>10.2f}{ttft[2] / ttft[1]:>11.2f}x")
     print(json.dumps(summary))  # one object on the last line, as in --json mode
+
+
+def run_vllm(args, prompts, ttft_prompt, requests, owner, ttft_ids, ours_out, eos, log) -> dict:
+    """The same workload (same soft prompts, texts and greedy lengths) sent to vLLM directly as `prompt_embeds`, and
+    through our front (`VllmEngine`), alternating; outputs compared with ours."""
+    from vllm_side import run_direct, run_front, start_vllm, stop_vllm
+
+    from softprompt.models import embedded_model_dir
+    from softprompt.serve.engine import EngineConfig, Sampling, Sequence
+    from softprompt.serve.vllm_engine import VllmEngine
+    from softprompt.vllm import InputEmbeddings, encode
+
+    log("starting vllm serve ...")
+    process, url = start_vllm(embedded_model_dir())
+    try:
+        with urllib.request.urlopen(f"{url}/version", timeout=10) as response:
+            version = json.loads(response.read())["version"]
+        front = InputEmbeddings.load("smollm2-135m")
+        engine = VllmEngine(front, url, EngineConfig(max_batch=args.requests, max_queue=args.requests)).start()
+        soft = [p.embeddings.detach() for p in prompts]
+        greedy = dict(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+        bodies = [{"prompt_embeds": encode(front.prompt_embeds(soft[owner[i]], ids)), **greedy}
+                  for i, (ids, _) in enumerate(requests)]  # fmt: skip
+        rows = lambda sink: [Sequence(ids, soft[owner[i]], Sampling(max_tokens=args.new_tokens, ignore_eos=True),  # noqa: E731
+                                      sink(i)) for i, (ids, _) in enumerate(requests)]  # fmt: skip
+        log("vLLM: warming up ...")
+        run_direct(url, bodies[:4])
+        run_front(engine, lambda sink: rows(sink)[:4])
+        direct_runs, front_runs = [], []
+        for rep in range(args.repeats):
+            for side in (["direct", "front"] if rep % 2 == 0 else ["front", "direct"]):
+                log(f"repetition {rep + 1}/{args.repeats}: vLLM {side} ...")
+                if side == "direct":
+                    direct_runs.append(run_direct(url, bodies))
+                else:
+                    front_runs.append(run_front(engine, rows))
+        ttft_soft = ttft_prompt.embeddings.detach()
+        ttft_body = {"prompt_embeds": encode(front.prompt_embeds(ttft_soft, ttft_ids)), "max_tokens": 1,
+                     "temperature": 0}  # fmt: skip
+        direct_ttft, front_ttft = [], []
+        for _ in range(args.ttft_repeats):
+            direct_ttft.append(run_direct(url, [ttft_body])[0])
+            front_ttft.append(run_front(engine, lambda sink: [Sequence(ttft_ids, ttft_soft, Sampling(max_tokens=1),
+                                                                       sink(0))])[0])  # fmt: skip
+        engine.stop()
+    finally:
+        stop_vllm(process)
+    equal = lambda outs: sum(same_before_eos(ours_out[i], outs[i], eos) for i in range(len(requests)))  # noqa: E731
+    med = lambda runs: statistics.median(len(requests) * args.new_tokens / r[0] for r in runs)  # noqa: E731
+    return {
+        "version": version,
+        "direct_equal_ours": equal(direct_runs[0][2]),
+        "front_equal_ours": equal(front_runs[0][2]),
+        "direct_throughput": round(med(direct_runs), 1),
+        "front_throughput": round(med(front_runs), 1),
+        "front_vs_direct": round(med(front_runs) / med(direct_runs), 3),
+        "ttft_direct_ms": round(statistics.median(direct_ttft) * 1000, 1),
+        "ttft_front_ms": round(statistics.median(front_ttft) * 1000, 1),
+        "runs": (direct_runs, front_runs),
+    }
 
 
 if __name__ == "__main__":

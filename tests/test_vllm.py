@@ -99,12 +99,6 @@ class Vllm:
             os.killpg(self.process.pid, signal.SIGKILL)  # the engine core is a child process: the whole group
             self.process.wait(timeout=30)
 
-    def completion(self, body: dict) -> dict:
-        request = urllib.request.Request(f"{self.url}/v1/completions", json.dumps({"model": "base", **body}).encode(),
-                                         {"Content-Type": "application/json"})  # fmt: skip
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.loads(response.read())
-
 
 @contextmanager
 def running_vllm(model: Path, log: Path):
@@ -116,10 +110,13 @@ def running_vllm(model: Path, log: Path):
 
 
 def greedy_ids(server: Vllm, embeds: torch.Tensor, max_tokens: int, eos: int) -> list[int]:
-    """vLLM's greedy token ids after `embeds`, cut at the first EOS (as `generate` ends a row)."""
-    reply = server.completion({"prompt_embeds": encode(embeds), "max_tokens": max_tokens, "temperature": 0,
-                               "return_token_ids": True, "ignore_eos": True})  # fmt: skip
-    ids = reply["choices"][0]["token_ids"]
+    """vLLM's greedy token ids after `embeds`, cut at the first EOS (as `generate` ends a row); asked with the
+    official openai client, as the README's recipe does."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY", max_retries=0, timeout=120)
+    reply = client.completions.create(model="base", prompt=None, max_tokens=max_tokens, temperature=0,
+                                      extra_body={"prompt_embeds": encode(embeds), "return_token_ids": True,
+                                                  "ignore_eos": True})  # fmt: skip
+    ids = reply.choices[0].model_extra["token_ids"]
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
