@@ -23,6 +23,7 @@ from typing import Callable
 
 import httpx2
 import torch
+from transformers import GenerationConfig
 
 from ..errors import SoftPromptError
 from ..generate import advance, eos_ids
@@ -51,6 +52,7 @@ class VllmEngine:
         self.stats = Stats()
         self.running = 0
         """Rows and scoring requests in flight (vLLM queues them itself)."""
+        self._count = threading.Lock()  # `running` changes on callers' threads and on the loop's
         self.queue_depth = 0
         self._model: str | None = None  # the id vLLM serves the base model under, asked once reachable
         self._stopping = False
@@ -96,7 +98,7 @@ class VllmEngine:
         """vLLM's own /health, asked now (a couple of seconds at most)."""
         state = {"engine": "vllm", "url": self.url}
         try:
-            answer = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._get("/health", 3.0), self._loop))
+            answer = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._request("GET", "/health", 3.0), self._loop))
             return {**state, "status": "ok" if answer.status_code == 200 else "unavailable",
                     **({} if answer.status_code == 200 else {"detail": f"vLLM answered {answer.status_code}"})}
         except BackendError as error:
@@ -108,10 +110,11 @@ class VllmEngine:
         if self._stopping:
             raise Stopped(STOPPED)
         limit = self.config.max_batch + self.config.max_queue
-        if self.running + count > limit:
-            raise QueueFull(f"the server is busy: {self.running} requests are in flight (limit {limit}, this request "
-                            f"adds {count}); retry later")  # fmt: skip
-        self.running += count
+        with self._count:
+            if self.running + count > limit:
+                raise QueueFull(f"the server is busy: {self.running} requests are in flight (limit {limit}, this "
+                                f"request adds {count}); retry later")  # fmt: skip
+            self.running += count
 
     def _spawn(self, work, target) -> None:
         async def run():
@@ -127,7 +130,8 @@ class VllmEngine:
                 _fail(target, f"generation failed: {type(error).__name__}: {error}", 500)
             finally:
                 self._tasks.discard(task)
-                self.running -= 1
+                with self._count:
+                    self.running -= 1
 
         asyncio.run_coroutine_threadsafe(run(), self._loop)
 
@@ -145,18 +149,19 @@ class VllmEngine:
             self._client = httpx2.AsyncClient(base_url=self.url, timeout=timeout, limits=limits, headers=self.headers)
         return self._client
 
-    async def _get(self, path: str, timeout: float | None = None) -> httpx2.Response:
+    async def _request(self, method: str, path: str, timeout: float | None = None, **kwargs) -> httpx2.Response:
+        """One whole (not streamed) request; transport failures as BackendError (504 on a timeout, else 503)."""
+        timeout = timeout or self.timeout
         try:
-            return await self._http().get(path, timeout=timeout or self.timeout)
+            return await self._http().request(method, path, timeout=timeout, **kwargs)
         except httpx2.TimeoutException:
-            raise BackendError(f"the vLLM backend at {self.url} did not answer within {timeout or self.timeout} s",
-                               504) from None  # fmt: skip
+            raise BackendError(f"the vLLM backend at {self.url} did not answer within {timeout} s", 504) from None
         except httpx2.HTTPError as error:
             raise BackendError(f"the vLLM backend at {self.url} is unreachable ({type(error).__name__})", 503) from None
 
     async def _model_id(self) -> str:
         if self._model is None:
-            answer = await self._get("/v1/models")
+            answer = await self._request("GET", "/v1/models")
             _check(answer.status_code, answer.text, self.url)
             self._model = answer.json()["data"][0]["id"]
         return self._model
@@ -221,13 +226,7 @@ class VllmEngine:
             body = {"model": model, **self._prompt(request.prefix, request.input_ids + list(head)), "max_tokens": 1,
                     "temperature": 0, "logprobs": 1, "logprob_token_ids": sorted(tokens),
                     "return_tokens_as_token_ids": True}  # fmt: skip
-            try:
-                answer = await self._http().post("/v1/completions", json=body)
-            except httpx2.TimeoutException:
-                raise BackendError(f"the vLLM backend at {self.url} did not answer within {self.timeout} s", 504) from None
-            except httpx2.HTTPError as error:
-                raise BackendError(f"the vLLM backend at {self.url} is unreachable ({type(error).__name__})",
-                                   503) from None  # fmt: skip
+            answer = await self._request("POST", "/v1/completions", json=body)
             _check(answer.status_code, answer.text, self.url)
             top = answer.json()["choices"][0]["logprobs"]["top_logprobs"][0]  # {"token_id:ID": logprob}
             for token in tokens:
@@ -261,10 +260,8 @@ def _fail(target, message: str, status: int) -> None:
         _emit(target, None, message, status)
 
 
-def _generation_config(front: InputEmbeddings):
+def _generation_config(front: InputEmbeddings) -> GenerationConfig | None:
     """The base model's generation_config (its EOS ids), where its folder has one."""
-    from transformers import GenerationConfig
-
     try:
         return GenerationConfig.from_pretrained(front.path)
     except OSError:
