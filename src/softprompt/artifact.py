@@ -102,7 +102,7 @@ def load(prompt_dir: str | Path) -> Artifact:
         raise SoftPromptError(f"{config_path} holds no JSON object; the artifact is damaged.")
     tensors = _read_weights(weights_path)
     try:
-        prompt = from_dict(PromptConfig, {**data, "prefix_mlp": False})  # a saved prefix is always folded
+        prompt = from_dict(PromptConfig, data).folded()  # what is saved is always folded
         task = from_dict(TaskConfig, data)
     except (SoftPromptError, TypeError) as error:
         raise SoftPromptError(f"{config_path} describes no valid prompt: {error}") from None

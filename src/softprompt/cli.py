@@ -74,7 +74,9 @@ def train(
     init_range: Annotated[float, Opt(help="Half-width of the uniform range for --init "
                                           "random.")] = PromptConfig.init_range,
     prefix_mlp: Annotated[bool, Opt(help="Prefix tuning through an MLP reparameterization.")] = PromptConfig.prefix_mlp,
-    mlp_hidden: Annotated[int, Opt(help="Hidden width of that MLP.")] = PromptConfig.mlp_hidden,
+    mlp_hidden: Annotated[int, Opt(help="Hidden width of that MLP (or of the residual one).")] = PromptConfig.mlp_hidden,
+    residual: Annotated[bool, Opt(help="Prompt tuning through a residual MLP (P + LayerNorm(MLP(P))), folded away "
+                                       "when saved.")] = PromptConfig.residual,
     steps: Annotated[int, Opt(help="Optimizer steps.")] = TrainConfig.steps,
     batch_size: Annotated[int, Opt(help="Examples per step.")] = TrainConfig.batch_size,
     grad_accum: Annotated[int, Opt(help="Micro-batches per step.")] = TrainConfig.grad_accum,
@@ -121,7 +123,8 @@ def train(
         init_text = template_init_text(next(iter(specs.values())).config.template)
     prompt_config, train_config = _all_or_errors(
         lambda: PromptConfig(method=method, num_tokens=num_tokens, init=init, init_text=init_text,
-                             init_range=init_range, prefix_mlp=prefix_mlp, mlp_hidden=mlp_hidden),
+                             init_range=init_range, prefix_mlp=prefix_mlp, mlp_hidden=mlp_hidden,
+                             residual=residual),
         lambda: TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, optimizer=optimizer,
                             schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
                             max_grad_norm=max_grad_norm, eval_every=eval_every, eval_size=eval_size,

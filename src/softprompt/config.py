@@ -46,7 +46,14 @@ class PromptConfig:
     prefix_mlp: bool = False
     """Prefix tuning only: train through an MLP reparameterization, folded into plain key/values when saved."""
     mlp_hidden: int = 512
-    """Hidden width of that MLP."""
+    """Hidden width of that MLP (and of the residual one)."""
+    residual: bool = False
+    """Prompt tuning only: train P through a residual MLP, P + LayerNorm(up(ReLU(down(P)))) (Razdaibiedina et al.
+    2023), which starts as P itself and is folded into plain embeddings when saved."""
+
+    def folded(self) -> "PromptConfig":
+        """The settings of what gets saved: any reparameterization (prefix MLP, residual MLP) folded away."""
+        return dataclasses.replace(self, prefix_mlp=False, residual=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -65,6 +72,9 @@ class PromptConfig:
         if self.prefix_mlp and not getattr(REGISTRY.get(self.method), "supports_mlp", False):
             with_mlp = ", ".join(name for name, method in REGISTRY.items() if method.supports_mlp)
             problems.append(f"prefix_mlp applies to method={with_mlp} only")
+        if self.residual and not getattr(REGISTRY.get(self.method), "supports_residual", False):
+            with_residual = ", ".join(name for name, method in REGISTRY.items() if method.supports_residual)
+            problems.append(f"residual applies to method={with_residual} only")
         _check(problems, "prompt settings")
 
 

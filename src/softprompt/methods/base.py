@@ -22,6 +22,8 @@ class PromptMethod(nn.Module):
     """Whether its vectors are input embeddings, so the nearest vocabulary tokens mean something."""
     supports_mlp: ClassVar[bool] = False
     """Whether it can train through an MLP reparameterization (`PromptConfig.prefix_mlp`)."""
+    supports_residual: ClassVar[bool] = False
+    """Whether it can train through a residual MLP (`PromptConfig.residual`)."""
     peft_types: ClassVar[tuple[str, ...]]
     """PEFT `peft_type`s whose adapters hold this method's tensor; export writes the first."""
 

@@ -119,5 +119,4 @@ class Prefix(PromptMethod):
             method = cls(config, backbone.shapes)
             method.load_state_dict(tensors)
             return method.to(backbone.device)
-        plain = type(config)(**{**vars(config), "prefix_mlp": False})  # an ejected artifact is plain key/values
-        return cls(plain, backbone.shapes, tensors[cls.artifact_key]).to(backbone.device)
+        return cls(config.folded(), backbone.shapes, tensors[cls.artifact_key]).to(backbone.device)  # plain key/values

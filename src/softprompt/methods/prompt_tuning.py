@@ -20,17 +20,30 @@ class SoftPrompt(PromptMethod):
     artifact_key = "prompt_embeddings"
     token_axis = 0  # (num_tokens, hidden)
     in_embedding_space = True
+    supports_residual = True
     peft_types = ("PROMPT_TUNING", "P_TUNING")  # P-tuning saves its encoder's output: plain virtual embeddings
 
     def __init__(self, config, shapes, embeddings: torch.Tensor):
         super().__init__(config, shapes)
         self.embeddings = nn.Parameter(embeddings.detach().clone().float())  # (num_tokens, hidden)
+        if config.residual:
+            hidden = shapes.hidden_size
+            self.residual = nn.Sequential(nn.Linear(hidden, config.mlp_hidden), nn.ReLU(),
+                                          nn.Linear(config.mlp_hidden, hidden), nn.LayerNorm(hidden))  # fmt: skip
+            nn.init.zeros_(self.residual[3].weight)  # the prompt starts as its init exactly; gradients still flow
+
+    def prompt(self) -> torch.Tensor:
+        """P (num_tokens, hidden), through the residual MLP when there is one."""
+        if self.config.residual:
+            return self.embeddings + self.residual(self.embeddings)
+        return self.embeddings
 
     def kv(self, backbone) -> torch.Tensor:
-        return backbone.prefix_from_embeddings(self.embeddings.to(backbone.dtype))
+        return backbone.prefix_from_embeddings(self.prompt().to(backbone.dtype))
 
     def artifact_tensors(self) -> dict[str, torch.Tensor]:
-        return {self.artifact_key: self.embeddings.detach().cpu().clone()}
+        with torch.no_grad():
+            return {self.artifact_key: self.prompt().detach().float().cpu().clone()}
 
     @classmethod
     def token_vectors(cls, tensor):
@@ -70,5 +83,9 @@ class SoftPrompt(PromptMethod):
 
     @classmethod
     def from_tensors(cls, config, backbone, tensors):
+        if config.residual and "residual.0.weight" in tensors:  # a training checkpoint with its residual MLP
+            method = cls(config, backbone.shapes, tensors["embeddings"])
+            method.load_state_dict(tensors)
+            return method.to(backbone.device)
         key = cls.artifact_key if cls.artifact_key in tensors else "embeddings"
-        return cls(config, backbone.shapes, tensors[key]).to(backbone.device)
+        return cls(config.folded(), backbone.shapes, tensors[key]).to(backbone.device)  # plain embeddings
