@@ -255,7 +255,6 @@ def generate(
 ):
     """Generate with a trained prompt; left-padded batches give each text its unbatched result."""
     from . import artifact
-    from .data import fill
     from .generate import decode_new
     from .generate import generate as run_generate
     from .prepare import check_generation_fits
@@ -264,7 +263,7 @@ def generate(
     backbone = _backbone(model or (saved.base_model if saved else DEFAULT_MODEL))
     prefix = artifact.prefix_of(saved, backbone, str(prompt)) if saved else None
     fields = saved.task.fields if saved and not raw else []
-    inputs = [fill(saved.task.template, {f: text for f in fields}) if fields else text for text in texts]
+    inputs = [saved.task.fill_text(text) if fields else text for text in texts]
     ids = [backbone.tokenizer(text)["input_ids"] for text in inputs]
     check_generation_fits(backbone, texts, ids, saved.prompt.num_tokens if saved else 0, max_new_tokens)
     outputs = run_generate(backbone, ids, prefix, max_new_tokens=max_new_tokens, temperature=temperature,

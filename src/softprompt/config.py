@@ -127,6 +127,10 @@ class TaskConfig:
     def fields(self) -> list[str]:
         return PLACEHOLDER.findall(self.template)
 
+    def fill_text(self, text: str) -> str:
+        """The template with every field set to `text`: how one input text reaches a prompt trained on it."""
+        return PLACEHOLDER.sub(lambda _: text, self.template)
+
 
 @dataclass
 class TrainConfig:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from . import artifact, methods
 from .atomic import write_atomic, write_json
-from .backbones import Backbone
+from .backbones import Backbone, Shapes
 from .config import PromptConfig, TaskConfig
 from .errors import SoftPromptError
 
@@ -55,7 +54,7 @@ def export_peft(prompt_dir: str | Path, out_dir: str | Path) -> Path:
         "revision": None,
         "modules_to_save": None,
         "auto_mapping": None,
-        **method.peft_config(SimpleNamespace(**shapes)),
+        **method.peft_config(Shapes(**shapes)),
     }
     weight = method.token_vectors(saved.tensors[method.artifact_key])  # PEFT's (n, width)
     out_dir = Path(out_dir)

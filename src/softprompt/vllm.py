@@ -29,7 +29,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from . import artifact as artifacts
 from . import methods
 from .backbones import Shapes
-from .data import fill
 from .errors import SoftPromptError
 from .models import fingerprint_of, load_model, locate
 
@@ -138,7 +137,7 @@ def prompt_embeds(prompt_dir: str | Path, text: str, model: str | None = None, r
     if not raw and len(fields) > 1:
         raise SoftPromptError(f"{prompt_dir}'s template {saved.task.template!r} has {len(fields)} fields: fill it "
                               "yourself and pass raw=True")  # fmt: skip
-    filled = text if raw else fill(saved.task.template, dict.fromkeys(fields, text))
+    filled = text if raw else saved.task.fill_text(text)
     return front.prompt_embeds(soft, front.tokenizer(filled)["input_ids"])
 
 

@@ -13,7 +13,7 @@ import torch
 from .. import artifact
 from ..backbones import Backbone
 from ..config import TaskConfig
-from ..data import Task, fill
+from ..data import Task
 from ..errors import SoftPromptError
 from ..vllm import InputEmbeddings
 
@@ -46,7 +46,7 @@ class Prompt:
     def format(self, text: str) -> str:
         """The text put into the prompt's template, as the prompt saw inputs in training (every {field} gets it: the
         server refuses templates of several fields)."""
-        return fill(self.task.template, {f: text for f in self.task.fields}) if self.task else text
+        return self.task.fill_text(text) if self.task else text
 
 
 def base_id(model_name: str) -> str:

@@ -19,6 +19,7 @@ import asyncio
 import json
 import threading
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Callable
 
 import httpx2
@@ -149,15 +150,24 @@ class VllmEngine:
             self._client = httpx2.AsyncClient(base_url=self.url, timeout=timeout, limits=limits, headers=self.headers)
         return self._client
 
-    async def _request(self, method: str, path: str, timeout: float | None = None, **kwargs) -> httpx2.Response:
-        """One whole (not streamed) request; transport failures as BackendError (504 on a timeout, else 503)."""
-        timeout = timeout or self.timeout
+    @contextmanager
+    def _transport_errors(self, timeout: float):
+        """httpx2's failures as BackendError: 504 when vLLM sent nothing for `timeout` seconds, else 503."""
         try:
-            return await self._http().request(method, path, timeout=timeout, **kwargs)
+            yield
         except httpx2.TimeoutException:
-            raise BackendError(f"the vLLM backend at {self.url} did not answer within {timeout} s", 504) from None
+            raise BackendError(f"the vLLM backend at {self.url} sent nothing for {timeout} s", 504) from None
+        except httpx2.ConnectError:
+            raise BackendError(f"the vLLM backend at {self.url} is unreachable", 503) from None
         except httpx2.HTTPError as error:
-            raise BackendError(f"the vLLM backend at {self.url} is unreachable ({type(error).__name__})", 503) from None
+            raise BackendError(f"the vLLM backend at {self.url} failed mid-answer ({type(error).__name__})",
+                               503) from None  # fmt: skip
+
+    async def _request(self, method: str, path: str, timeout: float | None = None, **kwargs) -> httpx2.Response:
+        """One whole (not streamed) request."""
+        timeout = timeout or self.timeout
+        with self._transport_errors(timeout):
+            return await self._http().request(method, path, timeout=timeout, **kwargs)
 
     async def _model_id(self) -> str:
         if self._model is None:
@@ -179,7 +189,7 @@ class VllmEngine:
                 "ignore_eos": p.ignore_eos, **({"seed": p.seed} if p.seed is not None else {})}  # fmt: skip
         self.stats.prefills += 1
         reason = None
-        try:
+        with self._transport_errors(self.timeout):
             async with self._http().stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     _check(response.status_code, (await response.aread()).decode(errors="replace"), self.url)
@@ -200,13 +210,6 @@ class VllmEngine:
                     reason = reason or _reason(choice.get("finish_reason"))
                     if reason:
                         break
-        except httpx2.TimeoutException:
-            raise BackendError(f"the vLLM backend at {self.url} sent nothing for {self.timeout} s", 504) from None
-        except httpx2.ConnectError:
-            raise BackendError(f"the vLLM backend at {self.url} is unreachable", 503) from None
-        except httpx2.HTTPError as error:
-            raise BackendError(f"the vLLM backend at {self.url} failed mid-answer ({type(error).__name__})",
-                               503) from None  # fmt: skip
         if reason is None:
             raise BackendError(f"the vLLM backend at {self.url} ended the stream without finishing the row", 503)
         _emit(seq, Update(list(seq.tokens), True, reason))
