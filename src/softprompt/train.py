@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,10 @@ def loss_on(
     return total / (normalizer or len(batch.loss_tokens)), batch.num_input_tokens
 
 
+Objective = Callable[..., tuple[torch.Tensor, int]]
+"""A batch's loss with `loss_on`'s signature: (backbone, kv, examples, normalizer, prefix_mask) -> (loss, tokens)."""
+
+
 def selection_key(result: dict) -> tuple:
     """Higher is better: accuracy then gold-label log-probability (classification), or -loss (generation)."""
     if "accuracy" in result:
@@ -159,11 +164,14 @@ def train(
     init_method: methods.PromptMethod | None = None,
     progress: bool = True,
     resume: bool = False,
+    objective: Objective | None = None,
 ) -> Run:
-    """Train one prompt for one task; `out_dir` becomes its artifact (plus log, plot and checkpoints)."""
+    """Train one prompt for one task; `out_dir` becomes its artifact (plus log, plot and checkpoints).
+    objective: the loss of a batch, `loss_on`'s signature (default: `loss_on`, cross-entropy on the targets;
+    distillation passes its own)."""
     data = TaskData(task, train_examples, valid_examples or [], init_method)
     return _train(backbone, {"prompt": data}, prompt_config, train_config, Layout(Path(out_dir)), progress,
-                  resume)["prompt"]  # fmt: skip
+                  resume, objective or loss_on)["prompt"]  # fmt: skip
 
 
 def train_multitask(
@@ -194,6 +202,7 @@ def _train(
     layout: Layout,
     progress: bool,
     resume: bool,
+    objective: Objective | None = None,
 ) -> dict[str, Run]:
     """The run behind both: set-up in order (every check before the model moves; the seed right before the prompts
     are built), the loop (`_Trainer.fit`), then each task's best prompt written as its artifact."""
@@ -207,7 +216,7 @@ def _train(
     prompts = _setup_prompts(backbone, tasks, prompt_config, cfg.seed, accelerator.device)
     model, optimizer, scheduler = _setup_optimizer(prompts, cfg, accelerator, sharded, find_unused=several)
     run = _Trainer(backbone, tasks, prompt_config, cfg, layout, accelerator, data_id, sharded, frozen_held, prompts,
-                   model, optimizer, scheduler)  # fmt: skip
+                   model, optimizer, scheduler, objective or loss_on)  # fmt: skip
     if saved:
         run.restore(saved)
     run.log.start()
@@ -315,6 +324,7 @@ class _Trainer:
     """`prompts` as run: wrapped for DDP across processes (or the module itself in one process)."""
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
+    objective: Objective
 
     def __post_init__(self) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -399,7 +409,7 @@ class _Trainer:
             with contextlib.nullcontext() if last else acc.no_sync(self.model), acc.autocast():
                 # Each prompt's K/V, once per micro-batch, shared by the rows of its task.
                 kv, prefix_mask = row_prefixes(backbone, self.model(backbone, set(names)), list(names))
-                loss, _ = loss_on(backbone, kv, list(examples), normalizer, prefix_mask)
+                loss, _ = self.objective(backbone, kv, list(examples), normalizer, prefix_mask)
                 acc.backward(loss)
             total += loss.detach() / self.world
         return total
