@@ -37,3 +37,7 @@ def write_json(path: str | Path, data) -> None:
             f.write("\n")
 
     write_atomic(path, dump)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -102,9 +102,15 @@ def train(
     shard_model: Annotated[bool, Opt(help="Several processes: shard the frozen layers across them "
                                           "(FSDP2).")] = TrainConfig.shard_model,
     init_from: Annotated[Optional[Path], Opt(help="Start from a trained prompt directory (transfer, SPoT).")] = None,
+    search: Annotated[bool, Opt(help="Train several candidates side by side (prompt tuning from the labels and the "
+                                     "text, prefix tuning; two learning rates each), halve them on --valid as they "
+                                     "go, keep the best: OUT/search.md lists them all.")] = False,
+    grid: Annotated[Optional[str], Opt(help="The candidates of --search as a grid, e.g. 'lr=0.3,0.03 "
+                                            "method=prompt,prefix num_tokens=10,20' (implies --search).")] = None,
     progress: Annotated[bool, Opt(help="Progress bars.")] = True,
 ):
-    """Train a soft prompt or prefix on a frozen model; --out becomes the artifact (with --tasks, one per task)."""
+    """Train a soft prompt or prefix on a frozen model; --out becomes the artifact (with --tasks, one per task;
+    with --search, the best candidate's)."""
     from .data import read_records
     from .multitask import TaskSpec, read_tasks_file
     from .prepare import fitted_task, template_init_text, transfer_source
@@ -116,6 +122,10 @@ def train(
                               "--template, --labels and --init-from.")  # fmt: skip
     if not tasks and not (train_file and template):
         raise SoftPromptError("train needs --train and --template (or --tasks FILE for several tasks).")
+    search = search or grid is not None
+    if search and (tasks or init_from or not valid_file):
+        raise SoftPromptError("--search compares candidates on one task's validation data: give --valid, and drop "
+                              "--tasks and --init-from.")  # fmt: skip
     specs = read_tasks_file(tasks) if tasks else {
         "prompt": TaskSpec(_task_config(template, labels, label_field, target_field), train_file, valid_file)}
     shard_model = _launched_with_fsdp() or shard_model  # the flag leaves the environment either way
@@ -146,6 +156,8 @@ def train(
         train_records, valid_records = records[name]
         data[name] = TaskData(task, task.encode(train_records, str(spec.train)),
                               task.encode(valid_records, str(spec.valid)) if valid_records else [], init_method)
+    if search:
+        return _search(backbone, data["prompt"], prompt_config, train_config, grid, out, progress, resume)
     try:
         if tasks:
             runs = train_multitask(backbone, data, prompt_config, train_config, out, progress=progress, resume=resume)
@@ -168,6 +180,25 @@ def train(
         where = out / name if tasks else out
         typer.echo(f"Saved the best prompt (step {run.summary['best_step']}{': ' + shown if shown else ''}) to "
                    f"{where}")
+
+
+def _search(backbone, data, prompt_config: PromptConfig, train_config: TrainConfig, grid: str | None, out: Path,
+            progress: bool, resume: bool) -> None:  # fmt: skip
+    """`train --search`: the candidates side by side, then their table and what the search cost."""
+    from .search import cost, default_candidates, format_table, parse_grid
+    from .search import search as run_search
+
+    if grid is None:
+        candidates = default_candidates(prompt_config, data.task.is_classification)
+    else:
+        candidates, skipped = parse_grid(grid, prompt_config, train_config.lr)
+        for reason in skipped:
+            typer.echo(f"left out of the grid: {reason}", err=True)
+    typer.echo(f"Searching {len(candidates)} candidates: {', '.join(c.name for c in candidates)}", err=True)
+    result = run_search(backbone, data.task, candidates, train_config, data.train, data.valid, out, progress, resume)
+    typer.echo(format_table(result.table))
+    typer.echo(f"Saved the best candidate, {result.best}, to {out} (its table: {out / 'search.md'}); the candidates "
+               f"trained {cost(result.table, train_config.steps):.0%} of the steps of training each one fully.")
 
 
 @app.command("eval")

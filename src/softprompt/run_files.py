@@ -17,18 +17,22 @@ class Layout:
 
     out_dir: Path
     tasks: tuple[str, ...] | None = None
-    """A multitask run's task names, sorted; None for a single-task run."""
+    """A multitask run's task names, sorted (or a search's candidates, in order); None for a single-task run."""
+    kind: str = "task"
+    """What `tasks` names: "task", or "candidate" (a search: their artifacts in `out_dir/candidates/`)."""
 
     def artifact_dir(self, name: str) -> Path:
-        return self.out_dir if self.tasks is None else self.out_dir / name
+        if self.tasks is None:
+            return self.out_dir
+        return self.out_dir / name if self.kind == "task" else self.out_dir / "candidates" / name
 
     def record_tag(self, name: str) -> dict:
         """The keys naming task `name` in its validation records."""
-        return {} if self.tasks is None else {"task": name}
+        return {} if self.tasks is None else {self.kind: name}
 
     def summary_tag(self, name: str) -> dict:
         """The keys naming task `name` and its siblings in its training summary."""
-        return {} if self.tasks is None else {"task": name, "tasks": list(self.tasks)}
+        return {} if self.tasks is None else {self.kind: name, f"{self.kind}s": list(self.tasks)}
 
 
 @dataclass
@@ -44,11 +48,13 @@ class RunState:
     stopped_early: bool = False
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Candidates that stopped training (halving, or diverged), with the step they stopped at."""
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> RunState:
         return cls(saved["step"], saved["best"], saved["evals_without_gain"], saved["stopped_early"],
-                   saved["tokens_seen"], saved["train_seconds"])  # fmt: skip
+                   saved["tokens_seen"], saved["train_seconds"], saved.get("dropped", {}))  # fmt: skip
 
     def to_checkpoint(self, modules: dict, identity: dict, finished: bool) -> dict:
         """The checkpoint (less "step", which `save_checkpoint` puts first): the `modules`' and random states, this
@@ -56,7 +62,7 @@ class RunState:
         return {**modules, "batches_consumed": self.step, "best": self.best,
                 "evals_without_gain": self.evals_without_gain, "tokens_seen": self.tokens_seen,
                 "train_seconds": self.train_seconds, **identity, "finished": finished,
-                "stopped_early": self.stopped_early}  # fmt: skip
+                "stopped_early": self.stopped_early, "dropped": self.dropped}  # fmt: skip
 
     def next_step(self, steps: int) -> int:
         """The first step still to take; `steps + 1` (none) once the run stopped early or reached `steps`."""
@@ -90,8 +96,13 @@ class MetricsLog:
 
     def valid_result(self, name: str, step: int | None) -> dict:
         """Task `name`'s validation result at `step` ({} when there is none, as on the other processes)."""
-        return next((r["valid"] for r in self.records if r["step"] == step and r.get("task", name) == name
+        return next((r["valid"] for r in self.records if r["step"] == step and _named(r, name) == name
                      and "valid" in r), {})  # fmt: skip
+
+
+def _named(record: dict, default: str | None = None) -> str | None:
+    """The task or candidate a record belongs to."""
+    return record.get("task", record.get("candidate", default))
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
@@ -116,8 +127,8 @@ def plot_losses(history: list[dict], path: Path) -> None:
     evals = [r for r in history if "valid" in r]
     if evals:
         other = ax.twinx()
-        for task in dict.fromkeys(r.get("task") for r in evals):  # one line per task, in order of appearance
-            mine = [r for r in evals if r.get("task") == task]
+        for task in dict.fromkeys(map(_named, evals)):  # one line per task or candidate, in order of appearance
+            mine = [r for r in evals if _named(r) == task]
             key = "accuracy" if "accuracy" in mine[0]["valid"] else "loss"
             other.plot([r["step"] for r in mine], [r["valid"][key] for r in mine], "o-",
                        label=f"{task + ' ' if task else ''}valid {key}")

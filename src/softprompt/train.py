@@ -133,6 +133,16 @@ class TaskData:
     """Start from this prompt (e.g. a trained one: transfer) instead of building one from the prompt config."""
 
 
+@dataclass(frozen=True)
+class Halving:
+    """Candidate prompts for one task trained side by side (`search.py`): each reads the same batches with its own
+    learning rate and its own gradient clipping, so each trains exactly as it would alone; at each rung step the
+    lower-scoring half on validation stops training (successive halving)."""
+
+    lrs: dict[str, float]
+    rungs: tuple[int, ...]
+
+
 class PromptSet(nn.Module):
     """The prompts of a run, one per task; one module, so one optimizer and one DDP wrapper cover them all."""
 
@@ -203,9 +213,11 @@ def _train(
     progress: bool,
     resume: bool,
     objective: Objective | None = None,
+    halving: Halving | None = None,
 ) -> dict[str, Run]:
-    """The run behind both: set-up in order (every check before the model moves; the seed right before the prompts
-    are built), the loop (`_Trainer.fit`), then each task's best prompt written as its artifact."""
+    """The run behind all three (one task, several tasks, several candidates for one task): set-up in order (every
+    check before the model moves; the seed right before the prompts are built), the loop (`_Trainer.fit`), then
+    each task's (or candidate's) best prompt written as its artifact."""
     several = len(tasks) > 1  # a batch may leave some prompts unused: DDP must not wait for their gradients
     accelerator = _setup_accelerator(find_unused=several)
     _check_data(tasks, cfg, accelerator.num_processes)
@@ -214,9 +226,10 @@ def _train(
     sharded, frozen_held = _setup_model(backbone, cfg, accelerator)
     seed_everything(cfg.seed)
     prompts = _setup_prompts(backbone, tasks, prompt_config, cfg.seed, accelerator.device)
-    model, optimizer, scheduler = _setup_optimizer(prompts, cfg, accelerator, sharded, find_unused=several)
+    model, optimizer, scheduler = _setup_optimizer(prompts, cfg, accelerator, sharded, several,
+                                                   halving.lrs if halving else None)  # fmt: skip
     run = _Trainer(backbone, tasks, prompt_config, cfg, layout, accelerator, data_id, sharded, frozen_held, prompts,
-                   model, optimizer, scheduler, objective or loss_on)  # fmt: skip
+                   model, optimizer, scheduler, objective or loss_on, halving)  # fmt: skip
     if saved:
         run.restore(saved)
     run.log.start()
@@ -287,10 +300,14 @@ def _setup_prompts(backbone: Backbone, tasks: dict[str, TaskData], prompt_config
 
 
 def _setup_optimizer(prompts: PromptSet, cfg: TrainConfig, accelerator: Accelerator, sharded: bool,
-                     find_unused: bool) -> tuple[nn.Module, torch.optim.Optimizer, LRScheduler]:  # fmt: skip
-    """The optimizer over the prompts, its learning-rate schedule, and the prompts as the model to run (replicated
-    across processes)."""
-    optimizer = make_optimizer(prompts.parameters(), cfg)
+                     find_unused: bool, lrs: dict[str, float] | None) -> tuple[nn.Module, torch.optim.Optimizer,
+                                                                              LRScheduler]:  # fmt: skip
+    """The optimizer over the prompts (one parameter group per prompt when `lrs` gives each its own learning rate;
+    the schedule scales every group alike), its learning-rate schedule, and the prompts as the model to run
+    (replicated across processes)."""
+    params = prompts.parameters() if lrs is None else [
+        {"params": list(prompts.prompts[name].parameters()), "lr": lr} for name, lr in lrs.items()]  # fmt: skip
+    optimizer = make_optimizer(params, cfg)
     # Not prepared by accelerate: its wrapper would step once per process; `steps` counts global optimizer steps.
     scheduler = get_scheduler(
         cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
@@ -325,18 +342,32 @@ class _Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     objective: Objective
+    halving: Halving | None = None
 
     def __post_init__(self) -> None:
         acc, cfg = self.accelerator, self.cfg
         self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
         self.valid = {name: data.valid[: cfg.eval_size] for name, data in self.tasks.items() if data.valid}
-        self.order = BatchOrder([(name, e) for name, data in self.tasks.items() for e in data.train], cfg.batch_size,
-                                cfg.seed)  # global batches of (task name, example) pairs
+        # Global batches of (task name, example) pairs; candidates share one task's data, and each of their batches
+        # is given to every candidate still training (`rows_of`).
+        pool = [(name, e) for name, data in self.tasks.items() for e in data.train]
+        if self.halving:
+            pool = [(None, e) for e in next(iter(self.tasks.values())).train]
+        self.order = BatchOrder(pool, cfg.batch_size, cfg.seed)
         self.shard = cfg.batch_size // self.world  # this process's rows of each global batch
         self.micro = self.shard // cfg.grad_accum
         self.log = MetricsLog(self.layout.out_dir / "metrics.jsonl", self.main)
         self.state = RunState(evals_without_gain=dict.fromkeys(self.tasks, 0))
         self.started = time.perf_counter()
+
+    @property
+    def live(self) -> list[str]:
+        """The tasks or candidates still training (a candidate leaves at a rung of the halving, or on diverging)."""
+        return [name for name in self.tasks if name not in self.state.dropped]
+
+    def rows_of(self, pairs: list[tuple[str | None, Example]]) -> list[tuple[str, Example]]:
+        """The rows a slice of a global batch runs as: its own, or each candidate still training on all of them."""
+        return [(name, e) for name in self.live for _, e in pairs] if self.halving else pairs
 
     def restore(self, saved: dict) -> None:
         """Continue from checkpoint `saved`: module, optimizer, schedule and random states, progress, and the log."""
@@ -362,26 +393,33 @@ class _Trainer:
                 for step in bar:
                     state.step, step_started = step, time.perf_counter()
                     batch = self.order[step - 1]  # (task name, example) pairs
+                    rows = len(self.rows_of(batch)) // len(batch)  # candidates reading this batch (else 1)
                     local_loss = self.forward_backward(batch)
-                    state.tokens_seen += sum(len(e.input_ids) + len(e.target_ids) for _, e in batch)
+                    state.tokens_seen += sum(len(e.input_ids) + len(e.target_ids) for _, e in self.rows_of(batch))
                     # One collective per step: the global loss, and whether any process was asked to stop.
                     stop_flag = local_loss.new_tensor(float(bool(caught)))
                     loss, stop_requested = acc.reduce(torch.stack([local_loss, stop_flag]), "sum").tolist()
                     # A finite loss can still have a non-finite gradient (an overflow in the backward pass): stepping
                     # on it would make the prompt NaN, and then the best one and every later checkpoint.
-                    grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf")))
+                    grad_norm = self.clip()
                     lr = self.scheduler.get_last_lr()[0]  # what this step applies (after scheduler.step: the next's)
-                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    # Candidates: one that diverged has left in clip(); the run fails only when all have.
+                    if not (math.isfinite(grad_norm) and (self.halving or math.isfinite(loss))):
                         raise self.diverged(loss, grad_norm, lr)
+                    if self.halving:  # the mean of the candidates' losses, and how many there were
+                        loss, record = loss / rows, {"candidates": rows}
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     state.train_seconds += time.perf_counter() - step_started
                     self.log.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                     "tokens_per_s": round(state.tokens_seen / state.train_seconds, 1)})  # fmt: skip
+                                     "tokens_per_s": round(state.tokens_seen / state.train_seconds, 1),
+                                     **(record if self.halving else {})})  # fmt: skip
                     bar.set_postfix(loss=f"{loss:.4f}")
 
-                    evaluating = self.valid and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
+                    rung = self.halving is not None and step in self.halving.rungs
+                    evaluating = self.valid and (step == cfg.steps or rung or (cfg.eval_every
+                                                                               and step % cfg.eval_every == 0))
                     state.stopped_early = bool(evaluating) and self.validate(step)
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                         self.checkpoint()
@@ -404,7 +442,7 @@ class _Trainer:
         acc, backbone = self.accelerator, self.backbone
         total = torch.zeros((), device=acc.device)
         for start in range(0, self.shard, self.micro):
-            names, examples = zip(*rows[start : start + self.micro])
+            names, examples = zip(*self.rows_of(rows[start : start + self.micro]))
             last = start + self.micro >= self.shard
             with contextlib.nullcontext() if last else acc.no_sync(self.model), acc.autocast():
                 # Each prompt's K/V, once per micro-batch, shared by the rows of its task.
@@ -413,6 +451,24 @@ class _Trainer:
                 acc.backward(loss)
             total += loss.detach() / self.world
         return total
+
+    def clip(self) -> float:
+        """Clip the gradients to `max_grad_norm` and return their norm before clipping: of all prompts together, or
+        each candidate's own (so each is clipped as it would be alone). A candidate whose gradient is not finite
+        leaves the run (the others go on); the norm returned is the largest of those still training."""
+        limit = self.cfg.max_grad_norm or float("inf")
+        if not self.halving:
+            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), limit))
+        self.accelerator.unscale_gradients()
+        norms = {name: float(nn.utils.clip_grad_norm_(self.prompts.prompts[name].parameters(), limit))
+                 for name in self.live}  # fmt: skip
+        finite = [norm for norm in norms.values() if math.isfinite(norm)]
+        for name in [name for name, norm in norms.items() if not math.isfinite(norm)] if finite else []:
+            self.state.dropped[name] = self.state.step
+            self.prompts.prompts[name].zero_grad(set_to_none=True)  # the optimizer skips it from now on
+            if self.main:
+                tqdm.write(f"candidate {name} diverged at step {self.state.step} and stops.", file=sys.stderr)
+        return max(finite, default=float("nan"))
 
     def diverged(self, loss: float, grad_norm: float, lr: float) -> SoftPromptError:
         """The error for a non-finite loss or gradient at this step, pointing at what survives it."""
@@ -437,16 +493,17 @@ class _Trainer:
         )
 
     def validate(self, step: int) -> bool:
-        """Validate each task on the main process (on every process when the layers are sharded: their forwards
-        gather weights together), keeping each task's best prompt; True when training should stop early: no task
-        improved for `patience` evaluations (the main process decides for all)."""
+        """Validate each task (or candidate still training) on the main process (on every process when the layers
+        are sharded: their forwards gather weights together), keeping each one's best prompt; at a rung of the
+        halving, drop the lower-scoring half. True when training should stop early: none improved for `patience`
+        evaluations (the main process decides for all)."""
         state, cfg = self.state, self.cfg
         stop, results = [False], {}
         if self.main or self.sharded:
             with torch.no_grad(), self.accelerator.autocast():
-                results = {name: evaluate(self.backbone, self.tasks[name].task, examples,
+                results = {name: evaluate(self.backbone, self.tasks[name].task, self.valid[name],
                                           self.prompts.prompts[name].kv(self.backbone))
-                           for name, examples in self.valid.items()}  # fmt: skip
+                           for name in self.live if name in self.valid}  # fmt: skip
         if self.main:
             for name, result in results.items():
                 prompt = self.prompts.prompts[name]
@@ -458,8 +515,22 @@ class _Trainer:
                                   training=self.summary(name))  # fmt: skip
                 else:
                     state.evals_without_gain[name] += 1
-            stop = [bool(cfg.patience) and all(state.evals_without_gain[n] >= cfg.patience for n in self.valid)]
-        return broadcast_object_list(stop)[0]
+            if self.halving and step in self.halving.rungs:
+                self.halve(step)
+            stop = [bool(cfg.patience) and all(state.evals_without_gain[n] >= cfg.patience
+                                               for n in self.live if n in self.valid)]  # fmt: skip
+        stop, state.dropped = broadcast_object_list([stop[0], state.dropped])
+        return stop
+
+    def halve(self, step: int) -> None:
+        """Keep the better half (rounded up) of the candidates still training, ranked by their best validation
+        result so far (ties: the earlier candidate); the rest stop here."""
+        ranked = sorted(self.live, key=lambda name: self.state.best[name][0], reverse=True)
+        for name in ranked[(len(ranked) + 1) // 2 :]:
+            self.state.dropped[name] = step
+        if self.main:
+            tqdm.write(f"step {step}: {len(ranked)} -> {(len(ranked) + 1) // 2} candidates (kept: "
+                       f"{', '.join(n for n in self.live)})", file=sys.stderr)  # fmt: skip
 
     def summary(self, name: str) -> dict:
         """Task `name`'s training summary so far: its best step and result, the settings, how the run was spread."""
@@ -491,7 +562,7 @@ class _Trainer:
         runs = {}
         for name, data in self.tasks.items():
             summary = self.summary(name)
-            summary.update(last_step=state.step, stopped_early=state.stopped_early,
+            summary.update(last_step=state.dropped.get(name, state.step), stopped_early=state.stopped_early,
                            seconds=round(time.perf_counter() - self.started, 1))  # fmt: skip
             best_method = methods.from_tensors(self.prompts.prompts[name].config, self.backbone, state.best[name][2])
             if self.main:

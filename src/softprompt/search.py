@@ -1,0 +1,172 @@
+"""Several candidate prompts trained in one run, the best kept (`softprompt train --search` / `--grid`).
+
+Every candidate (a method, init, length and learning rate) is a row group of the same mixed batch, behind its own
+prompt: one forward for all of them, each with its own learning rate and gradient clipping, so each learns exactly
+as it would alone. Successive halving on the validation set stops the weaker half at each rung, so the run costs a
+fraction of training every candidate to the end one after another. The best candidate's prompt becomes the
+artifact in `out`; every candidate's best prompt stays in `out/candidates/<name>`, and `search.md`/`search.json`
+list them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import artifact, methods
+from .atomic import write_json, write_text
+from .backbones import Backbone
+from .config import PromptConfig, TrainConfig
+from .data import Example, Task
+from .errors import SoftPromptError
+from .run_files import Layout
+from .train import Halving, Run, TaskData, _train, selection_key
+
+GRID_KEYS = {"lr": float, "method": str, "init": str, "num_tokens": int, "residual": bool, "prefix_mlp": bool,
+             "mlp_hidden": int}  # fmt: skip
+"""What a grid may vary: the learning rate and the prompt settings."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting of the search."""
+
+    prompt: PromptConfig
+    lr: float
+
+    @property
+    def name(self) -> str:
+        """Its folder name, e.g. prompt-labels-20-lr0p3 (no dot: it also names a module)."""
+        p = self.prompt
+        extra = "-residual" * p.residual + "-mlp" * p.prefix_mlp
+        return f"{p.method}-{p.init}-{p.num_tokens}{extra}-lr{self.lr:g}".replace(".", "p")
+
+
+def default_candidates(base: PromptConfig, classification: bool) -> list[Candidate]:
+    """Both methods at two learning rates each: prompt tuning from the label words (classification) and from the
+    template's text, prefix tuning from the template's text; the length is `base`'s."""
+    settings = [("prompt", "text", lr) for lr in (0.3, 0.03)] + [("prefix", "text", lr) for lr in (0.03, 0.01)]
+    if classification:
+        settings = [("prompt", "labels", lr) for lr in (0.3, 0.03)] + settings
+    return [Candidate(dataclasses.replace(base, method=m, init=i), lr) for m, i, lr in settings]
+
+
+def parse_grid(spec: str, base: PromptConfig, base_lr: float) -> tuple[list[Candidate], list[str]]:
+    """The candidates of a grid such as "lr=0.3,0.03 method=prompt,prefix num_tokens=10,20": every combination,
+    the rest taken from `base`/`base_lr`. Returns them and why any combination was left out (e.g. a residual
+    prefix); refuses a grid with unknown keys or values, or with no valid combination."""
+    axes, problems = {}, []
+    for part in spec.split():
+        key, _, values = part.partition("=")
+        if key not in GRID_KEYS or not values:
+            problems.append(f"{part!r}: expected key=value,value,... with a key among {', '.join(GRID_KEYS)}")
+            continue
+        try:
+            axes[key] = [_value(GRID_KEYS[key], v) for v in values.split(",")]
+        except ValueError as error:
+            problems.append(f"{key}: {error}")
+    if problems or not axes:
+        raise SoftPromptError("Invalid --grid " + repr(spec) + ":\n  - " + "\n  - ".join(problems or ["it is empty"]))
+    candidates, skipped = [], []
+    for combination in itertools.product(*axes.values()):
+        setting = dict(zip(axes, combination))
+        lr = setting.pop("lr", base_lr)
+        try:
+            candidates.append(Candidate(dataclasses.replace(base, **setting), lr))
+        except SoftPromptError as error:
+            skipped.append(f"{setting}: {str(error).splitlines()[-1].strip(' -')}")
+    if not candidates:
+        raise SoftPromptError(f"--grid {spec!r} has no valid combination:\n  - " + "\n  - ".join(skipped))
+    return list({c.name: c for c in candidates}.values()), skipped  # a value given twice is one candidate
+
+
+def _value(kind: type, text: str):
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"{text!r} is not true or false")
+        return text.lower() == "true"
+    if kind is float and not float(text) > 0:
+        raise ValueError(f"{text!r} must be positive")
+    return kind(text)
+
+
+def rungs(steps: int, count: int) -> tuple[int, ...]:
+    """The steps at which the candidates still training are halved: with 2^(r-1) < count <= 2^r, at steps/2^r,
+    ..., steps/4, steps/2, so the last one trains alone for the second half of the run."""
+    halvings = math.ceil(math.log2(count)) if count > 1 else 0
+    return tuple(dict.fromkeys(max(1, math.ceil(steps / 2**k)) for k in range(halvings, 0, -1)))
+
+
+@dataclass
+class SearchResult:
+    best: str
+    """The winning candidate's name."""
+    runs: dict[str, Run]
+    """Each candidate's best prompt and summary."""
+    table: list[dict]
+    """One row per candidate (settings, best validation result and step, steps trained), in candidate order."""
+
+
+def search(
+    backbone: Backbone,
+    task: Task,
+    candidates: list[Candidate],
+    train_config: TrainConfig,
+    train_examples: list[Example],
+    valid_examples: list[Example],
+    out_dir: str | Path,
+    progress: bool = True,
+    resume: bool = False,
+) -> SearchResult:
+    """Train `candidates` side by side on one task with successive halving on `valid_examples`; the best one's
+    prompt becomes the artifact in `out_dir`, each candidate's in `out_dir/candidates/<name>`."""
+    if not valid_examples:
+        raise SoftPromptError("a search needs validation data (--valid) to compare its candidates.")
+    if len(candidates) < 2:
+        raise SoftPromptError(f"a search needs at least two candidates, got {len(candidates)}.")
+    out_dir = Path(out_dir)
+    names = [c.name for c in candidates]
+    tasks = {}
+    for candidate in candidates:  # each from its own generator, as if it were the run's only prompt
+        generator = torch.Generator().manual_seed(train_config.seed)
+        init = methods.build(candidate.prompt, backbone, task.config.labels, generator)
+        tasks[candidate.name] = TaskData(task, train_examples, valid_examples, init)
+    halving = Halving({c.name: c.lr for c in candidates}, rungs(train_config.steps, len(candidates)))
+    runs = _train(backbone, tasks, candidates[0].prompt, train_config, Layout(out_dir, tuple(names), "candidate"),
+                  progress, resume, halving=halving)  # fmt: skip
+    best = max(names, key=lambda name: selection_key(runs[name].summary["valid"] or {"loss": math.inf}))
+    table = [_row(c, runs[c.name], c.name == best) for c in candidates]
+    summary = {**runs[best].summary, "search": table}
+    artifact.save(out_dir, runs[best].method, task.config, backbone, training=summary)
+    write_json(out_dir / "search.json", table)
+    write_text(out_dir / "search.md", format_table(table) + "\n")
+    return SearchResult(best, runs, table)
+
+
+def _row(candidate: Candidate, run: Run, best: bool) -> dict:
+    p, s = candidate.prompt, run.summary
+    return {"candidate": candidate.name, "method": p.method, "init": p.init, "num_tokens": p.num_tokens,
+            "lr": candidate.lr, "residual": p.residual, "prefix_mlp": p.prefix_mlp, "valid": s["valid"],
+            "best_step": s["best_step"], "trained_steps": s["last_step"], "best": best}  # fmt: skip
+
+
+def format_table(table: list[dict]) -> str:
+    """The candidates as a Markdown table, the chosen one marked."""
+    lines = ["| candidate | method | init | tokens | lr | best valid | at step | trained steps |",
+             "| --- | --- | --- | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
+    for r in table:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in r["valid"].items() if k in ("accuracy", "macro_f1", "loss"))
+        mark = " (chosen)" if r["best"] else ""
+        lines.append(f"| {r['candidate']}{mark} | {r['method']} | {r['init']} | {r['num_tokens']} | {r['lr']:g} | "
+                     f"{shown} | {r['best_step']} | {r['trained_steps']} |")
+    return "\n".join(lines)
+
+
+def cost(table: list[dict], steps: int) -> float:
+    """Candidate-steps trained, as a fraction of training every candidate for all `steps` one after another."""
+    return sum(r["trained_steps"] for r in table) / (steps * len(table))

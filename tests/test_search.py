@@ -1,0 +1,220 @@
+"""`train --search`: candidates side by side in one mixed batch learn exactly as each would alone (against explicit
+[P; E] gradients and against runs of one candidate), the halving keeps the better half by the validation log and
+stops computing for the rest, and the run leaves the best candidate's artifact, the table and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from softprompt import methods, search
+from softprompt.config import PromptConfig
+from softprompt.errors import SoftPromptError
+from softprompt.run_files import Layout
+from softprompt.search import Candidate, parse_grid, rungs
+from softprompt.train import Halving, TaskData, _train, loss_on, row_prefixes, selection_key, train
+
+from conftest import run_main, tiny_backbone
+from test_cli import save_tiny_model, write_data
+from test_train import explicit_gradient, read_log, sentiment_records, sentiment_task, train_config
+
+
+def cand(method="prompt", n=4, lr=0.05, init="random", **kw) -> Candidate:
+    return Candidate(PromptConfig(method=method, num_tokens=n, init=init, **kw), lr)
+
+
+@pytest.fixture
+def llama():
+    return tiny_backbone("llama")
+
+
+@pytest.fixture
+def data(llama):
+    task = sentiment_task(llama)
+    return task, task.encode(sentiment_records(48, seed=1), "train"), task.encode(sentiment_records(24, seed=2))
+
+
+def side_by_side(backbone, task, train_examples, candidates, cfg, out, valid=(), rung_steps=()):
+    """The search's training run itself, with chosen rungs."""
+    tasks = {}
+    for c in candidates:
+        init = methods.build(c.prompt, backbone, task.config.labels, torch.Generator().manual_seed(cfg.seed))
+        tasks[c.name] = TaskData(task, train_examples, list(valid), init)
+    halving = Halving({c.name: c.lr for c in candidates}, tuple(rung_steps))
+    return _train(backbone, tasks, candidates[0].prompt, cfg, Layout(out, tuple(tasks), "candidate"), False, False,
+                  halving=halving)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- as each would learn alone
+def test_mixed_batch_gradient_of_each_candidate_is_its_own_explicit_gradient(llama, data):
+    """One forward over every candidate's copy of the rows (prompts of 4 and 6 tokens, so one is left-padded with
+    masked slots): d(sum of the candidates' mean losses)/dP_c equals P_c's gradient with the model reading [P_c; E]
+    alone, row by row."""
+    task, examples, _ = data
+    rows = examples[:5]
+    prompts = {n: methods.build(PromptConfig(num_tokens=n, init="random"), llama,
+                                generator=torch.Generator().manual_seed(n)) for n in (4, 6)}  # fmt: skip
+    names = [name for name in prompts for _ in rows]
+    kv, mask = row_prefixes(llama, {name: p.kv(llama) for name, p in prompts.items()}, names)
+    normalizer = sum(len(e.target_ids) for e in rows)
+    loss, _ = loss_on(llama, kv, rows * len(prompts), normalizer, mask)
+    loss.backward()
+    for prompt in prompts.values():
+        expected = explicit_gradient(llama, prompt.embeddings, rows)
+        torch.testing.assert_close(prompt.embeddings.grad, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_each_candidate_ends_where_it_would_alone(llama, data, tmp_path):
+    """Three candidates (prompt tuning of two lengths and learning rates, prefix tuning) trained side by side for 6
+    steps: each final prompt equals the one `train` gives that candidate alone (same batches, its own clipping)."""
+    task, examples, _ = data
+    candidates = [cand(n=4, lr=0.05), cand(n=6, lr=0.01), cand("prefix", n=3, lr=0.02)]
+    cfg = train_config(steps=6, warmup_steps=2, max_grad_norm=0.05)  # clipping active: each candidate's own norm
+    together = side_by_side(llama, task, examples, candidates, cfg, tmp_path / "together")
+    for c in candidates:
+        alone = train(llama, task, c.prompt, train_config(steps=6, warmup_steps=2, max_grad_norm=0.05, lr=c.lr),
+                      examples, tmp_path / c.name, progress=False)  # fmt: skip
+        for key, tensor in alone.method.artifact_tensors().items():
+            torch.testing.assert_close(together[c.name].method.artifact_tensors()[key], tensor, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------ halving
+def test_rungs_halve_until_one_is_left():
+    assert rungs(300, 6) == (38, 75, 150)
+    assert rungs(300, 4) == (75, 150)
+    assert rungs(300, 2) == (150,)
+    assert rungs(300, 1) == ()
+    assert rungs(3, 8) == (1, 2)  # too few steps for three halvings: no rung twice
+
+
+def test_dropped_candidates_stop_costing_compute(llama, data, tmp_path, monkeypatch):
+    """4 candidates, rungs at 2 and 4: training forwards carry 4, then 2, then 1 copy of the batch's rows, and
+    only the prompts still training compute their K/V in them."""
+    task, examples, valid = data
+    candidates = [cand(lr=lr) for lr in (0.2, 0.05, 0.01, 0.002)]
+    forward_rows, kv_calls = [], []
+    target_hidden = type(llama).target_hidden
+
+    def spy(self, batch, prefix, prefix_mask=None):
+        if torch.is_grad_enabled():
+            forward_rows.append(batch.input_ids.shape[0])
+        return target_hidden(self, batch, prefix, prefix_mask)
+
+    monkeypatch.setattr(type(llama), "target_hidden", spy)
+    kv = methods.REGISTRY["prompt"].kv
+    monkeypatch.setattr(methods.REGISTRY["prompt"], "kv",
+                        lambda self, b: kv_calls.append(torch.is_grad_enabled()) or kv(self, b))  # fmt: skip
+    cfg = train_config(steps=6, batch_size=8)
+    runs = side_by_side(llama, task, examples, candidates, cfg, tmp_path, valid, rung_steps=(2, 4))
+    assert forward_rows == [32, 32, 16, 16, 8, 8]
+    assert sum(kv_calls) == 4 + 4 + 2 + 2 + 1 + 1  # K/V under gradient: one per candidate still training, per step
+    assert sorted(r.summary["last_step"] for r in runs.values()) == [2, 2, 4, 6]
+
+
+def test_halving_keeps_the_better_half_by_the_validation_log(llama, data, tmp_path):
+    """At each rung the candidates kept are those whose best logged validation result so far ranks in the upper
+    half (accuracy, then gold log-probability), recomputed here from metrics.jsonl."""
+    task, examples, valid = data
+    candidates = [cand(lr=lr, n=n) for lr, n in ((0.3, 2), (0.1, 4), (0.01, 4), (0.003, 2), (0.03, 3))]
+    cfg = train_config(steps=8, batch_size=8, eval_every=1)
+    runs = side_by_side(llama, task, examples, candidates, cfg, tmp_path, valid, rung_steps=rungs(8, 5))
+    _, valid_log = read_log(tmp_path)
+    live = [c.name for c in candidates]
+    for rung in rungs(8, 5):
+        best = {name: max(selection_key(r["valid"]) for r in valid_log if r["candidate"] == name and r["step"] <= rung)
+                for name in live}  # fmt: skip
+        ranked = sorted(live, key=lambda name: best[name], reverse=True)
+        live = ranked[: math.ceil(len(ranked) / 2)]
+        for name in ranked[len(live) :]:
+            assert runs[name].summary["last_step"] == rung
+            assert not [r for r in valid_log if r["candidate"] == name and r["step"] > rung]
+    assert [name for name, run in runs.items() if run.summary["last_step"] == 8] == live
+
+
+def test_a_diverging_candidate_leaves_and_the_others_go_on(llama, data, tmp_path):
+    task, examples, _ = data
+    candidates = [cand(lr=0.05), cand(lr=0.01)]
+    poisoned = methods.build(candidates[0].prompt, llama, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        poisoned.embeddings[0, 0] = float("nan")
+    tasks = {c.name: TaskData(task, examples, [], poisoned if i == 0 else None) for i, c in enumerate(candidates)}
+    halving = Halving({c.name: c.lr for c in candidates}, ())
+    runs = _train(llama, tasks, candidates[1].prompt, train_config(steps=3), Layout(tmp_path, tuple(tasks),
+                  "candidate"), False, False, halving=halving)  # fmt: skip
+    assert runs[candidates[0].name].summary["last_step"] == 1
+    assert runs[candidates[1].name].summary["last_step"] == 3
+    assert torch.isfinite(runs[candidates[1].name].method.embeddings).all()
+
+
+# ------------------------------------------------------------------------------------------------------ the grid
+def test_grid_is_every_combination_less_the_invalid_ones():
+    base = PromptConfig(init="text", init_text="review sentiment")
+    candidates, skipped = parse_grid("lr=0.3,0.03 method=prompt,prefix residual=true,false", base, 0.01)
+    names = [c.name for c in candidates]
+    assert names == ["prompt-text-20-residual-lr0p3", "prompt-text-20-lr0p3", "prefix-text-20-lr0p3",
+                     "prompt-text-20-residual-lr0p03", "prompt-text-20-lr0p03", "prefix-text-20-lr0p03"]
+    assert len(skipped) == 2 and all("residual applies to method=prompt only" in s for s in skipped)
+    only_tokens, _ = parse_grid("num_tokens=5,10", base, 0.02)
+    assert [(c.prompt.num_tokens, c.lr) for c in only_tokens] == [(5, 0.02), (10, 0.02)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("rate=0.1", "'rate=0.1': expected key=value,value,... with a key among lr, method"),
+    ("lr=fast", "lr: could not convert string to float: 'fast'"),
+    ("lr=-1", "lr: '-1' must be positive"),
+    ("residual=maybe", "residual: 'maybe' is not true or false"),
+    ("method=lora", "has no valid combination"),
+    ("", "it is empty"),
+])  # fmt: skip
+def test_bad_grids_are_refused_with_the_reason(spec, message):
+    with pytest.raises(SoftPromptError, match="grid") as error:
+        parse_grid(spec, PromptConfig(init="random"), 0.01)
+    assert message in str(error.value)
+
+
+def test_default_candidates_cover_both_methods_and_label_init_for_classification():
+    base = PromptConfig(num_tokens=12, init_text="review sentiment")
+    for classification in (True, False):
+        found = search.default_candidates(base, classification)
+        assert {c.prompt.method for c in found} == {"prompt", "prefix"}
+        assert ("labels" in {c.prompt.init for c in found}) == classification
+        assert all(c.prompt.num_tokens == 12 for c in found) and len({c.name for c in found}) == len(found)
+
+
+# ----------------------------------------------------------------------------------------------- the command line
+def test_search_command_keeps_the_best_candidate_and_writes_table_and_plot(tmp_path, monkeypatch, capsys):
+    model = save_tiny_model(tmp_path / "model")
+    data = write_data(tmp_path / "train.jsonl", 32, seed=1)
+    valid = write_data(tmp_path / "valid.jsonl", 16, seed=2)
+    out = tmp_path / "run"
+    code, stdout, stderr = run_main(monkeypatch, capsys, [
+        "train", "--model", model, "--train", data, "--valid", valid, "--template", "review {text} sentiment",
+        "--labels", "negative,positive", "--label-field", "label", "--steps", 4, "--num-tokens", 3,
+        "--eval-every", 2, "--grid", "lr=0.1,0.01 method=prompt,prefix", "--out", out, "--no-progress"])  # fmt: skip
+    assert code == 0, stderr
+    table = json.loads((out / "search.json").read_text())
+    assert [r["candidate"] for r in table] == ["prompt-text-3-lr0p1", "prefix-text-3-lr0p1", "prompt-text-3-lr0p01",
+                                               "prefix-text-3-lr0p01"]  # fmt: skip
+    chosen = [r for r in table if r["best"]]
+    assert len(chosen) == 1 and selection_key(chosen[0]["valid"]) == max(selection_key(r["valid"]) for r in table)
+    assert sorted(r["trained_steps"] for r in table) == [1, 1, 2, 4]  # rungs at 1 and 2
+    name = chosen[0]["candidate"]
+    for key, tensor in load_file(out / "prompt.safetensors").items():  # the artifact is the chosen one's best
+        assert torch.equal(tensor, load_file(out / "candidates" / name / "prompt.safetensors")[key])
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["search"] == table and config["method"] == chosen[0]["method"]
+    assert (out / "search.md").read_text().count("\n| ") == 5 and "(chosen)" in stdout and name in stdout
+    assert (out / "loss.png").is_file() and "of the steps of training each one fully" in stdout
+
+
+def test_search_without_validation_data_is_refused(tmp_path, monkeypatch, capsys):
+    data = write_data(tmp_path / "train.jsonl", 8, seed=1)
+    code, _, stderr = run_main(monkeypatch, capsys, [
+        "train", "--train", data, "--template", "review {text}", "--labels", "a,b", "--label-field", "label",
+        "--search", "--out", tmp_path / "run"])  # fmt: skip
+    assert code != 0 and "--search compares candidates on one task's validation data: give --valid" in stderr
+    assert not (tmp_path / "run").exists()
