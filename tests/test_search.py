@@ -38,14 +38,14 @@ def data(llama):
     return task, task.encode(sentiment_records(48, seed=1), "train"), task.encode(sentiment_records(24, seed=2))
 
 
-def side_by_side(backbone, task, train_examples, candidates, cfg, out, valid=(), rung_steps=()):
+def side_by_side(backbone, task, train_examples, candidates, cfg, out, valid=(), rung_steps=(), resume=False):
     """The search's training run itself, with chosen rungs."""
     tasks = {}
     for c in candidates:
         init = methods.build(c.prompt, backbone, task.config.labels, torch.Generator().manual_seed(cfg.seed))
         tasks[c.name] = TaskData(task, train_examples, list(valid), init)
     halving = Halving({c.name: c.lr for c in candidates}, tuple(rung_steps))
-    return _train(backbone, tasks, candidates[0].prompt, cfg, Layout(out, tuple(tasks), "candidate"), False, False,
+    return _train(backbone, tasks, candidates[0].prompt, cfg, Layout(out, tuple(tasks), "candidate"), False, resume,
                   halving=halving)  # fmt: skip
 
 
@@ -133,6 +133,26 @@ def test_halving_keeps_the_better_half_by_the_validation_log(llama, data, tmp_pa
             assert runs[name].summary["last_step"] == rung
             assert not [r for r in valid_log if r["candidate"] == name and r["step"] > rung]
     assert [name for name, run in runs.items() if run.summary["last_step"] == 8] == live
+
+
+def test_a_resumed_search_continues_with_the_candidates_it_had_kept(llama, data, tmp_path):
+    """A search stopped after step 3 (one rung passed) and resumed to step 6 ends with the very prompts, bests and
+    steps of the uninterrupted run (constant learning rate, so stopping early does not bend the schedule)."""
+    task, examples, valid = data
+    candidates = [cand(lr=lr) for lr in (0.2, 0.05, 0.01)]
+    cfg = dict(batch_size=8, eval_every=1, schedule="constant", warmup_steps=0, checkpoint_every=1)
+    whole = side_by_side(llama, task, examples, candidates, train_config(steps=6, **cfg), tmp_path / "whole", valid,
+                         rung_steps=(2, 4))  # fmt: skip
+    side_by_side(llama, task, examples, candidates, train_config(steps=3, **cfg), tmp_path / "parts", valid,
+                 rung_steps=(2, 4))  # fmt: skip
+    resumed = side_by_side(llama, task, examples, candidates, train_config(steps=6, **cfg), tmp_path / "parts", valid,
+                           rung_steps=(2, 4), resume=True)  # fmt: skip
+    for name, run in whole.items():
+        assert resumed[name].summary["last_step"] == run.summary["last_step"]
+        assert resumed[name].summary["best_step"] == run.summary["best_step"]
+        for key, tensor in run.method.artifact_tensors().items():
+            assert torch.equal(resumed[name].method.artifact_tensors()[key], tensor), name
+    assert sorted(r.summary["last_step"] for r in whole.values()) == [2, 4, 6]
 
 
 def test_a_diverging_candidate_leaves_and_the_others_go_on(llama, data, tmp_path):
