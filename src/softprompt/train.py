@@ -393,9 +393,9 @@ class _Trainer:
                 for step in bar:
                     state.step, step_started = step, time.perf_counter()
                     batch = self.order[step - 1]  # (task name, example) pairs
-                    rows = len(self.rows_of(batch)) // len(batch)  # candidates reading this batch (else 1)
+                    readers = len(self.live) if self.halving else 1  # candidates reading this batch
                     local_loss = self.forward_backward(batch)
-                    state.tokens_seen += sum(len(e.input_ids) + len(e.target_ids) for _, e in self.rows_of(batch))
+                    state.tokens_seen += readers * sum(len(e.input_ids) + len(e.target_ids) for _, e in batch)
                     # One collective per step: the global loss, and whether any process was asked to stop.
                     stop_flag = local_loss.new_tensor(float(bool(caught)))
                     loss, stop_requested = acc.reduce(torch.stack([local_loss, stop_flag]), "sum").tolist()
@@ -406,15 +406,14 @@ class _Trainer:
                     # Candidates: one that diverged has left in clip(); the run fails only when all have.
                     if not (math.isfinite(grad_norm) and (self.halving or math.isfinite(loss))):
                         raise self.diverged(loss, grad_norm, lr)
-                    if self.halving:  # the mean of the candidates' losses, and how many there were
-                        loss, record = loss / rows, {"candidates": rows}
+                    loss /= readers  # candidates: the mean of their losses
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     state.train_seconds += time.perf_counter() - step_started
                     self.log.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                      "tokens_per_s": round(state.tokens_seen / state.train_seconds, 1),
-                                     **(record if self.halving else {})})  # fmt: skip
+                                     **({"candidates": readers} if self.halving else {})})  # fmt: skip
                     bar.set_postfix(loss=f"{loss:.4f}")
 
                     rung = self.halving is not None and step in self.halving.rungs
