@@ -22,7 +22,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    """When set, every endpoint but /health needs `Authorization: Bearer <key>`."""
+    """When set, every endpoint but /health and the playground page's files (/, /ui, /static/) needs
+    `Authorization: Bearer <key>`."""
     max_batch: int = 64
     """Rows decoded together."""
     max_queue: int = 256

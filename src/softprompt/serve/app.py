@@ -3,6 +3,7 @@
 Handlers check a request against the limits, tokenize, hand rows to the engine and await their updates on an
 asyncio queue (the engine's worker thread posts into it with `call_soon_threadsafe`); streaming answers are
 server-sent events. Every user mistake is a 4xx with an OpenAI-style error body; unknown model ids are 404.
+`GET /` (and `/ui`) is the playground, a static page (static/) that speaks to the API above like any client.
 """
 
 from __future__ import annotations
@@ -12,18 +13,29 @@ import hmac
 import json
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.staticfiles import StaticFiles
 
+from .. import artifact, inspection
+from ..errors import SoftPromptError
 from ..generate import decode_new
 from . import metrics, protocol
 from .engine import Engine, QueueFull, Sampling, ScoreRequest, Sequence, Stopped, Update
 from .registry import Prompt, Registry
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/admin/reload")
+ROUTES = ("/", "/ui", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+          "/admin/reload")  # fmt: skip
+STATIC = Path(__file__).parent / "static"
+"""The playground's files: index.html, served at / and /ui, and what it loads from /static/."""
+PAGE_SECURITY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+                 "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
+"""The page's Content-Security-Policy: its own files and this server's API, nothing else."""
 MAX_STOPS = 4
 MAX_SEED = 2**63
 """Seeds (plus the choice index) must stay below this: a torch generator takes a signed 64-bit seed."""
@@ -138,7 +150,26 @@ def _settle(future: asyncio.Future, result) -> None:
 
 def _route(path: str) -> str:
     """The path as a metrics label: a known route, or "other" (so random paths cannot grow the counters)."""
+    if path.startswith("/v1/prompts/"):
+        return "/v1/prompts/{name}"
+    if path.startswith("/static/"):
+        return "/static"
     return path if path in ROUTES else "other"
+
+
+def _open(path: str) -> bool:
+    """Paths served without the API key: the health check and the playground's own files (which hold no data; the
+    page asks for the key and sends it with every API call)."""
+    return path in ("/health", "/", "/ui") or path.startswith("/static/")
+
+
+def _vocabulary(backbone):
+    """What `inspection.describe` reads the vocabulary from: our backbone, or in front of vLLM (which holds the
+    model) the input-embedding table that the front loaded."""
+    if hasattr(backbone, "model"):
+        return backbone
+    table = SimpleNamespace(weight=backbone.table)
+    return SimpleNamespace(tokenizer=backbone.tokenizer, model=SimpleNamespace(get_input_embeddings=lambda: table))
 
 
 class Reply:
@@ -209,13 +240,18 @@ class Api:
         self.tokenizer = registry.backbone.tokenizer
         self.vocab = min(len(self.tokenizer), registry.backbone.shapes.vocab_size)  # ids a client may send
         self.counters = metrics.Counters()
+        self.details: dict[str, tuple[tuple, dict]] = {}
+        """Prompt id -> (its files' signature, its description), computed on its first request."""
+        auth = "required" if api_key else "none"
+        self.page_html = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{auth}}", auth)
 
     # ---- auth and counting (the middleware) ----
 
     async def auth_and_count(self, request: Request, call_next):
-        """Refuse a wrong or missing key (all but /health) and count every request by route and status."""
+        """Refuse a wrong or missing key (all but /health and the page's files) and count every request by route and
+        status."""
         path = request.url.path
-        if self.api_key and path != "/health":
+        if self.api_key and not _open(path):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 response = JSONResponse(protocol.error_body(
@@ -492,6 +528,34 @@ class Api:
         report = await asyncio.wrap_future(self.engine.call(self.registry.reload))
         return {"prompts": sorted(p for p in self.registry.prompts if p != self.registry.base.name), **report}
 
+    def prompt_details(self, name: str):
+        """What `softprompt inspect` reports of a served prompt: its metadata, training summary, size on disk and, for
+        prompt tuning, each virtual token's nearest vocabulary tokens. Read-only; read from its files while they are
+        the version loaded (409 once they changed, until a reload), once per version (a plain `def`: FastAPI runs it
+        in a worker thread, off the event loop)."""
+        prompt = self.lookup(name)
+        if prompt.folder is None:
+            raise ApiError(404, f"{name!r} is the bare base model: it has no prompt artifact to describe.",
+                           "not_found_error", "name", "model_not_found")  # fmt: skip
+        changed = (f"the files of {name!r} in {prompt.folder} changed on disk since it was loaded, and what is served "
+                   "is the version loaded: POST /admin/reload to serve (and describe) the files as they are now")
+        if not self.registry.unchanged(prompt):
+            raise ApiError(409, changed, param="name")
+        cached = self.details.get(name)
+        if cached is None or cached[0] != prompt.signature:
+            try:
+                report = inspection.describe(artifact.load(prompt.folder), prompt.folder,
+                                             _vocabulary(self.registry.backbone))  # fmt: skip
+            except (SoftPromptError, OSError):  # rewritten or removed between the check and the read
+                raise ApiError(409, changed, param="name") from None
+            cached = self.details[name] = (prompt.signature, {"id": name, "object": "prompt", **report})
+        return cached[1]
+
+    async def page(self):
+        """The playground: the prompts and their details, one text sent to several of them and the base model."""
+        return HTMLResponse(self.page_html, headers={"Content-Security-Policy": PAGE_SECURITY,
+                                                     "Cache-Control": "no-cache"})  # fmt: skip
+
 
 def create_app(registry: Registry, engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
     """The FastAPI app: the error handlers, the auth-and-count middleware and the routes, all on one `Api`."""
@@ -508,4 +572,8 @@ def create_app(registry: Registry, engine: Engine, limits: Limits | None = None,
     app.post("/v1/completions")(api.completions)
     app.post("/v1/chat/completions")(api.chat_completions)
     app.post("/admin/reload")(api.reload)
+    app.get("/v1/prompts/{name}")(api.prompt_details)
+    app.get("/")(api.page)
+    app.get("/ui")(api.page)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

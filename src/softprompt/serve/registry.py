@@ -34,6 +34,8 @@ class Prompt:
     created: int = field(default_factory=lambda: int(time.time()))
     signature: tuple = ()
     """Sizes and modification times of the artifact's files: a change means reload."""
+    folder: Path | None = None
+    """The artifact's directory; None for the bare base model."""
 
     @property
     def num_tokens(self) -> int:
@@ -85,7 +87,18 @@ class Registry:
             else:
                 prefix = artifact.prefix_of(saved, self.backbone, str(folder))
         labels = Task(saved.task, self.backbone.tokenizer).label_ids if saved.task.task == "classification" else []
-        return Prompt(folder.name, prefix, saved.task, labels, saved.prompt.method, signature=_signature(folder))
+        return Prompt(folder.name, prefix, saved.task, labels, saved.prompt.method, signature=_signature(folder),
+                      folder=folder)  # fmt: skip
+
+    def unchanged(self, prompt: Prompt) -> bool:
+        """Whether `prompt`'s files on disk are still the version loaded (False for the bare base model, and for a
+        folder that went away)."""
+        if prompt.folder is None:
+            return False
+        try:
+            return _signature(prompt.folder) == prompt.signature
+        except OSError:
+            return False
 
     def reload(self, strict: bool = False) -> dict:
         """Load new and changed prompt directories, drop removed ones. A broken directory keeps its previous version
