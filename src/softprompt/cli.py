@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .config import PromptConfig, TaskConfig, TrainConfig
+from .distill import DistillConfig
 from .errors import SoftPromptError
 from .models import DEFAULT_MODEL
 from .serve import ServeConfig
@@ -199,6 +200,83 @@ def _search(backbone, data, prompt_config: PromptConfig, train_config: TrainConf
     typer.echo(format_table(result.table))
     typer.echo(f"Saved the best candidate, {result.best}, to {out} (its table: {out / 'search.md'}); the candidates "
                f"trained {cost(result.table, train_config.steps):.0%} of the steps of training each one fully.")
+
+
+@app.command()
+def distill(
+    out: Annotated[Path, Opt(help="Output directory: the artifact (an ordinary prompt), log, plot, checkpoints.")],
+    train_file: Annotated[Path, Opt("--train", help="Training records (.jsonl or .csv); labels are not needed.")],
+    template: Annotated[str, Opt(help="The student's short template, e.g. 'Review: {text}\\nSentiment:'.")],
+    teacher_template: Annotated[str, Opt(help="The teacher's long text prompt: an instruction and demonstrations, "
+                                              "then the input's {field}s.")],
+    teacher_model: Annotated[Optional[str], Opt(help="A (larger) teacher model sharing the student's tokenizer "
+                                                     "(default: the student's own).")] = DistillConfig.teacher_model,
+    alpha: Annotated[float, Opt(help="Weight of the cross-entropy on the records' gold labels or targets (0: pure "
+                                     "distillation; above 0 every record needs one).")] = DistillConfig.alpha,
+    max_new_tokens: Annotated[int, Opt(help="Generation: the longest teacher continuation the student "
+                                            "learns.")] = DistillConfig.max_new_tokens,
+    model: Annotated[str, Opt(help="The student's model: embedded short name, local folder or hub "
+                                   "name.")] = DEFAULT_MODEL,
+    valid_file: Annotated[Optional[Path], Opt("--valid", help="Labelled validation data for model selection "
+                                                              "(without it the last prompt is kept).")] = None,
+    labels: Annotated[Optional[str], Opt(help="Comma-separated label words (classification).")] = None,
+    label_field: Annotated[Optional[str], Opt(help="Field holding the gold label, where records have one (default: "
+                                                   "label).")] = None,
+    target_field: Annotated[Optional[str], Opt(help="Generation: the field of gold targets, where records have "
+                                                    "them.")] = None,
+    method: Annotated[str, Opt(help="prompt or prefix.")] = PromptConfig.method,
+    num_tokens: Annotated[int, Opt(help="Virtual tokens.")] = PromptConfig.num_tokens,
+    init: Annotated[str, Opt(help="random, vocab, text or labels.")] = PromptConfig.init,
+    init_text: Annotated[Optional[str], Opt(help="Text for --init text (default: the student template's literal "
+                                                 "words).")] = PromptConfig.init_text,
+    steps: Annotated[int, Opt(help="Optimizer steps.")] = TrainConfig.steps,
+    batch_size: Annotated[int, Opt(help="Examples per step.")] = TrainConfig.batch_size,
+    lr: Annotated[float, Opt(help="Peak learning rate.")] = TrainConfig.lr,
+    warmup_steps: Annotated[int, Opt(help="Linear warmup steps.")] = TrainConfig.warmup_steps,
+    eval_every: Annotated[int, Opt(help="Validate every N steps.")] = TrainConfig.eval_every,
+    eval_size: Annotated[int, Opt(help="Validation examples used.")] = TrainConfig.eval_size,
+    patience: Annotated[int, Opt(help="Early stop after N evaluations without gain (0: "
+                                      "never).")] = TrainConfig.patience,
+    max_length: Annotated[int, Opt(help="Longest student example in tokens.")] = TrainConfig.max_length,
+    too_long: Annotated[str, Opt(help="A longer example: truncate its input (with a warning) or "
+                                      "refuse.")] = TrainConfig.too_long,
+    seed: Annotated[int, Opt()] = TrainConfig.seed,
+    resume: Annotated[bool, Opt(help="Continue the run in --out from its newest checkpoint.")] = False,
+    progress: Annotated[bool, Opt(help="Progress bars.")] = True,
+):
+    """Distill a long text prompt into a soft one: train a prompt or prefix so that the model reading --template
+    answers as the teacher (the same model, or --teacher-model) answers reading --teacher-template, on records that
+    need no labels. --out becomes an ordinary prompt artifact."""
+    from accelerate import PartialState
+
+    from .data import read_records
+    from .distill import distill as run_distillation
+    from .prepare import fitted_task, template_init_text
+
+    if init == "text" and not init_text:
+        init_text = template_init_text(template)
+    task_config, prompt_config, train_config, distill_config = _all_or_errors(
+        lambda: _task_config(template, labels, label_field or ("label" if labels else None), target_field),
+        lambda: PromptConfig(method=method, num_tokens=num_tokens, init=init, init_text=init_text),
+        lambda: TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                            eval_every=eval_every, eval_size=eval_size, patience=patience, max_length=max_length,
+                            too_long=too_long, seed=seed),
+        lambda: DistillConfig(teacher_template=teacher_template, alpha=alpha, teacher_model=teacher_model,
+                              max_new_tokens=max_new_tokens),
+    )
+    records = read_records(train_file)
+    valid_records = read_records(valid_file) if valid_file else None
+    backbone = _backbone(model)
+    teacher = _backbone(teacher_model) if teacher_model else None
+    task = fitted_task(task_config, backbone, num_tokens, max_length, too_long)
+    valid = task.encode(valid_records, str(valid_file)) if valid_records else None
+    run = run_distillation(backbone, task, distill_config, prompt_config, train_config, records, out, valid,
+                           teacher, progress, resume)  # fmt: skip
+    if PartialState().is_main_process:  # under `accelerate launch`, one report
+        best = run.summary.get("valid") or {}
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float))
+        typer.echo(f"Saved the distilled prompt (step {run.summary['best_step']}{': ' + shown if shown else ''}) to "
+                   f"{out}")
 
 
 @app.command("eval")
@@ -408,7 +486,7 @@ def serve(
     host: Annotated[str, Opt()] = ServeConfig.host,
     port: Annotated[int, Opt()] = ServeConfig.port,
     api_key: Annotated[Optional[str], Opt(help="Require 'Authorization: Bearer KEY' (all but "
-                                               "/health).")] = ServeConfig.api_key,
+                                               "/health and the playground page's files).")] = ServeConfig.api_key,
     max_batch: Annotated[int, Opt(help="Rows decoded together.")] = ServeConfig.max_batch,
     max_queue: Annotated[int, Opt(help="Rows that may wait; more get 429.")] = ServeConfig.max_queue,
     max_prompt_tokens: Annotated[int, Opt(help="Longest prompt in tokens.")] = ServeConfig.max_prompt_tokens,

@@ -167,7 +167,7 @@ class Task:
             return int(text)
         raise KeyError(text)
 
-    def _absent_fields(self, records: list[dict], source: str) -> list[str]:
+    def _absent_fields(self, records: list[dict], source: str, require_targets: bool = True) -> list[str]:
         """A field that no record has is a mistake in the template or the options, not in the data: one line
         for it instead of one per example."""
         c = self.config
@@ -182,21 +182,23 @@ class Task:
                 )
         option = "--label-field" if self.is_classification else "--target-field"
         name = c.label_field if self.is_classification else c.target_field
-        if name not in present and name not in c.fields:
+        if require_targets and name not in present and name not in c.fields:
             problems.append(f"{source}: {option} {name!r} names a field no record has (the records have: {seen})")
         return problems
 
-    def encode(self, records: list[dict], source: str = "data") -> list[Example]:
+    def encode(self, records: list[dict], source: str = "data", require_targets: bool = True) -> list[Example]:
         """Encode all records, collecting every problem into one message. `records` from read_records know
-        their file and lines, which the messages then name."""
+        their file and lines, which the messages then name. Without `require_targets` a record may lack its label
+        or target field (distillation's unlabelled data): its example then has no target_ids."""
         source = records.path if isinstance(records, Records) else source
         where = records.where if isinstance(records, Records) else lambda i: f"{source}, example {i + 1}"
         if not records:
             raise SoftPromptError(f"{source} holds no examples: the data set is empty.")
-        absent = self._absent_fields(records, source)  # stated first, above the examples that lack them
+        absent = self._absent_fields(records, source, require_targets)  # stated first, above the examples lacking them
         problems, examples, too_long = [], [], []
         c = self.config
-        needed = c.fields + [c.label_field if self.is_classification else c.target_field]
+        gold = c.label_field if self.is_classification else c.target_field
+        needed = c.fields + ([gold] if require_targets else [])
         for i, record in enumerate(records):
             missing = list(dict.fromkeys(f for f in needed if f not in record or record[f] is None))
             if missing:
@@ -206,7 +208,9 @@ class Task:
             if not ids:
                 problems.append(f"{where(i)}: the template gives an empty input")
                 continue
-            if self.is_classification:
+            if record.get(gold) is None:  # only where targets are optional
+                example = Example(ids, [])
+            elif self.is_classification:
                 try:
                     label = self.label_index(record[c.label_field])
                 except KeyError as error:
