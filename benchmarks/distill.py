@@ -5,7 +5,7 @@ virtual tokens, against the long prompt itself (issue 14).
   label, short snippets, in a seeded order) and the demo's template "Review: {text}\\nSentiment:".
 - Student: prompt tuning, 20 tokens, the demo's text init, the short template alone, trained by
   `softprompt.distill.distill` on --train-size training texts without their labels (the demonstrations left out):
-  --steps steps of 8 at lr 0.03 with 10 warm-up steps; no validation, so the last prompt is kept (--valid N selects
+  --steps steps of 8 at --lr (0.03) with 10 warm-up steps; no validation, so the last prompt is kept (--valid N selects
   on N labelled validation snippets instead).
 - Scored on the first --test held-out snippets (never trained on): the teacher (its text prefix cached, the same
   scores as the whole text read at once: tests/test_distill.py), the student, and the template alone; the student's
@@ -131,6 +131,7 @@ def time_to_first_token(prompts_dir: Path, teacher_texts: list[str], reviews: li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=0.03)
     parser.add_argument("--train-size", type=int, default=1200, help="Unlabelled training texts (150 x 8: one pass).")
     parser.add_argument("--demos", type=int, default=8)
     parser.add_argument("--test", type=int, default=300)
@@ -166,7 +167,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "prompts" / "distilled"
         valid = task.encode(splits["valid"][: args.valid], "valid") if args.valid else None
-        settings = TrainConfig(steps=args.steps, batch_size=8, lr=0.03, warmup_steps=10, eval_every=50 if valid else 0,
+        settings = TrainConfig(steps=args.steps, batch_size=8, lr=args.lr, warmup_steps=10, eval_every=50 if valid else 0,
                                patience=0, checkpoint_every=0, seed=args.seed)  # fmt: skip
         prompt_config = PromptConfig(num_tokens=NUM_TOKENS, init="text", init_text=INIT_TEXT)
         started = time.perf_counter()
