@@ -47,7 +47,8 @@ def test_mixed_batch_loss_and_gradients_equal_the_row_by_row_definition():
 
     kvs = {name: prompt.kv(backbone) for name, prompt in prompts.items()}
     kv, prefix_mask = row_prefixes(backbone, kvs, list(names))
-    assert kv.dim() == 6 and prefix_mask.tolist()[1] == [1] * 5 and prefix_mask.tolist()[0] == [0, 0, 1, 1, 1]
+    # Both prompts' slots side by side in one shared prefix, each row seeing its own prompt's only (rows then pack).
+    assert kv.shape[-2] == 8 and prefix_mask.tolist() == [[1] * 3 + [0] * 5, [0] * 3 + [1] * 5] * 2
     loss, _ = loss_on(backbone, kv, list(examples), prefix_mask=prefix_mask)
     loss.backward()
     ours = {name: p.embeddings.grad.clone() for name, p in prompts.items()}

@@ -155,7 +155,7 @@ def test_a_resumed_search_continues_with_the_candidates_it_had_kept(llama, data,
     assert sorted(r.summary["last_step"] for r in whole.values()) == [2, 4, 6]
 
 
-def test_a_diverging_candidate_leaves_and_the_others_go_on(llama, data, tmp_path):
+def test_a_candidate_holding_non_finite_values_leaves_before_it_runs(llama, data, tmp_path):
     task, examples, _ = data
     candidates = [cand(lr=0.05), cand(lr=0.01)]
     poisoned = methods.build(candidates[0].prompt, llama, generator=torch.Generator().manual_seed(0))
@@ -168,6 +168,31 @@ def test_a_diverging_candidate_leaves_and_the_others_go_on(llama, data, tmp_path
     assert runs[candidates[0].name].summary["last_step"] == 1
     assert runs[candidates[1].name].summary["last_step"] == 3
     assert torch.isfinite(runs[candidates[1].name].method.embeddings).all()
+
+
+def test_a_candidate_whose_gradient_is_not_finite_leaves(llama, data, tmp_path, monkeypatch):
+    """The 5-token candidate's K/V gets a NaN gradient from step 2 on: it stops there, with its last finite prompt,
+    and the other trains on unharmed (its prompt equals a run of it alone)."""
+    task, examples, _ = data
+    kv, steps_seen = methods.REGISTRY["prompt"].kv, []
+
+    def poisoned_kv(self, backbone):
+        out = kv(self, backbone)
+        if self.config.num_tokens == 5 and torch.is_grad_enabled():
+            steps_seen.append(1)
+            if len(steps_seen) >= 2:
+                out.register_hook(lambda grad: grad * float("nan"))
+        return out
+
+    monkeypatch.setattr(methods.REGISTRY["prompt"], "kv", poisoned_kv)
+    candidates = [cand(n=5, lr=0.05), cand(n=4, lr=0.05)]
+    runs = side_by_side(llama, task, examples, candidates, train_config(steps=4), tmp_path / "together")
+    assert [runs[c.name].summary["last_step"] for c in candidates] == [2, 4]
+    assert torch.isfinite(runs[candidates[0].name].method.embeddings).all()
+    alone = train(llama, task, candidates[1].prompt, train_config(steps=4), examples, tmp_path / "alone",
+                  progress=False)  # fmt: skip
+    torch.testing.assert_close(runs[candidates[1].name].method.embeddings, alone.method.embeddings, atol=2e-5,
+                               rtol=1e-4)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------ the grid

@@ -28,12 +28,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LRScheduler
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
-from . import artifact, methods
+from . import artifact, methods, trackers
 from .backbones import Backbone
 from .checkpoint import data_fingerprint, latest_checkpoint, resume_state, save_checkpoint
 from .config import PromptConfig, TrainConfig, to_dict
@@ -156,11 +156,11 @@ class PromptSet(nn.Module):
 
 
 def row_prefixes(backbone: Backbone, kvs: dict[str, torch.Tensor], names: list[str]):
-    """The prefix for a batch whose rows belong to `names`' tasks: shared (5-D, no mask) when they are all one task,
-    else per row, shorter prefixes left-padded with masked slots."""
+    """The prefix for a batch whose rows belong to `names`' tasks (or candidates): shared (5-D, no mask) when they are
+    all one, else with a mask saying which slots each row sees (`Backbone.side_by_side`)."""
     if len(set(names)) == 1:
         return kvs[names[0]], None
-    return backbone.stack_prefixes([kvs[name] for name in names])
+    return backbone.side_by_side([kvs[name] for name in names])
 
 
 def train(
@@ -219,7 +219,7 @@ def _train(
     check before the model moves; the seed right before the prompts are built), the loop (`_Trainer.fit`), then
     each task's (or candidate's) best prompt written as its artifact."""
     several = len(tasks) > 1  # a batch may leave some prompts unused: DDP must not wait for their gradients
-    accelerator = _setup_accelerator(find_unused=several)
+    accelerator = _setup_accelerator(several, cfg.report_to, layout.out_dir)
     _check_data(tasks, cfg, accelerator.num_processes)
     data_id = data_fingerprint(tasks)
     saved = _saved_state(layout.out_dir, prompt_config, cfg, data_id, resume)
@@ -233,16 +233,25 @@ def _train(
     if saved:
         run.restore(saved)
     run.log.start()
-    if run.valid and saved is None:
-        run.validate(0)  # the starting prompt is the first best one
-    run.fit(progress)
-    return run.finish()
+    trackers.start(accelerator, layout.out_dir, prompt_config, cfg)  # after every refusal: those write nothing
+    try:
+        if run.valid and saved is None:
+            run.validate(0)  # the starting prompt is the first best one
+        run.fit(progress)
+        return run.finish()
+    finally:
+        trackers.finish(accelerator)
 
 
-def _setup_accelerator(find_unused: bool) -> Accelerator:
+def _setup_accelerator(find_unused: bool, report_to: str, out_dir: Path) -> Accelerator:
+    """The accelerator, with the experiment trackers `report_to` names (checked here, so a missing package stops
+    the run before anything else; `trackers.start` starts them)."""
     # Without CUDA, processes started by `accelerate launch`/torchrun train on the CPU and synchronise over gloo.
     return Accelerator(cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+                       log_with=trackers.resolve(report_to) or None,
+                       project_config=ProjectConfiguration(project_dir=str(out_dir),
+                                                           logging_dir=str(trackers.tensorboard_dir(out_dir))))
 
 
 def _check_data(tasks: dict[str, TaskData], cfg: TrainConfig, world: int) -> None:
@@ -356,7 +365,8 @@ class _Trainer:
         self.order = BatchOrder(pool, cfg.batch_size, cfg.seed)
         self.shard = cfg.batch_size // self.world  # this process's rows of each global batch
         self.micro = self.shard // cfg.grad_accum
-        self.log = MetricsLog(self.layout.out_dir / "metrics.jsonl", self.main)
+        self.log = MetricsLog(self.layout.out_dir / "metrics.jsonl", self.main,
+                              forward=lambda record: trackers.log(acc, record))  # fmt: skip
         self.state = RunState(evals_without_gain=dict.fromkeys(self.tasks, 0))
         self.started = time.perf_counter()
 
@@ -393,6 +403,8 @@ class _Trainer:
                 for step in bar:
                     state.step, step_started = step, time.perf_counter()
                     batch = self.order[step - 1]  # (task name, example) pairs
+                    if self.halving:
+                        self.drop_non_finite()
                     readers = len(self.live) if self.halving else 1  # candidates reading this batch
                     local_loss = self.forward_backward(batch)
                     state.tokens_seen += readers * sum(len(e.input_ids) + len(e.target_ids) for _, e in batch)
@@ -463,11 +475,23 @@ class _Trainer:
                  for name in self.live}  # fmt: skip
         finite = [norm for norm in norms.values() if math.isfinite(norm)]
         for name in [name for name, norm in norms.items() if not math.isfinite(norm)] if finite else []:
-            self.state.dropped[name] = self.state.step
-            self.prompts.prompts[name].zero_grad(set_to_none=True)  # the optimizer skips it from now on
-            if self.main:
-                tqdm.write(f"candidate {name} diverged at step {self.state.step} and stops.", file=sys.stderr)
+            self.drop(name, "its gradient is not finite")
         return max(finite, default=float("nan"))
+
+    def drop_non_finite(self) -> None:
+        """Candidates share one prefix in a batch (`side_by_side`), where a NaN slot would reach every row through
+        the attention's zero weights: one holding non-finite values (a poisoned init or resumed state) leaves
+        before it runs."""
+        for name in self.live:
+            if not all(bool(p.isfinite().all()) for p in self.prompts.prompts[name].parameters()):
+                self.drop(name, "it holds non-finite values")
+
+    def drop(self, name: str, why: str) -> None:
+        """Candidate `name` stops training here (the others go on)."""
+        self.state.dropped[name] = self.state.step
+        self.prompts.prompts[name].zero_grad(set_to_none=True)  # the optimizer skips it from now on
+        if self.main:
+            tqdm.write(f"candidate {name} stops at step {self.state.step}: {why}.", file=sys.stderr)
 
     def diverged(self, loss: float, grad_norm: float, lr: float) -> SoftPromptError:
         """The error for a non-finite loss or gradient at this step, pointing at what survives it."""

@@ -128,6 +128,12 @@ class Backbone(ABC):
                 mask[row, n - prefix.shape[-2] :] = 1
         return stacked, mask
 
+    def side_by_side(self, prefixes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix and (B, n) mask of a training batch whose rows run behind different prompts (`prefixes`, one
+        per row, the same tensor for rows of the same prompt), for `target_hidden`: here one per row, as
+        `stack_prefixes` gives them."""
+        return self.stack_prefixes(prefixes)
+
     # --- what each kind does its own way ------------------------------------------------------------------------
 
     @abstractmethod

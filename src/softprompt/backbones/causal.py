@@ -114,6 +114,22 @@ class CausalBackbone(Backbone):
             )
         return out.last_hidden_state, full_mask
 
+    def side_by_side(self, prefixes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every distinct prompt's slots side by side in one shared prefix (num_layers, 2, kv_heads, sum of n,
+        head_dim), and a (B, sum of n) mask that lets each row see its own prompt's slots only: `packed_forward`
+        then packs the rows as for one prompt (a per-row prefix would take the padded path). A slot's key keeps the
+        position it was computed at, and a row's tokens are placed after its own prompt's length, so each row gets
+        what it gets behind its prompt alone."""
+        distinct = list({id(p): p for p in prefixes}.values())
+        spans, start = {}, 0
+        for prefix in distinct:
+            spans[id(prefix)] = slice(start, start + prefix.shape[-2])
+            start += prefix.shape[-2]
+        mask = torch.zeros(len(prefixes), start, dtype=torch.long, device=self.device)
+        for row, prefix in enumerate(prefixes):
+            mask[row, spans[id(prefix)]] = 1
+        return torch.cat(distinct, dim=-2), mask
+
     def packed_forward(
         self,
         prefix: torch.Tensor,
@@ -128,7 +144,8 @@ class CausalBackbone(Backbone):
         costs what its real tokens cost, not its padded width.
 
         prefix: (num_layers, 2, kv_heads, n, head_dim); input_ids, attention_mask: (B, T), any padding side.
-        prefix_mask: (B, n) for a per-row prefix from `stack_prefixes` (which takes the padded path).
+        prefix_mask: (B, n), the slots each row sees (`side_by_side`; default all), or with a per-row prefix from
+        `stack_prefixes` (which takes the padded path).
         Returns the final hidden states (B, T, hidden), zeros at pads. The cache is internal (nothing to continue).
         Falls back to `forward` where a custom mask would not be honoured (per-row prefixes, attention kernels
         without dense masks, sliding windows shorter than a row).
@@ -137,7 +154,7 @@ class CausalBackbone(Backbone):
         n = prefix.shape[-2]
         config = self.model.config.get_text_config(decoder=True)
         lengths = attention_mask.sum(-1).tolist()
-        if (prefix.dim() != 5 or prefix_mask is not None or config._attn_implementation not in ("sdpa", "eager")
+        if (prefix.dim() != 5 or config._attn_implementation not in ("sdpa", "eager")
                 or getattr(config, "attention_chunk_size", None) or n + max(lengths) > self.window):  # fmt: skip
             hidden, _ = self.forward(input_ids, attention_mask, self.new_cache(prefix, batch), prefix_mask)
             return hidden.masked_fill(~attention_mask.bool()[..., None], 0)
@@ -150,6 +167,7 @@ class CausalBackbone(Backbone):
             loads[b] += lengths[row]
         width = max(loads)  # the longest packed row
         real = attention_mask.bool()
+        seen = prefix_mask.sum(-1).tolist() if prefix_mask is not None else [n] * batch  # prefix slots per row
         ids = input_ids.new_full((len(bins), width), self.pad_id)
         segment = torch.full((len(bins), width), -1, device=input_ids.device)  # which row each slot holds
         positions = torch.zeros_like(ids)
@@ -160,14 +178,17 @@ class CausalBackbone(Backbone):
                 where = real[row].nonzero().squeeze(-1)  # (length,) the row's real tokens
                 span = slice(start, start + len(where))
                 ids[b, span], segment[b, span] = input_ids[row, where], row
-                positions[b, span] = n + torch.arange(len(where), device=ids.device)
+                positions[b, span] = seen[row] + torch.arange(len(where), device=ids.device)
                 source.append(row * T + where)
                 target.append(b * width + torch.arange(span.start, span.stop, device=ids.device))
                 start = span.stop
-        # A slot sees the whole prefix and the earlier slots of its own row; empty slots see only the prefix.
+        # A slot sees its row's prefix slots and the earlier slots of its own row; empty slots see only the prefix.
         causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
         same_row = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0) & causal
-        allowed = torch.cat([same_row.new_ones(len(bins), width, n), same_row], dim=-1)  # (R, width, n + width)
+        sees = same_row.new_ones(len(bins), width, n)  # (R, width, n)
+        if prefix_mask is not None:
+            sees = prefix_mask.bool()[segment.clamp(min=0)] | (segment < 0)[..., None]
+        allowed = torch.cat([sees, same_row], dim=-1)  # (R, width, n + width)
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=ids.device)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # (R, 1, width, n + width) additive
         cache = self.new_cache(prefix, len(bins))

@@ -1,0 +1,183 @@
+"""What a new user gets on tasks the defaults never saw, against LoRA: for each classification task built from real
+data in PyPI packages, on the embedded model, held-out accuracy and wall time of
+
+  - the template alone (the frozen model, no prompt),
+  - one `softprompt train` run with only data, template and labels (every other setting its default),
+  - `softprompt train --search` (the default candidates, successive halving on validation) and its pick, with the
+    time the same candidates would take trained one after another (each one's seconds per step alone, timed over
+    --probe-steps steps, times --steps; validation not counted, so this understates that time),
+  - LoRA through PEFT (rank 8 on q_proj/v_proj, alpha 16, lr 1e-3, no dropout): the same steps and batches, the same
+    loss (cross-entropy on the label word), validation and keep-best, and scoring by the same code path.
+
+Tasks: sentiment (the demo's Rotten Tomatoes fresh/rotten), review-or-plot (the same corpus: a critic's snippet or
+a plot summary, balanced), debate-party (2016 US debates: which party's candidate said it).
+
+    python benchmarks/defaults.py                           # every task, 100 steps of 8
+    python benchmarks/defaults.py --tasks debate-party --steps 200
+
+Prints a table per task as it finishes and one JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import time
+
+import torch
+
+from softprompt.backbones import backbone_for
+from softprompt.config import PromptConfig, TaskConfig, TrainConfig
+from softprompt.data import Task
+from softprompt.datasets import debate_party, review_or_plot, rotten_tomatoes
+from softprompt.evaluate import evaluate
+from softprompt.models import load_model
+from softprompt.prepare import template_init_text
+from softprompt.search import default_candidates, search
+from softprompt.train import BatchOrder, improves, loss_on, selection_key, train
+
+from machine import machine
+
+
+def balanced(records: list[dict], field: str, per_label: int, seed: int = 0) -> list[dict]:
+    by_label: dict[str, list[dict]] = {}
+    for r in records:
+        by_label.setdefault(r[field], []).append(r)
+    rng, picked = random.Random(seed), []
+    for group in by_label.values():
+        picked += rng.sample(group, min(per_label, len(group)))
+    rng.shuffle(picked)
+    return picked
+
+
+TASKS = {
+    "sentiment": (lambda: balanced(rotten_tomatoes(), "label", 2000),
+                  TaskConfig(template="Review: {text}\nSentiment:", labels=["negative", "positive"],
+                             label_field="label")),
+    "review-or-plot": (lambda: balanced(review_or_plot(), "kind", 1083),
+                       TaskConfig(template="Text: {text}\nIs this a review or a summary? Answer:",
+                                  labels=["review", "summary"], label_field="kind")),
+    "debate-party": (lambda: balanced(debate_party(), "party", 224),
+                     TaskConfig(template="Debate statement: {text}\nParty of the speaker:",
+                                labels=["Democrat", "Republican"], label_field="party")),
+}  # fmt: skip
+
+
+def splits(records: list[dict], test: int, valid: int) -> dict[str, list[dict]]:
+    return {"test": records[:test], "valid": records[test : test + valid], "train": records[test + valid :]}
+
+
+def timed(fn):
+    began = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - began
+
+
+def lora_run(model_name: str, task: Task, train_set, valid_set, cfg: TrainConfig) -> tuple:
+    """LoRA on a fresh copy of the model, trained and scored through our backbone (the LoRA layers live inside the
+    model's own q/v projections): the same batches, loss, validation rule and scorer as the prompts get."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_model(model_name)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                  target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    backbone = backbone_for(peft_model.base_model.model, tokenizer)  # freezes every parameter ...
+    params = [p for name, p in peft_model.named_parameters() if "lora_" in name]
+    for p in params:  # ... so the adapter's are switched back on
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * max(0.0, (cfg.steps - s) / cfg.steps))
+    order = BatchOrder(train_set, cfg.batch_size, cfg.seed)
+    best_key, best_state = None, None
+
+    def validate():
+        nonlocal best_key, best_state
+        with torch.no_grad():
+            key = selection_key(evaluate(backbone, task, valid_set[: cfg.eval_size]))
+        if best_key is None or improves(key, best_key):
+            best_key, best_state = key, [p.detach().clone() for p in params]
+
+    validate()
+    for step in range(1, cfg.steps + 1):
+        loss, _ = loss_on(backbone, None, order[step - 1])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step(), schedule.step(), optimizer.zero_grad(set_to_none=True)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            validate()
+    with torch.no_grad():
+        for p, best in zip(params, best_state):
+            p.copy_(best)
+    return backbone, sum(p.numel() for p in params)
+
+
+def run_task(name: str, backbone, model_name: str, args) -> dict:
+    load, config = TASKS[name]
+    data = splits(load(), args.test, args.valid)
+    task = Task(config, backbone.tokenizer, max_length=args.max_length)
+    train_set, valid_set, test_set = (task.encode(data[k]) for k in ("train", "valid", "test"))
+    cfg = TrainConfig(steps=args.steps, eval_size=args.valid, max_length=args.max_length)  # the rest: defaults
+    base = PromptConfig(init_text=template_init_text(config.template))  # what `softprompt train` builds
+    row = {"task": name, "train": len(train_set), "valid": len(valid_set), "test": len(test_set)}
+    score = lambda prefix: round(evaluate(backbone, task, test_set, prefix)["accuracy"], 4)  # noqa: E731
+    row["template_only"] = score(None)
+    out = tempfile.mkdtemp()
+    run, row["single_seconds"] = timed(lambda: train(backbone, task, base, cfg, train_set, out + "/single",
+                                                     valid_set, progress=False))  # fmt: skip
+    row["single"] = score(run.method.kv(backbone).detach())
+    candidates = default_candidates(base, True)
+    result, row["search_seconds"] = timed(lambda: search(backbone, task, candidates, cfg, train_set, valid_set,
+                                                         out + "/search", progress=False))  # fmt: skip
+    row["search_pick"], row["search"] = result.best, score(result.runs[result.best].method.kv(backbone).detach())
+    row["search_table"] = [{k: r[k] for k in ("candidate", "valid", "best_step", "trained_steps")} for r in
+                           result.table]  # fmt: skip
+    probe = TrainConfig(steps=args.probe_steps, eval_every=0, warmup_steps=1, max_length=args.max_length)
+    row["one_after_another_seconds"] = round(sum(
+        timed(lambda: train(backbone, task, c.prompt, probe, train_set, out + "/probe-" + c.name, progress=False))[1]
+        / args.probe_steps * args.steps for c in candidates), 1)  # fmt: skip
+    lora_backbone, row["lora_params"] = None, 0
+    (lora_backbone, row["lora_params"]), row["lora_seconds"] = timed(
+        lambda: lora_run(model_name, task, train_set, valid_set, cfg))
+    row["lora"] = round(evaluate(lora_backbone, task, test_set)["accuracy"], 4)
+    shutil.rmtree(out)
+    for key in ("single_seconds", "search_seconds", "lora_seconds"):
+        row[key] = round(row[key], 1)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--test", type=int, default=300)
+    parser.add_argument("--valid", type=int, default=100)
+    parser.add_argument("--probe-steps", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256, help="Longest example in tokens (longer plot "
+                        "summaries and debate answers keep their end).")  # fmt: skip
+    parser.add_argument("--model", default="smollm2-135m")
+    args = parser.parse_args()
+    backbone = backbone_for(*load_model(args.model))
+    rows = []
+    for name in args.tasks.split(","):
+        row = run_task(name, backbone, args.model, args)
+        rows.append(row)
+        print(f"\n{name} (train {row['train']}, valid {row['valid']}, test {row['test']}; {args.steps} steps of 8)")
+        print(f"  template only             accuracy {row['template_only']:.3f}")
+        print(f"  softprompt train          accuracy {row['single']:.3f}  {row['single_seconds']:7.1f} s")
+        print(f"  softprompt train --search accuracy {row['search']:.3f}  {row['search_seconds']:7.1f} s  "
+              f"(pick {row['search_pick']}; one after another ~{row['one_after_another_seconds']:.0f} s)")
+        print(f"  LoRA r=8 q,v (PEFT)       accuracy {row['lora']:.3f}  {row['lora_seconds']:7.1f} s")
+        for r in row["search_table"]:
+            print(f"    {r['candidate']:<26} valid {r['valid'].get('accuracy', float('nan')):.3f} at step "
+                  f"{r['best_step']}, trained {r['trained_steps']}")
+        print(flush=True)
+    print(machine())
+    print(json.dumps({"steps": args.steps, "tasks": rows}))
+
+
+if __name__ == "__main__":
+    main()
