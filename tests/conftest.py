@@ -3,6 +3,8 @@ a tiny offline word-level tokenizer, and the embedded real model for the few tes
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -32,6 +34,10 @@ from transformers import (
 )
 
 from softprompt.backbones import Backbone, backbone_for
+
+os.environ["SOFTPROMPT_REPORT_TO"] = "none"
+"""What report_to="auto" (the default) means in the tests, and in the commands they start: no tracker, so a run
+writes only its own files; test_trackers.py asks for TensorBoard where it tests it (and checks "auto" itself)."""
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 """Architectures every tiny-model test runs on."""

@@ -110,7 +110,7 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path, name, content):
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(SoftPromptError, match="does not exist"):
         read_records(tmp_path / "nope.jsonl")
-    path = tmp_path / "data.parquet"
+    path = tmp_path / "data.xlsx"
     path.write_text("x", encoding="utf-8")
     with pytest.raises(SoftPromptError, match="unknown data format"):
         read_records(path)

@@ -56,7 +56,8 @@ def _backbone(model_name: str):
 @app.command()
 def train(
     out: Annotated[Path, Opt(help="Output directory: the artifact (best prompt), log, plot, checkpoints.")],
-    train_file: Annotated[Optional[Path], Opt("--train", help="Training data (.jsonl or .csv).")] = None,
+    train_file: Annotated[Optional[Path], Opt("--train", help="Training data: .jsonl, .csv, .tsv, .parquet, or a "
+                                                          "datasets save_to_disk folder.")] = None,
     template: Annotated[Optional[str], Opt(help="Input template with {field} placeholders, e.g. "
                                                 "'Review: {text}\\nSentiment:'.")] = None,
     tasks: Annotated[Optional[Path], Opt(help="Multi-task: a JSON tasks file (see softprompt.multitask) instead of "
@@ -108,6 +109,9 @@ def train(
                                      "go, keep the best: OUT/search.md lists them all.")] = False,
     grid: Annotated[Optional[str], Opt(help="The candidates of --search as a grid, e.g. 'lr=0.3,0.03 "
                                             "method=prompt,prefix num_tokens=10,20' (implies --search).")] = None,
+    report_to: Annotated[str, Opt(help="Experiment trackers: tensorboard (files in OUT/tensorboard), wandb, mlflow, "
+                                       "all (every installed one) or none; auto: tensorboard when it is installed, "
+                                       "else none ($SOFTPROMPT_REPORT_TO overrides).")] = TrainConfig.report_to,
     progress: Annotated[bool, Opt(help="Progress bars.")] = True,
 ):
     """Train a soft prompt or prefix on a frozen model; --out becomes the artifact (with --tasks, one per task;
@@ -115,6 +119,7 @@ def train(
     from .data import read_records
     from .multitask import TaskSpec, read_tasks_file
     from .prepare import fitted_task, template_init_text, transfer_source
+    from .trackers import resolve as resolve_trackers
     from .train import TaskData, train_multitask
     from .train import train as run_training
 
@@ -141,8 +146,9 @@ def train(
                             max_grad_norm=max_grad_norm, eval_every=eval_every, eval_size=eval_size,
                             patience=patience, max_length=max_length, too_long=too_long, seed=seed,
                             checkpoint_every=checkpoint_every, gradient_checkpointing=gradient_checkpointing,
-                            shard_model=shard_model),
+                            shard_model=shard_model, report_to=report_to),
     )
+    resolve_trackers(train_config.report_to)  # a missing tracker package fails before the model loads
     records = {name: (read_records(spec.train), read_records(spec.valid) if spec.valid else None)
                for name, spec in specs.items()}  # fmt: skip
     backbone = _backbone(model)
@@ -281,7 +287,7 @@ def distill(
 
 @app.command("eval")
 def evaluate_command(
-    data: Annotated[Path, Opt(help="Data to score (.jsonl or .csv).")],
+    data: Annotated[Path, Opt(help="Data to score (a format --train takes).")],
     prompt: Annotated[Optional[list[Path]], Opt(help="A trained prompt directory; repeat for an ensemble.")] = None,
     combine: Annotated[str, Opt(help="Ensemble rule for several --prompt: vote (majority; ties go to the higher mean "
                                      "probability) or mean (mean label probability).")] = "vote",
@@ -293,6 +299,9 @@ def evaluate_command(
     batch_size: Annotated[int, Opt()] = 32,
     limit: Annotated[Optional[int], Opt(help="Score only the first N examples.")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[Optional[Path], Opt(help="Classification: write the confusion matrix (rows gold, columns "
+                                             "predicted) to this PNG; --json then lists its counts "
+                                             "too.")] = None,
     progress: Annotated[bool, Opt()] = True,
 ):
     """Score a prompt (or the base model with the template alone) on labelled data."""
@@ -307,24 +316,54 @@ def evaluate_command(
         raise SoftPromptError(f"--combine {combine!r} is not one of vote, mean.")
     records = read_records(data)[:limit]
     if prompt and len(prompt) > 1:
+        if plot:
+            raise SoftPromptError("--plot draws the confusion matrix of one prompt; give a single --prompt.")
         return _evaluate_ensemble(data, records, prompt, combine, model, batch_size, as_json, progress)
     prompt = prompt[0] if prompt else None
     if prompt:
         saved = artifact.load(prompt)
         task_config = saved.task
-        backbone = _backbone(model or saved.base_model)
-        prefix = artifact.prefix_of(saved, backbone, str(prompt))
     else:
         if not template:
             raise SoftPromptError("eval needs --prompt DIR, or --template with --labels/--label-field or --target-field.")
         task_config = _task_config(template, labels, label_field, target_field)
+    if plot and task_config.task != "classification":
+        raise SoftPromptError(f"--plot draws a confusion matrix of label words, and {prompt or 'this task'} is a "
+                              "generation task (its metrics are exact match, chrF and BLEU); drop --plot.")  # fmt: skip
+    if prompt:
+        backbone = _backbone(model or saved.base_model)
+        prefix = artifact.prefix_of(saved, backbone, str(prompt))
+    else:
         backbone, prefix = _backbone(model or DEFAULT_MODEL), None
     task = fitted_task(task_config, backbone, saved.prompt.num_tokens if prompt else 0)
-    result = evaluate(backbone, task, task.encode(records, str(data)), prefix, batch_size, progress and not as_json)
+    examples, progress = task.encode(records, str(data)), progress and not as_json
+    if plot:
+        result = _evaluate_with_plot(backbone, task, examples, prefix, batch_size, progress, plot,
+                                     str(prompt or "base model"))  # fmt: skip
+    else:
+        result = evaluate(backbone, task, examples, prefix, batch_size, progress)
     if as_json:
         typer.echo(json.dumps(result))
     else:
-        typer.echo("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        typer.echo("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+                             if k not in ("confusion", "plot")))  # fmt: skip
+        if plot:
+            typer.echo(f"wrote {plot} (confusion matrix: rows gold, columns predicted)")
+
+
+def _evaluate_with_plot(backbone, task, examples, prefix, batch_size, progress, plot: Path, title: str) -> dict:
+    """`eval --plot`: the metrics, the confusion matrix's counts and its PNG, from one scoring of the labels."""
+    from .evaluate import classification_result, label_scores
+    from .metrics import confusion
+    from .plots import plot_confusion
+
+    scores = label_scores(backbone, task, examples, prefix, batch_size, progress)
+    result = classification_result(examples, scores)
+    labels = task.config.labels
+    result["confusion"] = confusion([e.label for e in examples], scores.argmax(-1).tolist(), len(labels))
+    caption = f"{title}: accuracy {result['accuracy']:.3f} on {result['n']}"
+    result["plot"] = str(plot_confusion(result["confusion"], labels, plot, caption))
+    return result
 
 
 def _evaluate_ensemble(data, records, prompts, combine, model, batch_size, as_json, progress):

@@ -16,6 +16,9 @@ TASKS = ("classification", "generation")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("linear", "cosine", "constant")
 TOO_LONG = ("truncate", "refuse")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+REPORT_TO = ("auto", *TRACKERS, "all", "none")
+"""What `report_to` takes (see trackers.py)."""
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 """A `{field}` in a template."""
 
@@ -169,6 +172,10 @@ class TrainConfig:
     shard_model: bool = False
     """Under several processes, shard the frozen decoder layers across them (FSDP2): each holds 1/N of their
     weights. Implied by `accelerate launch --use_fsdp`."""
+    report_to: Literal["auto", "tensorboard", "wandb", "mlflow", "all", "none"] = "auto"
+    """Experiment trackers for the run's metrics and settings (besides metrics.jsonl): auto is $SOFTPROMPT_REPORT_TO
+    when set, else tensorboard when it is installed (files under OUT/tensorboard), else none; all is every
+    installed one."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -185,6 +192,8 @@ class TrainConfig:
             problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.too_long not in TOO_LONG:
             problems.append(f"too_long {self.too_long!r} is not one of {', '.join(TOO_LONG)}")
+        if self.report_to not in REPORT_TO:
+            problems.append(f"report_to {self.report_to!r} is not one of {', '.join(REPORT_TO)}")
         for name in ("warmup_steps", "eval_every", "patience", "weight_decay", "max_grad_norm", "checkpoint_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")

@@ -1,4 +1,5 @@
-"""Records -> token ids with a loss mask: reading JSONL/CSV, templates, the verbalizer, collation."""
+"""Records -> token ids with a loss mask: reading JSONL/CSV (Parquet and `datasets` folders: tables.py), templates,
+the verbalizer, collation."""
 
 from __future__ import annotations
 
@@ -17,32 +18,41 @@ from .errors import SoftPromptError
 
 
 class Records(list):
-    """Rows read from one file (a list of dicts) that remember the file and the line each row starts on, so
-    problems found later, while encoding, can name them. Slices keep that memory."""
+    """Rows read from one file (a list of dicts) that remember the file and the line each row starts on (`unit`
+    "line"), or their row number in a table ("row", tables.py), so problems found later, while encoding, can name
+    them. Slices keep that memory."""
 
-    def __init__(self, rows: list[dict], path: str | Path, lines: list[int]):
+    def __init__(self, rows: list[dict], path: str | Path, lines: list[int], unit: str = "line"):
         super().__init__(rows)
-        self.path, self.lines = str(path), list(lines)
+        self.path, self.lines, self.unit = str(path), list(lines), unit
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return Records(list.__getitem__(self, index), self.path, self.lines[index])
+            return Records(list.__getitem__(self, index), self.path, self.lines[index], self.unit)
         return list.__getitem__(self, index)
 
     def where(self, i: int) -> str:
+        if self.unit == "row":  # a table's row number is its example number
+            return f"{self.path}, row {self.lines[i]}"
         return f"{self.path}, line {self.lines[i]} (example {i + 1})"
 
 
 def read_records(path: str | Path) -> Records:
-    """Rows of a JSONL (.jsonl/.json, one object per line) or CSV/TSV file, as dicts of strings and values.
+    """Rows of a JSONL (.jsonl/.json, one object per line) or CSV/TSV file, as dicts of strings and values; or of a
+    Parquet file or a folder written by `datasets`' save_to_disk (tables.py, with pyarrow).
     CSV/TSV: the first line names the fields; a row with more values than the header, or broken quoting (a quote
     never closed, text right after a closing quote), is refused with its line rather than read shifted."""
     path = Path(path)
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".parquet"):
+        from .tables import read_table
+
+        return read_table(path)
     if not path.is_file():
         raise SoftPromptError(f"Data file {path} does not exist.")
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv", ".jsonl", ".json", ".ndjson"):
-        raise SoftPromptError(f"{path}: unknown data format {suffix!r}; use .jsonl, .csv or .tsv.")
+        raise SoftPromptError(f"{path}: unknown data format {suffix!r}; use .jsonl, .csv, .tsv or .parquet, or a "
+                              "folder written by datasets' save_to_disk.")  # fmt: skip
     raw = path.read_bytes()
     bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # tolerate a byte-order mark
     try:

@@ -86,6 +86,15 @@ def mean_loss(backbone: Backbone, examples: list[Example], prefix=None, batch_si
     return total / count
 
 
+def classification_result(examples: list[Example], scores: torch.Tensor) -> dict:
+    """Accuracy, macro-F1 and the gold label's mean log-probability from `label_scores` (N, num_labels)."""
+    golds = [e.label for e in examples]
+    result = metrics.classification(golds, scores.argmax(-1).tolist(), scores.shape[-1])
+    # mean log-probability of the gold label: a smooth tie-breaker for model selection
+    result["gold_logprob"] = float(scores[torch.arange(len(golds)), golds].mean())
+    return result
+
+
 def evaluate(
     backbone: Backbone,
     task: Task,
@@ -97,12 +106,7 @@ def evaluate(
 ) -> dict:
     """The task's metrics on `examples` with an optional prefix (None: the base model with the template alone)."""
     if task.is_classification:
-        scores = label_scores(backbone, task, examples, prefix, batch_size, progress)
-        golds = [e.label for e in examples]
-        result = metrics.classification(golds, scores.argmax(-1).tolist(), len(task.label_ids))
-        # mean log-probability of the gold label: a smooth tie-breaker for model selection
-        result["gold_logprob"] = float(scores[torch.arange(len(golds)), golds].mean())
-        return result
+        return classification_result(examples, label_scores(backbone, task, examples, prefix, batch_size, progress))
     from .generate import decode_new, generate
 
     limit = max_new_tokens or max(len(e.target_ids) for e in examples) + 8

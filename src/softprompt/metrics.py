@@ -22,6 +22,14 @@ def classification(golds: list[int], preds: list[int], num_labels: int) -> dict:
     }
 
 
+def confusion(golds: list[int], preds: list[int], num_labels: int) -> list[list[int]]:
+    """Counts: row = gold label, column = predicted label."""
+    matrix = [[0] * num_labels for _ in range(num_labels)]
+    for g, p in zip(golds, preds):
+        matrix[g][p] += 1
+    return matrix
+
+
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 
 

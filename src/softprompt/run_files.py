@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,11 @@ class RunState:
 
 class MetricsLog:
     """The run's records (training steps, validations): kept in memory by every process for the summaries and the
-    plot, and appended to metrics.jsonl by the main process only."""
+    plot, and appended to metrics.jsonl by the main process only, which also hands each new one to `forward` (the
+    experiment trackers)."""
 
-    def __init__(self, path: Path, main: bool):
-        self.path, self.main, self.records = path, main, []
+    def __init__(self, path: Path, main: bool, forward: Callable[[dict], None] | None = None):
+        self.path, self.main, self.records, self.forward = path, main, [], forward
 
     def reload(self, until_step: int) -> None:
         """On resume, the main process's log as it was at the checkpoint: later records were never checkpointed."""
@@ -93,6 +95,8 @@ class MetricsLog:
         if self.main:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.forward:
+                self.forward(record)
 
     def valid_result(self, name: str, step: int | None) -> dict:
         """Task `name`'s validation result at `step` ({} when there is none, as on the other processes)."""

@@ -1,0 +1,228 @@
+"""The high-level API, three lines from data to predictions:
+
+    tuner = PromptTuner("smollm2-135m", template="Review: {text}\\nSentiment:", labels=["negative", "positive"],
+                        label_field="label")
+    tuner.fit(train_records, valid=valid_records)
+    tuner.predict(["A joyless, plodding mess."])
+
+A thin layer over the library (`train.train`, `evaluate.label_scores`, `generate.generate`, `artifact`): the same
+settings give the same prompt as `softprompt train`, and the same predictions as `softprompt eval`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from . import artifact
+from .backbones import backbone_for
+from .config import PromptConfig, TaskConfig, TrainConfig
+from .data import fill, read_records
+from .errors import SoftPromptError
+from .evaluate import label_scores
+from .generate import decode_new
+from .generate import generate as generate_ids
+from .methods import PromptMethod
+from .models import DEFAULT_MODEL, load_model
+from .prepare import check_generation_fits, fitted_task, template_init_text
+from .train import train
+
+Data = Union[str, os.PathLike, Iterable[Mapping]]
+"""Records: a list of dicts, a `datasets.Dataset` (or anything iterable of dicts with `column_names`), or a data
+file or folder as `--train` takes it (.jsonl, .csv, .tsv, .parquet, a save_to_disk folder)."""
+Inputs = Union[str, Mapping, Sequence[Union[str, Mapping]]]
+"""One input or several: a text fills every `{field}` of the template (TaskConfig.fill_text); a dict fills each
+field by name (a template with several fields)."""
+
+PROMPT_SETTINGS = [f.name for f in dataclasses.fields(PromptConfig) if f.name not in ("method", "num_tokens")]
+TRAIN_SETTINGS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+class PromptTuner:
+    """A soft prompt for one task on a frozen model: `fit` trains it, `predict`/`score`/`generate` use it, `save`
+    and `PromptTuner.load` keep it (an ordinary artifact folder, which every `softprompt` command reads)."""
+
+    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, template: str,
+                 labels: Sequence[str] | str | None = None, label_field: str | None = None,
+                 target_field: str | None = None, method: str = PromptConfig.method,
+                 num_tokens: int = PromptConfig.num_tokens, out: str | os.PathLike | None = None,
+                 progress: bool = True, **settings) -> None:  # fmt: skip
+        """model: the embedded short name, a local Hugging Face folder or a hub name. Label words make the task
+        classification (with `label_field`); a `target_field` without them, generation. `settings`: any other
+        field of PromptConfig (init, init_text, prefix_mlp, ...) or TrainConfig (steps, lr, batch_size, seed,
+        report_to, ...), with the same defaults as `softprompt train`. out: where `fit` writes the artifact, log and
+        checkpoints (default: a new temporary folder per fit, kept; `self.out` says where)."""
+        unknown = sorted(set(settings) - set(PROMPT_SETTINGS) - set(TRAIN_SETTINGS))
+        if unknown:
+            raise SoftPromptError(f"PromptTuner: unknown setting(s) {', '.join(unknown)}. Prompt settings: "
+                                  f"{', '.join(PROMPT_SETTINGS)}; training settings: {', '.join(TRAIN_SETTINGS)}.")
+        prompt = {k: v for k, v in settings.items() if k in PROMPT_SETTINGS}
+        if prompt.get("init", PromptConfig.init) == "text" and not prompt.get("init_text"):
+            prompt["init_text"] = template_init_text(template)  # as `softprompt train` does
+        built, problems = [], []
+        for build in (lambda: TaskConfig.infer(template, labels, label_field, target_field),
+                      lambda: PromptConfig(method=method, num_tokens=num_tokens, **prompt),
+                      lambda: TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS})):
+            try:
+                built.append(build())
+            except SoftPromptError as error:
+                problems.append(str(error))
+        if problems:
+            raise SoftPromptError("\n".join(problems))
+        self.task_config, self.prompt_config, self.train_config = built
+        self.progress, self._out = progress, Path(out) if out is not None else None
+        self.backbone = backbone_for(*load_model(str(model)))
+        self.method: PromptMethod | None = None
+        """The trained prompt (None before `fit` or `load`)."""
+        self.summary: dict = {}
+        """The training summary (best step, validation result, settings), as the artifact's config.json holds it."""
+        self.out: Path | None = None
+        """The folder of the last `fit` (artifact, metrics.jsonl, loss.png, checkpoints), or the loaded artifact."""
+        self._prefix: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------------ training
+    def fit(self, data: Data, valid: Data | None = None, *, resume: bool = False) -> PromptTuner:
+        """Train the prompt on `data`, keeping the one that scores best on `valid` (without it, the last one).
+        Returns the tuner itself. resume: continue the run in `out` from its newest checkpoint."""
+        task = fitted_task(self.task_config, self.backbone, self.prompt_config.num_tokens,
+                           self.train_config.max_length, self.train_config.too_long)  # fmt: skip
+        train_examples = task.encode(*_training_records(data, "the training data"))
+        valid_examples = task.encode(*_training_records(valid, "the validation data")) if valid is not None else None
+        out = self._out or Path(tempfile.mkdtemp(prefix="softprompt-"))
+        if self.progress:
+            print(f"softprompt: training into {out}", file=sys.stderr)
+        run = train(self.backbone, task, self.prompt_config, self.train_config, train_examples, out, valid_examples,
+                    progress=self.progress, resume=resume)  # fmt: skip
+        self.method, self.summary, self.out, self._prefix = run.method, run.summary, out, None
+        return self
+
+    # -------------------------------------------------------------------------------------------------- using it
+    def predict(self, texts: Inputs, *, batch_size: int = 32, max_new_tokens: int = 32) -> list[str]:
+        """The best label word for each input (classification, as `softprompt eval` ranks them), or its greedy
+        continuation (generation, up to `max_new_tokens`)."""
+        if self.task_config.task != "classification":
+            return self.generate(texts, max_new_tokens=max_new_tokens)
+        labels = self.task_config.labels
+        return [labels[int(i)] for i in self._label_scores(texts, batch_size).argmax(-1)]
+
+    def score(self, texts: Inputs, *, batch_size: int = 32, log: bool = False) -> list[dict[str, float]]:
+        """Each input's probability of each label word, normalized over the label words (a softmax of the summed
+        token log-probabilities that `predict` ranks). log=True: those summed log-probabilities themselves (over
+        the whole vocabulary, so they need not sum to one). Classification only."""
+        if self.task_config.task != "classification":
+            raise SoftPromptError("score() ranks label words, and this is a generation task; use predict() or "
+                                  "generate().")  # fmt: skip
+        scores = self._label_scores(texts, batch_size)
+        values = scores if log else scores.softmax(-1)
+        return [dict(zip(self.task_config.labels, map(float, row))) for row in values]
+
+    def generate(self, texts: Inputs, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: list[str] | None = None, seed: int | None = None) -> list[str]:  # fmt: skip
+        """The continuation of each input behind the prompt (greedy at temperature 0), as `softprompt generate`
+        gives it: cut before the first `stop` string, special tokens dropped."""
+        filled = self._filled(texts)
+        ids = [self.backbone.tokenizer(text)["input_ids"] for text in filled]
+        check_generation_fits(self.backbone, filled, ids, self.prompt_config.num_tokens, max_new_tokens)
+        outputs = generate_ids(self.backbone, ids, self.prefix, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, stop=stop, seed=seed, progress=self.progress)
+        return [decode_new(self.backbone.tokenizer, out, stop) for out in outputs]
+
+    @property
+    def prefix(self) -> torch.Tensor:
+        """The trained prompt's per-layer key/value prefix (what every scoring and decoding path takes)."""
+        if self.method is None:
+            raise SoftPromptError("This PromptTuner has no prompt yet: call fit(), or PromptTuner.load(folder).")
+        if self._prefix is None:
+            with torch.no_grad():
+                self._prefix = self.method.kv(self.backbone).detach()
+        return self._prefix
+
+    # ---------------------------------------------------------------------------------------------- save, load
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the prompt as an artifact folder (prompt.safetensors + config.json)."""
+        if self.method is None:
+            raise SoftPromptError("Nothing to save: call fit() first.")
+        return artifact.save(folder, self.method, self.task_config, self.backbone, training=self.summary)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, model: str | os.PathLike | None = None, *,
+             progress: bool = True) -> PromptTuner:  # fmt: skip
+        """A tuner holding the prompt saved in `folder` (by `save`, `softprompt train` or `import`), on its base
+        model (or `model`, which must be the same one). A later `fit` trains anew with the saved settings."""
+        saved = artifact.load(folder)
+        training = saved.extra.get("training") or {}
+        prompt = {k: v for k, v in dataclasses.asdict(saved.prompt).items() if k in PROMPT_SETTINGS}
+        settings = {**prompt, **{k: v for k, v in training.items() if k in TRAIN_SETTINGS}}
+        task = saved.task
+        tuner = cls(model or saved.base_model, template=task.template, labels=task.labels,
+                    label_field=task.label_field, target_field=task.target_field, method=saved.prompt.method,
+                    num_tokens=saved.prompt.num_tokens, progress=progress, **settings)  # fmt: skip
+        tuner.task_config = task
+        tuner.method = artifact.attach(saved, tuner.backbone, str(folder))
+        tuner.summary, tuner.out = training, Path(folder)
+        return tuner
+
+    # ------------------------------------------------------------------------------------------------- helpers
+    def _inputs(self, texts: Inputs) -> list[dict]:
+        """Each input as a record of the template's fields: a text in every field (as TaskConfig.fill_text puts
+        it), a dict as it is."""
+        c, records = self.task_config, []
+        for i, item in enumerate(_as_list(texts)):
+            missing = [] if isinstance(item, str) else [f for f in c.fields if f not in item]
+            if missing:
+                raise SoftPromptError(f"input {i + 1} lacks the field(s) {', '.join(missing)} that the template "
+                                      f"{c.template!r} names.")  # fmt: skip
+            records.append(dict.fromkeys(c.fields, item) if isinstance(item, str) else dict(item))
+        return records
+
+    def _filled(self, texts: Inputs) -> list[str]:
+        """The template filled from each input."""
+        c = self.task_config
+        return [c.fill_text(x) if isinstance(x, str) else fill(c.template, record)
+                for x, record in zip(_as_list(texts), self._inputs(texts))]  # fmt: skip
+
+    def _label_scores(self, texts: Inputs, batch_size: int) -> torch.Tensor:
+        """(inputs, labels) summed label-word log-probabilities, through the same encoding as `softprompt eval`
+        (the same truncation of an over-long input), each input a record with a placeholder label that is never
+        read."""
+        c = self.task_config
+        records = [{**record, c.label_field: c.labels[0]} for record in self._inputs(texts)]
+        task = fitted_task(c, self.backbone, self.prompt_config.num_tokens)  # as `softprompt eval` builds it
+        return label_scores(self.backbone, task, task.encode(records, "the inputs"), self.prefix, batch_size,
+                            self.progress)  # fmt: skip
+
+
+def _as_list(texts: Inputs) -> list[str | Mapping]:
+    return [texts] if isinstance(texts, (str, Mapping)) else list(texts)
+
+
+def _training_records(data: Data, what: str) -> tuple[list[dict], str]:
+    """Records from any of the accepted kinds, and the name problems in them go by."""
+    if isinstance(data, (str, os.PathLike)):
+        return read_records(data), str(data)
+    columns = getattr(data, "column_names", None)
+    if isinstance(columns, Mapping):  # a datasets.DatasetDict
+        raise SoftPromptError(f"{what} is a DatasetDict (splits: {', '.join(columns)}); pass one split, e.g. "
+                              f"data[{next(iter(columns), 'train')!r}].")  # fmt: skip
+    if isinstance(data, Mapping):  # e.g. columns as lists, or splits
+        raise SoftPromptError(f"{what} is one dict (keys: {', '.join(map(str, data))}); pass a list of dicts, one "
+                              "per record, a datasets.Dataset, or a data file path.")  # fmt: skip
+    try:
+        rows = list(data)  # a list of dicts; a datasets.Dataset yields one dict per row
+    except TypeError:
+        raise SoftPromptError(f"{what} is of type {type(data).__name__}: pass a list of dicts, a datasets.Dataset, "
+                              "or a data file path.") from None  # fmt: skip
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise SoftPromptError(
+                f"{what}: item {i + 1} is a {type(row).__name__}, not a record (a dict of fields); pass a list of "
+                "dicts, a datasets.Dataset or a data file path (a pandas DataFrame: df.to_dict('records'))."
+            )
+    return [dict(row) for row in rows], what
