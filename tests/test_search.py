@@ -18,18 +18,14 @@ from softprompt.run_files import Layout
 from softprompt.search import Candidate, parse_grid, rungs
 from softprompt.train import Halving, TaskData, _train, loss_on, row_prefixes, selection_key, train
 
-from conftest import run_main, tiny_backbone
+from conftest import run_main
 from test_cli import save_tiny_model, write_data
+from test_train import llama  # noqa: F401  (the fixture)
 from test_train import explicit_gradient, read_log, sentiment_records, sentiment_task, train_config
 
 
 def cand(method="prompt", n=4, lr=0.05, init="random", **kw) -> Candidate:
     return Candidate(PromptConfig(method=method, num_tokens=n, init=init, **kw), lr)
-
-
-@pytest.fixture
-def llama():
-    return tiny_backbone("llama")
 
 
 @pytest.fixture
