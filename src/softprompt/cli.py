@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import PromptConfig, TaskConfig, TrainConfig
+from .config import PromptConfig, TaskConfig, TrainConfig, build_all
 from .distill import DistillConfig
 from .errors import SoftPromptError
 from .models import DEFAULT_MODEL
@@ -25,19 +25,6 @@ Opt = typer.Option
 
 def _task_config(template, labels, label_field, target_field):
     return TaskConfig.infer(template, labels, label_field, target_field)
-
-
-def _all_or_errors(*builders):
-    """Build every config, reporting the problems of all of them at once."""
-    built, errors = [], []
-    for build in builders:
-        try:
-            built.append(build())
-        except SoftPromptError as error:
-            errors.append(str(error))
-    if errors:
-        raise SoftPromptError("\n".join(errors))
-    return built
 
 
 def _launched_with_fsdp() -> bool:
@@ -137,7 +124,7 @@ def train(
     shard_model = _launched_with_fsdp() or shard_model  # the flag leaves the environment either way
     if init == "text" and not init_text:  # the literal words of the (first) template
         init_text = template_init_text(next(iter(specs.values())).config.template)
-    prompt_config, train_config = _all_or_errors(
+    prompt_config, train_config = build_all(
         lambda: PromptConfig(method=method, num_tokens=num_tokens, init=init, init_text=init_text,
                              init_range=init_range, prefix_mlp=prefix_mlp, mlp_hidden=mlp_hidden,
                              residual=residual),
@@ -261,7 +248,7 @@ def distill(
 
     if init == "text" and not init_text:
         init_text = template_init_text(template)
-    task_config, prompt_config, train_config, distill_config = _all_or_errors(
+    task_config, prompt_config, train_config, distill_config = build_all(
         lambda: _task_config(template, labels, label_field or ("label" if labels else None), target_field),
         lambda: PromptConfig(method=method, num_tokens=num_tokens, init=init, init_text=init_text),
         lambda: TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,

@@ -202,6 +202,19 @@ class TrainConfig:
         _check(problems, "training settings")
 
 
+def build_all(*builders):
+    """Build every config, reporting the problems of all of them at once."""
+    built, errors = [], []
+    for build in builders:
+        try:
+            built.append(build())
+        except SoftPromptError as error:
+            errors.append(str(error))
+    if errors:
+        raise SoftPromptError("\n".join(errors))
+    return built
+
+
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 

@@ -23,7 +23,7 @@ import torch
 
 from . import artifact
 from .backbones import backbone_for
-from .config import PromptConfig, TaskConfig, TrainConfig
+from .config import PromptConfig, TaskConfig, TrainConfig, build_all
 from .data import fill, read_records
 from .errors import SoftPromptError
 from .evaluate import label_scores
@@ -66,17 +66,10 @@ class PromptTuner:
         prompt = {k: v for k, v in settings.items() if k in PROMPT_SETTINGS}
         if prompt.get("init", PromptConfig.init) == "text" and not prompt.get("init_text"):
             prompt["init_text"] = template_init_text(template)  # as `softprompt train` does
-        built, problems = [], []
-        for build in (lambda: TaskConfig.infer(template, labels, label_field, target_field),
-                      lambda: PromptConfig(method=method, num_tokens=num_tokens, **prompt),
-                      lambda: TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS})):
-            try:
-                built.append(build())
-            except SoftPromptError as error:
-                problems.append(str(error))
-        if problems:
-            raise SoftPromptError("\n".join(problems))
-        self.task_config, self.prompt_config, self.train_config = built
+        self.task_config, self.prompt_config, self.train_config = build_all(
+            lambda: TaskConfig.infer(template, labels, label_field, target_field),
+            lambda: PromptConfig(method=method, num_tokens=num_tokens, **prompt),
+            lambda: TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS}))
         self.progress, self._out = progress, Path(out) if out is not None else None
         self.backbone = backbone_for(*load_model(str(model)))
         self.method: PromptMethod | None = None
