@@ -33,6 +33,10 @@ Measured per run: step 0 is a warm-up (untimed; its loss is "step 0"), then --st
   reads RSS from /proc/self/statm every 5 ms in a thread instead, which may miss short peaks and, on 2 busy cores,
   slows both libraries by about 15%;
 - losses at step 0 and after --steps updates.
+Useful FLOPs and the machine's peak (benchmarks/flops.py): each batch's useful FLOPs are counted from the model's
+shapes (the same for both libraries), and before each repetition of a configuration the model's own linear-layer
+matmuls are timed alone at the step's token count; fraction_of_peak = achieved useful FLOP/s / that peak (ours;
+peft_fraction_of_peak for PEFT).
 speedup = ours / PEFT throughput and memory_ratio = ours / PEFT peak, each taken within a repetition (whose two runs
 ran together) and then the median over --repeats repetitions.
 Correctness comes first: both libraries' step-0 losses are compared with `reference_loss`, transformers' own loss
@@ -64,6 +68,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flops import matmul_peak, step_flops
 from machine import machine  # benchmarks/machine.py (scripts run from this folder)
 
 CONFIGS = {  # name -> (method, virtual tokens, task)
@@ -301,6 +306,19 @@ def reference_loss(backbone, method_name: str, n: int, seed: int, examples) -> f
                      **{cache_keyword(model): cache}).loss.item()  # fmt: skip
 
 
+def useful_flops(model, batches, method_name: str, n: int) -> float:
+    """Useful FLOPs per real input token over the timed batches (all but the warm-up), see flops.py: the same for
+    both libraries, since it counts the work the batch needs, not the work a library does."""
+    from softprompt.data import collate
+
+    flops = tokens = 0
+    for examples in batches[1:]:
+        batch = collate(examples, 0)
+        flops += step_flops(model, batch.attention_mask.sum(-1).tolist(), len(batch.loss_tokens), n, method_name).total
+        tokens += batch.num_input_tokens
+    return flops / tokens
+
+
 def model_state(model) -> tuple:
     """What must not change between runs: mode, frozen weights, hooks, attention implementation, cache setting."""
     from softprompt.models import fingerprint
@@ -315,7 +333,8 @@ CORRECT_REL = 1e-4
 """A library's step-0 loss is correct when it is this close (relative) to the independent reference (float32)."""
 
 
-def summarize(ours: list[RunResult], theirs: list[RunResult], reference: float) -> dict:
+def summarize(ours: list[RunResult], theirs: list[RunResult], reference: float, flops_per_token: float,
+              peaks: list[float]) -> dict:
     """Ratios are taken within each repetition (the two runs of a repetition ran step for step together), then the
     median over repetitions; throughput and memory columns are each library's own median. No ratio is reported
     against a peer whose step-0 loss is not the reference's: a speed ratio against a wrong answer means nothing."""
@@ -324,6 +343,8 @@ def summarize(ours: list[RunResult], theirs: list[RunResult], reference: float) 
     peer_correct = rel(theirs[0].loss_step0, reference) <= CORRECT_REL
     speedups = [round(o.tokens_per_s / p.tokens_per_s, 3) for o, p in zip(ours, theirs)] if peer_correct else []
     memory_ratios = [round(o.peak_bytes / p.peak_bytes, 3) for o, p in zip(ours, theirs)] if peer_correct else []
+    # Each repetition against the matmul peak measured just before it: the same minutes of the same machine.
+    fraction = lambda runs: round(med([r.tokens_per_s * flops_per_token / p for r, p in zip(runs, peaks)]), 3)  # noqa: E731
     return {
         "peer_correct": peer_correct,
         "ours_correct": rel(ours[0].loss_step0, reference) <= CORRECT_REL,
@@ -332,6 +353,12 @@ def summarize(ours: list[RunResult], theirs: list[RunResult], reference: float) 
         "reference_loss_step0": round(reference, 6),
         "loss_rel_diff_step0": rel(ours[0].loss_step0, theirs[0].loss_step0),
         "loss_rel_diff_last": rel(ours[0].loss_last, theirs[0].loss_last),
+        "peft_fraction_of_peak": fraction(theirs) if peer_correct else None,
+        "fraction_of_peak": fraction(ours),
+        "gflop_per_token": round(flops_per_token / 1e9, 4),
+        "peak_gflops": round(med(peaks) / 1e9, 1),
+        "ours_gflops": round(med([r.tokens_per_s for r in ours]) * flops_per_token / 1e9, 1),
+        "peft_gflops": round(med([r.tokens_per_s for r in theirs]) * flops_per_token / 1e9, 1) if peer_correct else None,
         "ours_tokens_per_s": round(med([r.tokens_per_s for r in ours]), 1),
         "peft_tokens_per_s": round(med([r.tokens_per_s for r in theirs]), 1),
         "ours_peak_mb": round(med([r.peak_bytes for r in ours]) / MB, 1),
@@ -392,6 +419,17 @@ def print_table(results: dict, args, seconds: float) -> None:
               f"{r['ours_peak_mb']:>9.0f}{r['peft_peak_mb']:>9.0f}{memory_ratio}"
               f"{r['ours_loss_step0']:>12.5f}{r['peft_loss_step0']:>12.5f}{r['loss_rel_diff_step0']:>10.1e}"
               f"{r['ours_loss_last']:>12.5f}{r['peft_loss_last']:>12.5f}  {verdict(name, r)}")  # fmt: skip
+    print(f"\n{'config':<15}{'GFLOP/token':>12}{'matmul peak':>12}{'ours GFLOP/s':>13}{'fraction':>9}"
+          f"{'PEFT GFLOP/s':>13}{'fraction':>9}")  # fmt: skip
+    for name, r in results.items():
+        peft = (f"{r['peft_gflops']:>13.1f}{r['peft_fraction_of_peak']:>9.2f}" if r["peer_correct"]
+                else f"{'-':>13}{'-':>9}")  # fmt: skip
+        print(f"{name:<15}{r['gflop_per_token']:>12.3f}{r['peak_gflops']:>12.1f}{r['ours_gflops']:>13.1f}"
+              f"{r['fraction_of_peak']:>9.2f}{peft}")
+    print("GFLOP/token: useful FLOPs per real input token (forward + backward to the inputs, attention, the head at "
+          "the loss positions; benchmarks/flops.py); matmul peak: GFLOP/s of the model's own linear-layer matmuls "
+          "alone at the step's token count, measured before each repetition; fraction = achieved / peak, median "
+          "over repetitions.")
     print(f"\nlossK = loss at step {args.steps}, after {args.steps} updates. Speedup per repetition: "
           + "; ".join(f"{k} {v['speedup_per_repeat']}" for k, v in results.items()))  # fmt: skip
     print("Targets (issue 3): speedup prompt-100 >= 1.6, prompt-20 >= 1.2, prefix-20 >= 1.15; cls memory ratio "
@@ -460,12 +498,18 @@ def main(argv=None) -> None:
     theirs: dict[str, list[RunResult]] = {name: [] for name in names}
     references = {name: reference_loss(backbone, *CONFIGS[name][:2], args.seed, work[CONFIGS[name][2]][0])
                   for name in names}  # fmt: skip
+    flops_per_token = {name: useful_flops(model, work[CONFIGS[name][2]], *CONFIGS[name][:2]) for name in names}
+    step_tokens = {task: round(statistics.mean(sum(len(e.input_ids) + len(e.target_ids) for e in b) for b in batches))
+                   for task, batches in work.items()}  # fmt: skip
+    peaks: dict[str, list[float]] = {name: [] for name in names}
     for rep in tqdm(range(args.repeats), desc="repetitions", file=sys.stderr):
         for name in tqdm(names, desc=f"repetition {rep + 1}", file=sys.stderr, leave=False):
+            peaks[name].append(matmul_peak(model, step_tokens[CONFIGS[name][2]]))
             runs = side_by_side(name, work[CONFIGS[name][2]], flip=bool(rep % 2))
             ours[name].append(runs["ours"])
             theirs[name].append(runs["peft"])
-    results = {name: summarize(ours[name], theirs[name], references[name]) for name in names}
+    results = {name: summarize(ours[name], theirs[name], references[name], flops_per_token[name], peaks[name])
+               for name in names}  # fmt: skip
     for row in results.values():
         row.update(steps=args.steps, repeats=args.repeats, threads=args.threads, padded=args.padded,
                    memory=args.memory)  # fmt: skip
