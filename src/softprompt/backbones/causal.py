@@ -56,7 +56,9 @@ class CausalBackbone(Backbone):
             return DynamicCache(config=self.model.config)
         if prefix.dim() == 5:
             prefix = prefix.unsqueeze(0).expand(batch_size, *prefix.shape)  # (B, layers, 2, kv_heads, n, head_dim)
-        layers = [(prefix[:, i, 0], prefix[:, i, 1]) for i in range(prefix.shape[1])]
+        # unbind, not indexing per layer: its backward is one stack, where 2 x layers index backwards would each
+        # zero-fill and add a prefix-sized gradient
+        layers = [tuple(layer.unbind(1)) for layer in prefix.unbind(1)]  # per layer: keys, values (B, kv, n, hd)
         return DynamicCache(layers, config=self.model.config)
 
     def prefix_problems(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None, rows: int) -> list[str]:
