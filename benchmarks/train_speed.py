@@ -18,8 +18,9 @@ Tasks:
 - gen: input `Write a {label} movie review:\\n`, target the review text itself followed by EOS (about 25 tokens,
   a multi-token generation target); the loss is on the target tokens and EOS only.
 
-softprompt runs its real training step, `softprompt.train.loss_on`: `method.kv()` -> `Backbone.packed_forward` (the
-real tokens of the batch packed densely after the prefix, nothing computed on pads) -> LM head only at the loss
+softprompt runs its real training step, `softprompt.train.loss_on`: `method.train_prefix()` -> `Backbone.packed_forward`
+(the real tokens of the batch packed densely after the prefix, nothing computed on pads; prompt tuning's embeddings
+run in front of each packed row, in the same pass) -> LM head only at the loss
 positions -> cross-entropy. With --padded, ours computes on the padded batch instead (`new_cache` + `forward`). PEFT runs
 `get_peft_model(model, PromptTuningConfig | PrefixTuningConfig)` forward with `labels` (-100 everywhere but the
 targets) and its own loss, as its users do (default `use_cache`, full logits).
@@ -230,7 +231,8 @@ def ours_step(backbone, method_name, n, lr, seed, padded=False):
 
     def step(examples):
         optimizer.zero_grad(set_to_none=True)
-        loss, tokens = loss_fn(backbone, method.kv(backbone), examples)
+        prefix = method.kv(backbone) if padded else method.train_prefix(backbone)  # what `train.train` hands it
+        loss, tokens = loss_fn(backbone, prefix, examples)
         loss.backward()
         optimizer.step()
         return loss.item(), tokens

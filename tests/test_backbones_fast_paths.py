@@ -8,7 +8,8 @@
     no_grad no layer runs checkpointed;
 (c) `Backbone.packed_forward` (the real tokens of all rows packed together, no compute on pads; what `loss_on` runs)
     gives the hidden states of the padded `forward`, and the training loss and gradients equal transformers' own
-    computation, with and without checkpointing; it takes the padded `forward` itself (a spy says which path ran) for
+    computation, with and without checkpointing, also where prompt tuning hands it its embeddings to run in the
+    same pass; it takes the padded `forward` itself (a spy says which path ran) for
     per-row prefixes, attention kernels without dense masks and sliding windows shorter than prefix + row.
 """
 
@@ -282,9 +283,11 @@ def test_checkpointed_training_steps_match(arch):
 
 # ---------------------------------------------------------------------------------------------------- (c) packing
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("method_name", ["prompt", "prefix"])
-def test_packed_forward_equals_padded_forward(make_backbone, arch, attn, method_name):
-    """Right and left padding; one packed row for all (the default width) and one packed row per row (width 1)."""
+@pytest.mark.parametrize("method_name,given", [("prompt", "kv"), ("prompt", "embeddings"), ("prefix", "kv")])
+def test_packed_forward_equals_padded_forward(make_backbone, arch, attn, method_name, given):
+    """Right and left padding; one packed row for all (the default width) and one packed row per row (width 1).
+    Prompt tuning's embeddings (what training hands it, `train_prefix`) run in front of every packed row: the rows
+    get what they get behind the K/V `prefix_from_embeddings` computes in its own pass."""
     backbone = make_backbone(arch, attn=attn)
     method = make_method(backbone, method_name)
     batch = collate(examples("gen") + examples("cls", seed=1), PAD)
@@ -298,24 +301,26 @@ def test_packed_forward_equals_padded_forward(make_backbone, arch, attn, method_
             reference, _ = backbone.forward(ids_, mask_, backbone.new_cache(kv, ids_.shape[0]))
             for width in (None, 1):
                 kwargs = {} if width is None else {"width": width}
-                packed = backbone.packed_forward(kv, ids_, mask_, **kwargs)
+                prefix = kv if given == "kv" else method.train_prefix(backbone)
+                packed = backbone.packed_forward(prefix, ids_, mask_, **kwargs)
                 real = mask_.bool()
                 torch.testing.assert_close(packed[real], reference[real], **TOL)
                 assert not packed[~real].any()
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("method_name", ["prompt", "prefix"])
-def test_training_loss_and_gradients_equal_the_full_computation(backbone, method_name, checkpointing):
+@pytest.mark.parametrize("method_name,given", [("prompt", "kv"), ("prompt", "train_prefix"), ("prefix", "kv")])
+def test_training_loss_and_gradients_equal_the_full_computation(backbone, method_name, given, checkpointing):
     """`loss_on` (packed rows, head at the loss positions, optionally checkpointed) against transformers' own loss
-    over full-vocabulary logits of the padded batch: the same loss and the same gradients."""
+    over full-vocabulary logits of the padded batch: the same loss and the same gradients, whether prompt tuning
+    hands it K/V or (as training does, `train_prefix`) its embeddings."""
     method = make_method(backbone, method_name)
     rows = examples("gen")
     full_loss(backbone, method, collate(rows, PAD)).backward()
     reference = [p.grad.clone() for p in method.parameters()]
     method.zero_grad(set_to_none=True)
     backbone.gradient_checkpointing(checkpointing)
-    loss, _ = loss_on(backbone, method.kv(backbone), rows)
+    loss, _ = loss_on(backbone, getattr(method, given)(backbone), rows)
     loss.backward()
     backbone.gradient_checkpointing(False)
     with torch.no_grad():
@@ -367,7 +372,12 @@ def test_packed_forward_falls_back_where_it_cannot_pack(make_backbone, monkeypat
         monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "softprompt-test-kernel", kernel)
         monkeypatch.setattr(backbone.model.config, "_attn_implementation", "softprompt-test-kernel")
         backbone.packed_forward(kv, ids, mask)
-    assert len(calls) == 1 and kernel_calls, "a kernel without dense masks must take the padded path"
+        assert len(calls) == 1 and kernel_calls, "a kernel without dense masks must take the padded path"
+        soft = make_method(backbone, "prompt")  # its embeddings become K/V first on that path
+        packed = backbone.packed_forward(soft.train_prefix(backbone), ids, mask)
+        reference, _ = backbone.forward(ids, mask, backbone.new_cache(soft.kv(backbone), 3))
+    assert len(calls) == 3
+    torch.testing.assert_close(packed[real], reference[real], **TOL)
 
 
 def test_packed_forward_falls_back_for_a_sliding_window_shorter_than_a_row(monkeypatch):

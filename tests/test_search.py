@@ -101,13 +101,13 @@ def test_dropped_candidates_stop_costing_compute(llama, data, tmp_path, monkeypa
         return target_hidden(self, batch, prefix, prefix_mask)
 
     monkeypatch.setattr(type(llama), "target_hidden", spy)
-    kv = methods.REGISTRY["prompt"].kv
-    monkeypatch.setattr(methods.REGISTRY["prompt"], "kv",
-                        lambda self, b: kv_calls.append(torch.is_grad_enabled()) or kv(self, b))  # fmt: skip
+    train_prefix = methods.REGISTRY["prompt"].train_prefix  # what a training step asks each prompt for
+    monkeypatch.setattr(methods.REGISTRY["prompt"], "train_prefix",
+                        lambda self, b: kv_calls.append(torch.is_grad_enabled()) or train_prefix(self, b))  # fmt: skip
     cfg = train_config(steps=6, batch_size=8)
     runs = side_by_side(llama, task, examples, candidates, cfg, tmp_path, valid, rung_steps=(2, 4))
     assert forward_rows == [32, 32, 16, 16, 8, 8]
-    assert sum(kv_calls) == 4 + 4 + 2 + 2 + 1 + 1  # K/V under gradient: one per candidate still training, per step
+    assert sum(kv_calls) == 4 + 4 + 2 + 2 + 1 + 1  # under gradient: one per candidate still training, per step
     assert sorted(r.summary["last_step"] for r in runs.values()) == [2, 2, 4, 6]
 
 
@@ -167,20 +167,20 @@ def test_a_candidate_holding_non_finite_values_leaves_before_it_runs(llama, data
 
 
 def test_a_candidate_whose_gradient_is_not_finite_leaves(llama, data, tmp_path, monkeypatch):
-    """The 5-token candidate's K/V gets a NaN gradient from step 2 on: it stops there, with its last finite prompt,
+    """The 5-token candidate's prompt gets a NaN gradient from step 2 on: it stops there, with its last finite prompt,
     and the other trains on unharmed (its prompt equals a run of it alone)."""
     task, examples, _ = data
-    kv, steps_seen = methods.REGISTRY["prompt"].kv, []
+    train_prefix, steps_seen = methods.REGISTRY["prompt"].train_prefix, []
 
-    def poisoned_kv(self, backbone):
-        out = kv(self, backbone)
+    def poisoned(self, backbone):
+        out = train_prefix(self, backbone)
         if self.config.num_tokens == 5 and torch.is_grad_enabled():
             steps_seen.append(1)
             if len(steps_seen) >= 2:
                 out.register_hook(lambda grad: grad * float("nan"))
         return out
 
-    monkeypatch.setattr(methods.REGISTRY["prompt"], "kv", poisoned_kv)
+    monkeypatch.setattr(methods.REGISTRY["prompt"], "train_prefix", poisoned)
     candidates = [cand(n=5, lr=0.05), cand(n=4, lr=0.05)]
     runs = side_by_side(llama, task, examples, candidates, train_config(steps=4), tmp_path / "together")
     assert [runs[c.name].summary["last_step"] for c in candidates] == [2, 4]

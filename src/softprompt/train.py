@@ -96,7 +96,8 @@ def loss_on(
     """Cross-entropy summed over the examples' target tokens (full vocabulary, the head run only at those positions)
     and divided by `normalizer` (default: their count, i.e. the mean). Returns it and the batch's real (non-pad)
     token count.
-    kv: a shared prefix, or one per row with its `prefix_mask` (see `row_prefixes`)."""
+    kv: a shared prefix (or a soft prompt's embeddings, `train_prefix`), or one per row with its `prefix_mask` (see
+    `row_prefixes`)."""
     batch = collate(examples, backbone.pad_id).to(backbone.device)
     hidden = backbone.target_hidden(batch, kv, prefix_mask)  # (K, hidden)
     logits = backbone.logits(hidden)  # (K, vocab)
@@ -151,8 +152,8 @@ class PromptSet(nn.Module):
         self.prompts = nn.ModuleDict(prompts)
 
     def forward(self, backbone: Backbone, names: set[str]) -> dict[str, torch.Tensor]:
-        """The K/V prefix of each named task's prompt (only those: prompt tuning runs the model for each)."""
-        return {name: self.prompts[name].kv(backbone) for name in names}
+        """What each named task's prompt hands the backbone (`train_prefix`; only those named)."""
+        return {name: self.prompts[name].train_prefix(backbone) for name in names}
 
 
 def row_prefixes(backbone: Backbone, kvs: dict[str, torch.Tensor], names: list[str]):

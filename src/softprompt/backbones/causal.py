@@ -80,7 +80,9 @@ class CausalBackbone(Backbone):
     def target_hidden(self, batch, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: the final hidden states that predict the batch's loss tokens, (K, hidden), in their order.
         `batch` is `data.collate`'s layout (input then target per row) on this device. A shared prefix's rows are
-        packed densely, so nothing is computed on pads (benchmarks/train_speed.py --padded shows the gain)."""
+        packed densely, so nothing is computed on pads (benchmarks/train_speed.py --padded shows the gain).
+        prefix: a K/V prefix, or a soft prompt's embeddings (n, hidden), which then run in the same pass as the rows
+        (`packed_forward`)."""
         if prefix is None:
             hidden, _ = self.forward(batch.input_ids, batch.attention_mask, self.new_cache(None, len(batch.input_ids)))
         else:
@@ -116,21 +118,26 @@ class CausalBackbone(Backbone):
             )
         return out.last_hidden_state, full_mask
 
+    def as_kv(self, prefix: torch.Tensor) -> torch.Tensor:
+        """A K/V prefix as it is, or the K/V of a soft prompt's embeddings (n, hidden)."""
+        return self.prefix_from_embeddings(prefix) if prefix.dim() == 2 else prefix
+
     def side_by_side(self, prefixes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Every distinct prompt's slots side by side in one shared prefix (num_layers, 2, kv_heads, sum of n,
         head_dim), and a (B, sum of n) mask that lets each row see its own prompt's slots only: `packed_forward`
         then packs the rows as for one prompt (a per-row prefix would take the padded path). A slot's key keeps the
         position it was computed at, and a row's tokens are placed after its own prompt's length, so each row gets
-        what it gets behind its prompt alone."""
-        distinct = list({id(p): p for p in prefixes}.values())
+        what it gets behind its prompt alone. A prompt given as embeddings is first turned into its K/V."""
+        distinct = {id(p): p for p in prefixes}  # each prompt once, in order of first use
+        distinct = {key: self.as_kv(p) for key, p in distinct.items()}
         spans, start = {}, 0
-        for prefix in distinct:
-            spans[id(prefix)] = slice(start, start + prefix.shape[-2])
+        for key, prefix in distinct.items():
+            spans[key] = slice(start, start + prefix.shape[-2])
             start += prefix.shape[-2]
         mask = torch.zeros(len(prefixes), start, dtype=torch.long, device=self.device)
         for row, prefix in enumerate(prefixes):
             mask[row, spans[id(prefix)]] = 1
-        return torch.cat(distinct, dim=-2), mask
+        return torch.cat(list(distinct.values()), dim=-2), mask
 
     def packed_forward(
         self,
@@ -146,6 +153,9 @@ class CausalBackbone(Backbone):
         costs what its real tokens cost, not its padded width.
 
         prefix: (num_layers, 2, kv_heads, n, head_dim); input_ids, attention_mask: (B, T), any padding side.
+        Or a soft prompt's embeddings (n, hidden) (prompt tuning; no prefix_mask): they run at the front of every
+        packed row in this same pass, where a causal model computes exactly the K/V `prefix_from_embeddings` gives,
+        without its separate pass at batch 1 (whose small matrix products run at half the speed of these).
         prefix_mask: (B, n), the slots each row sees (`side_by_side`; default all), or with a per-row prefix from
         `stack_prefixes` (which takes the padded path).
         Returns the final hidden states (B, T, hidden), zeros at pads. The cache is internal (nothing to continue).
@@ -154,10 +164,12 @@ class CausalBackbone(Backbone):
         """
         batch, T = input_ids.shape
         n = prefix.shape[-2]
+        soft = prefix.dim() == 2  # embeddings (n, hidden), not K/V
         config = self.model.config.get_text_config(decoder=True)
         lengths = attention_mask.sum(-1).tolist()
-        if (prefix.dim() != 5 or config._attn_implementation not in ("sdpa", "eager")
+        if (prefix.dim() == 6 or config._attn_implementation not in ("sdpa", "eager")
                 or getattr(config, "attention_chunk_size", None) or n + max(lengths) > self.window):  # fmt: skip
+            prefix = self.as_kv(prefix)
             hidden, _ = self.forward(input_ids, attention_mask, self.new_cache(prefix, batch), prefix_mask)
             return hidden.masked_fill(~attention_mask.bool()[..., None], 0)
         # Longest rows first, each into the emptiest packed row: loads stay within one row's length of each other.
@@ -191,13 +203,21 @@ class CausalBackbone(Backbone):
         if prefix_mask is not None:
             sees = prefix_mask.bool()[segment.clamp(min=0)] | (segment < 0)[..., None]
         allowed = torch.cat([sees, same_row], dim=-1)  # (R, width, n + width)
+        inputs = {"input_ids": ids}
+        if soft:  # the prompt's n slots lead every packed row, causal among themselves, seeing no token
+            prompt_rows = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()  # (n, n)
+            prompt_rows = torch.cat([prompt_rows, prompt_rows.new_zeros(n, width)], -1).expand(len(bins), -1, -1)
+            allowed = torch.cat([prompt_rows, allowed], dim=1)  # (R, n + width, n + width)
+            embeds = torch.cat([prefix.expand(len(bins), -1, -1), self.embed(ids)], dim=1)  # (R, n + width, hidden)
+            positions = torch.cat([torch.arange(n, device=ids.device).expand(len(bins), -1), positions], dim=1)
+            inputs = {"inputs_embeds": embeds}
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=ids.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # (R, 1, width, n + width) additive
-        cache = self.new_cache(prefix, len(bins))
+        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # (R, 1, queries, keys) additive
+        cache = self.new_cache(None if soft else prefix, len(bins))
         with self._checkpointed(cache):
-            out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            out = self.decoder(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
                                **{self._cache_keyword: cache})  # fmt: skip
-        packed = out.last_hidden_state.reshape(len(bins) * width, -1)  # (R * width, hidden)
+        packed = out.last_hidden_state[:, -width:].reshape(len(bins) * width, -1)  # (R * width, hidden) no prompt
         hidden = packed.new_zeros(batch * T, packed.shape[-1])
         hidden = hidden.index_copy(0, torch.cat(source), packed[torch.cat(target)])
         return hidden.view(batch, T, -1)
