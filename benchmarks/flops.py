@@ -19,8 +19,9 @@ So a step costs about 4 x (non-embedding parameters) FLOPs per token, plus atten
 does beyond this (pads, virtual tokens run per row, logits at every position) is not useful and not counted: the same
 batch has the same useful FLOPs whichever library trains on it.
 
-`matmul_peak` times the very matrix products these linear layers need, forward (X W^T) and backward (dY W), at the
-step's token count, on this machine, now: the throughput the layers would reach with no other cost at all.
+`matmul_peak` times the very matrix products these linear layers need, with their own weights in their order,
+forward (X W^T) and backward (dY W), at the step's token count, on this machine, now: the throughput the layers
+would reach with no other cost at all.
 """
 
 from __future__ import annotations
@@ -75,23 +76,26 @@ def step_flops(model, row_lengths: list[int], loss_positions: int, virtual: int,
     return StepFlops(linear=linear, attention=3 * attention_forward, head=2 * head_forward)
 
 
-def matmul_peak(model, tokens: int, repeats: int = 5) -> float:
-    """FLOP/s of the decoder's linear layers' matmuls alone at `tokens` rows: each distinct (in, out) shape timed
-    forward (X W^T) and backward to the input (dY W), best of `repeats`, weighted by how often the model uses it."""
-    counts: dict[tuple[int, int], int] = {}
-    for shape in linear_shapes(model):
-        counts[shape] = counts.get(shape, 0) + 1
-    dtype = next(model.parameters()).dtype
-    flops = seconds = 0.0
-    for (i, o), count in counts.items():
-        x, w, dy = torch.randn(tokens, i, dtype=dtype), torch.randn(o, i, dtype=dtype), torch.randn(tokens, o, dtype=dtype)
-        for product in (lambda: torch.nn.functional.linear(x, w), lambda: dy @ w):  # (tokens, o), (tokens, i)
-            product()  # warm-up: first-call allocation and dispatch stay out
-            best = float("inf")
-            for _ in range(repeats):
-                began = time.perf_counter()
-                product()
-                best = min(best, time.perf_counter() - began)
-            flops += count * 2 * tokens * i * o
-            seconds += count * best
-    return flops / seconds
+def matmul_peak(model, tokens: int, repeats: int = 3) -> float:
+    """FLOP/s of the decoder's linear layers' matmuls alone at `tokens` rows, with the model's own weights in the
+    model's order (so each weight comes from memory as it does in a step, not from a warm cache): every layer
+    forward (X W^T), then every layer backward to the input (dY W), best of `repeats` such sweeps."""
+    weights = [m.weight.detach() for layer in model.base_model.layers for m in layer.modules()
+               if isinstance(m, torch.nn.Linear)]  # fmt: skip
+    xs = {w.shape[1]: torch.randn(tokens, w.shape[1], dtype=w.dtype) for w in weights}  # inputs, by width
+    dys = {w.shape[0]: torch.randn(tokens, w.shape[0], dtype=w.dtype) for w in weights}  # output gradients
+    flops = 2 * 2 * tokens * sum(w.numel() for w in weights)
+
+    def sweep() -> None:
+        for w in weights:
+            torch.nn.functional.linear(xs[w.shape[1]], w)  # (tokens, out)
+        for w in weights:
+            dys[w.shape[0]] @ w  # (tokens, in)
+
+    sweep()  # warm-up: first-call allocation and dispatch stay out
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        sweep()
+        best = min(best, time.perf_counter() - began)
+    return flops / best

@@ -93,7 +93,8 @@ def main() -> None:
         "achieved_gflops": round(flops / unprofiled / 1e9, 1), "peak_gflops": round(peak / 1e9, 1),
         "fraction_of_peak": round(flops / unprofiled / peak, 3),
         "groups": {g: round(us / total_us, 3) for g, us in sorted(groups.items(), key=lambda kv: -kv[1])},
-        "top": [{"op": e.key, "calls": e.count // len(timed), "ms_per_step": round(e.self_cpu_time_total / 1e3 / len(timed), 2),
+        "top": [{"op": e.key, "calls": e.count // len(timed),
+                 "ms_per_step": round(e.self_cpu_time_total / 1e3 / len(timed), 2),
                  "share": round(e.self_cpu_time_total / total_us, 3)} for e in events[: args.rows]],
     }  # fmt: skip
     print(f"one training step of {args.method} tuning, {args.num_tokens} virtual tokens, batches of 8 reviews "

@@ -20,8 +20,8 @@ Tasks:
 
 softprompt runs its real training step, `softprompt.train.loss_on`: `method.train_prefix()` -> `Backbone.packed_forward`
 (the real tokens of the batch packed densely after the prefix, nothing computed on pads; prompt tuning's embeddings
-run in front of each packed row, in the same pass) -> LM head only at the loss
-positions -> cross-entropy. With --padded, ours computes on the padded batch instead (`new_cache` + `forward`). PEFT runs
+run in front of each packed row, in the same pass) -> LM head only at the loss positions -> cross-entropy. With
+--padded, ours computes on the padded batch instead (`new_cache` + `forward`). PEFT runs
 `get_peft_model(model, PromptTuningConfig | PrefixTuningConfig)` forward with `labels` (-100 everywhere but the
 targets) and its own loss, as its users do (default `use_cache`, full logits).
 
@@ -345,8 +345,11 @@ def summarize(ours: list[RunResult], theirs: list[RunResult], reference: float, 
     peer_correct = rel(theirs[0].loss_step0, reference) <= CORRECT_REL
     speedups = [round(o.tokens_per_s / p.tokens_per_s, 3) for o, p in zip(ours, theirs)] if peer_correct else []
     memory_ratios = [round(o.peak_bytes / p.peak_bytes, 3) for o, p in zip(ours, theirs)] if peer_correct else []
-    # Each repetition against the matmul peak measured just before it: the same minutes of the same machine.
-    fraction = lambda runs: round(med([r.tokens_per_s * flops_per_token / p for r, p in zip(runs, peaks)]), 3)  # noqa: E731
+
+    def fraction(runs: list[RunResult]) -> float:
+        """Each repetition against the matmul peak measured just before it (the same minutes of the machine)."""
+        return round(med([r.tokens_per_s * flops_per_token / p for r, p in zip(runs, peaks)]), 3)
+
     return {
         "peer_correct": peer_correct,
         "ours_correct": rel(ours[0].loss_step0, reference) <= CORRECT_REL,
@@ -407,7 +410,8 @@ def print_table(results: dict, args, seconds: float) -> None:
           f"{MEMORY_METHODS[args.memory]}")
     print("tokens   : real input tokens per second (input + target, no pads, no virtual tokens)")
     print("ours     : " + ("loss_on over the padded batch (kv -> new_cache -> forward -> head at loss positions)"
-                          if args.padded else "softprompt.train.loss_on (kv -> packed_forward -> head at loss positions)"))
+                          if args.padded
+                          else "softprompt.train.loss_on (train_prefix -> packed_forward -> head at loss positions)"))
     print("PEFT     : get_peft_model(model, PromptTuningConfig | PrefixTuningConfig) forward with labels\n")
     header = (f"{'config':<15}{'ours tok/s':>11}{'PEFT tok/s':>11}{'speedup':>9}{'ours MB':>9}{'PEFT MB':>9}"
               f"{'mem ratio':>10}{'loss0 ours':>12}{'loss0 PEFT':>12}{'rel diff':>10}{'lossK ours':>12}"

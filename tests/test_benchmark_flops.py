@@ -3,8 +3,9 @@
 The step is `train.loss_on` + backward on a tiny Llama, rows short enough to pack into one row with no pad, so the
 step does exactly the useful linear-layer and head work, and one thing more: prompt tuning runs its prompt through
 the whole last layer, where only the keys/values are read (the backward skips the rest by itself). torch's count of
-the step's matrix products (mm/addmm, forward and backward) must equal the shape-based count plus that. Attention runs in SDPA kernels over whole (masked) blocks, so torch
-counts more there than the pairs that are useful; it is left out of the comparison."""
+the step's matrix products (mm/addmm, forward and backward) must equal the shape-based count plus that. Attention
+runs in SDPA kernels over whole (masked) blocks, so torch counts more there than the pairs that are useful; it is
+left out of the comparison."""
 
 from __future__ import annotations
 
