@@ -14,6 +14,7 @@ a plot summary, balanced), debate-party (2016 US debates: which party's candidat
 
     python benchmarks/defaults.py                           # every task, 100 steps of 8
     python benchmarks/defaults.py --tasks debate-party --steps 200
+    python benchmarks/defaults.py --no-search --single "method=prefix lr=0.03"    # a candidate default, side by side
 
 Prints a table per task as it finishes and one JSON line at the end.
 """
@@ -21,6 +22,7 @@ Prints a table per task as it finishes and one JSON line at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -36,7 +38,7 @@ from softprompt.datasets import debate_party, review_or_plot, rotten_tomatoes
 from softprompt.evaluate import evaluate
 from softprompt.models import load_model
 from softprompt.prepare import template_init_text
-from softprompt.search import default_candidates, search
+from softprompt.search import default_candidates, parse_grid, search
 from softprompt.train import BatchOrder, improves, loss_on, selection_key, train
 
 from machine import machine
@@ -129,6 +131,16 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
     run, row["single_seconds"] = timed(lambda: train(backbone, task, base, cfg, train_set, out + "/single",
                                                      valid_set, progress=False))  # fmt: skip
     row["single"] = score(run.method.kv(backbone).detach())
+    row["alternatives"] = []
+    for spec in args.single:  # other single settings a default could take, each one ordinary run
+        (candidate,), _ = parse_grid(spec, base, cfg.lr)
+        alt_cfg = dataclasses.replace(cfg, lr=candidate.lr)
+        run, seconds = timed(lambda: train(backbone, task, candidate.prompt, alt_cfg, train_set,
+                                           out + "/" + candidate.name, valid_set, progress=False))  # fmt: skip
+        row["alternatives"].append({"settings": spec, "accuracy": score(run.method.kv(backbone).detach()),
+                                    "seconds": round(seconds, 1)})
+    if args.no_search:
+        return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out)
     candidates = default_candidates(base, True)
     result, row["search_seconds"] = timed(lambda: search(backbone, task, candidates, cfg, train_set, valid_set,
                                                          out + "/search", progress=False))  # fmt: skip
@@ -139,13 +151,17 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
     row["one_after_another_seconds"] = round(sum(
         timed(lambda: train(backbone, task, c.prompt, probe, train_set, out + "/probe-" + c.name, progress=False))[1]
         / args.probe_steps * args.steps for c in candidates), 1)  # fmt: skip
-    lora_backbone, row["lora_params"] = None, 0
+    return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out)
+
+
+def _lora(row: dict, model_name: str, task: Task, train_set, valid_set, test_set, cfg: TrainConfig, out: str) -> dict:
     (lora_backbone, row["lora_params"]), row["lora_seconds"] = timed(
         lambda: lora_run(model_name, task, train_set, valid_set, cfg))
     row["lora"] = round(evaluate(lora_backbone, task, test_set)["accuracy"], 4)
     shutil.rmtree(out)
     for key in ("single_seconds", "search_seconds", "lora_seconds"):
-        row[key] = round(row[key], 1)
+        if key in row:
+            row[key] = round(row[key], 1)
     return row
 
 
@@ -159,6 +175,10 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256, help="Longest example in tokens (longer plot "
                         "summaries and debate answers keep their end).")  # fmt: skip
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--single", action="append", default=[], metavar="SETTINGS",
+                        help='Also train one run with these settings in --grid syntax, e.g. "method=prefix lr=0.03" '
+                             "(repeatable): candidates for the defaults.")  # fmt: skip
+    parser.add_argument("--no-search", action="store_true", help="Leave out the --search run.")
     args = parser.parse_args()
     backbone = backbone_for(*load_model(args.model))
     rows = []
@@ -168,10 +188,13 @@ def main() -> None:
         print(f"\n{name} (train {row['train']}, valid {row['valid']}, test {row['test']}; {args.steps} steps of 8)")
         print(f"  template only             accuracy {row['template_only']:.3f}")
         print(f"  softprompt train          accuracy {row['single']:.3f}  {row['single_seconds']:7.1f} s")
-        print(f"  softprompt train --search accuracy {row['search']:.3f}  {row['search_seconds']:7.1f} s  "
-              f"(pick {row['search_pick']}; one after another ~{row['one_after_another_seconds']:.0f} s)")
+        for alt in row["alternatives"]:
+            print(f"  train {alt['settings']:<19} accuracy {alt['accuracy']:.3f}  {alt['seconds']:7.1f} s")
+        if "search" in row:
+            print(f"  softprompt train --search accuracy {row['search']:.3f}  {row['search_seconds']:7.1f} s  "
+                  f"(pick {row['search_pick']}; one after another ~{row['one_after_another_seconds']:.0f} s)")
         print(f"  LoRA r=8 q,v (PEFT)       accuracy {row['lora']:.3f}  {row['lora_seconds']:7.1f} s")
-        for r in row["search_table"]:
+        for r in row.get("search_table", []):
             print(f"    {r['candidate']:<26} valid {r['valid'].get('accuracy', float('nan')):.3f} at step "
                   f"{r['best_step']}, trained {r['trained_steps']}")
         print(flush=True)
