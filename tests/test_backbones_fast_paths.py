@@ -399,3 +399,20 @@ def test_packed_forward_falls_back_for_a_sliding_window_shorter_than_a_row(monke
             assert len(calls) == int(padded), window
             reference, _ = backbone.forward(ids, mask, backbone.new_cache(kv, len(ids)))
         torch.testing.assert_close(packed[real], reference[real], **TOL)
+
+
+def test_packed_forward_honours_a_prefix_mask_with_embeddings(make_backbone):
+    """A prefix mask says which slots each row sees; with embeddings in front of the packed rows their slots are
+    masked as the K/V slots would be (here the first hidden from the second row, whose tokens then sit one position
+    earlier): the same hidden states as the K/V prefix with that mask."""
+    backbone = make_backbone("llama")
+    method = make_method(backbone, "prompt")
+    batch = collate(examples("cls"), PAD)
+    prefix_mask = torch.ones(3, N, dtype=torch.long)
+    prefix_mask[1, 0] = 0
+    real = batch.attention_mask.bool()
+    with torch.no_grad():
+        from_embeddings = backbone.packed_forward(method.train_prefix(backbone), batch.input_ids,
+                                                  batch.attention_mask, prefix_mask)  # fmt: skip
+        from_kv = backbone.packed_forward(method.kv(backbone), batch.input_ids, batch.attention_mask, prefix_mask)
+    torch.testing.assert_close(from_embeddings[real], from_kv[real], **TOL)

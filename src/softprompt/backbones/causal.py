@@ -153,7 +153,7 @@ class CausalBackbone(Backbone):
         costs what its real tokens cost, not its padded width.
 
         prefix: (num_layers, 2, kv_heads, n, head_dim); input_ids, attention_mask: (B, T), any padding side.
-        Or a soft prompt's embeddings (n, hidden) (prompt tuning; no prefix_mask): they run at the front of every
+        Or a soft prompt's embeddings (n, hidden) (prompt tuning): they run at the front of every
         packed row in this same pass, where a causal model computes exactly the K/V `prefix_from_embeddings` gives,
         without its separate pass at batch 1 (whose small matrix products run at half the speed of these).
         prefix_mask: (B, n), the slots each row sees (`side_by_side`; default all), or with a per-row prefix from
