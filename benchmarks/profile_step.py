@@ -21,9 +21,9 @@ import warnings
 
 import torch
 
-from flops import matmul_peak, step_flops
+from flops import matmul_peak
 from machine import machine
-from train_speed import draw_batches, make_task, ours_step
+from train_speed import draw_batches, make_task, ours_step, useful_flops
 
 GROUPS = {  # operator name fragments -> group, first match wins
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
@@ -56,7 +56,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from softprompt.backbones import backbone_for
-    from softprompt.data import collate
     from softprompt.datasets import sentiment_splits
     from softprompt.models import load_model
 
@@ -81,11 +80,7 @@ def main() -> None:
     groups: dict[str, float] = {}
     for e in events:
         groups[group_of(e.key)] = groups.get(group_of(e.key), 0.0) + e.self_cpu_time_total
-    flops = 0.0
-    for examples in timed:
-        batch = collate(examples, 0)
-        flops += step_flops(model, batch.attention_mask.sum(-1).tolist(), len(batch.loss_tokens), args.num_tokens,
-                            args.method).total  # fmt: skip
+    flops = useful_flops(model, timed, args.method, args.num_tokens) * tokens
     peak = matmul_peak(model, round(tokens / len(timed)))
     summary = {
         "method": args.method, "num_tokens": args.num_tokens, "steps": args.steps, "threads": args.threads,

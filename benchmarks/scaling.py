@@ -70,8 +70,8 @@ from typing import Callable
 import torch
 
 from machine import machine  # benchmarks/machine.py (scripts run from this folder)
-from train_speed import (BATCH_SIZE, CORRECT_REL, MB, RunResult, make_task, model_state, ours_step, paired_runs,
-                         peft_step, reference_loss, reset_high_water_mark)  # fmt: skip
+from train_speed import (BATCH_SIZE, CORRECT_REL, MB, RunResult, draw_batches, make_task, model_state, ours_step,
+                         paired_runs, peft_step, reference_loss, reset_high_water_mark)  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 VIRTUAL_TOKENS = 20
@@ -136,14 +136,6 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- training data
-def draw_batches_of(task, records: list[dict], count: int, size: int, seed: int) -> list[list]:
-    """train_speed's `draw_batches` with any batch size: `count` batches of `size`, one fixed seeded draw (for size 8
-    the very batches train_speed.py trains on)."""
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[: count * size]
-    examples = task.encode([records[i] for i in order.tolist()])
-    return [examples[i : i + size] for i in range(0, len(examples), size)]
-
-
 def fixed_length_batches(task, records: list[dict], length: int, count: int, seed: int) -> list[list]:
     """`count` batches of 8 classification examples of exactly `length` real tokens each (input + the one-token label
     word): `Review:` and review texts concatenated from a seeded position until long enough, cut, then
@@ -240,7 +232,7 @@ def timed_point(axis: str, label: str, x: int, backbone, method: str, n: int, ba
 def warm_up(backbone, records: list[dict], setup: TrainSetup) -> None:
     """One paired step before any point: the process's one-time allocations stay out of the first point's peak."""
     task = make_task(backbone.tokenizer, "cls")
-    train_point(backbone, "prompt", VIRTUAL_TOKENS, draw_batches_of(task, records, 1, BATCH_SIZE, setup.seed), setup)
+    train_point(backbone, "prompt", VIRTUAL_TOKENS, draw_batches(task, records, 1, setup.seed), setup)
 
 
 def train_length(backbone, records: list[dict], sizes: Sizes, setup: TrainSetup) -> list[dict]:
@@ -255,7 +247,7 @@ def train_length(backbone, records: list[dict], sizes: Sizes, setup: TrainSetup)
 
 def train_virtual_tokens(backbone, records: list[dict], sizes: Sizes, setup: TrainSetup) -> list[dict]:
     task = make_task(backbone.tokenizer, "cls")
-    batches = draw_batches_of(task, records, setup.steps + 1, BATCH_SIZE, setup.seed)
+    batches = draw_batches(task, records, setup.steps + 1, setup.seed)
     return [timed_point("train_virtual_tokens", f"{method} tuning, {n} virtual tokens", n, backbone, method, n,
                         batches, setup)
             for method in ("prompt", "prefix") for n in sizes.virtual_tokens]  # fmt: skip
@@ -265,7 +257,7 @@ def train_batch(backbone, records: list[dict], sizes: Sizes, setup: TrainSetup) 
     task = make_task(backbone.tokenizer, "cls")
     rows = []
     for size in sizes.batch_sizes:
-        batches = draw_batches_of(task, records, setup.steps + 1, size, setup.seed)
+        batches = draw_batches(task, records, setup.steps + 1, setup.seed, size)
         rows.append(timed_point("train_batch", f"batch {size}", size, backbone, "prompt", VIRTUAL_TOKENS, batches,
                                 setup))  # fmt: skip
     return rows
@@ -295,7 +287,7 @@ def train_model_size(backbone, records: list[dict], sizes: Sizes, setup: TrainSe
         params = sum(p.numel() for p in llama.model.parameters())  # tied embeddings counted once
         log(f"[train_model_size] {name}: {params:,} parameters, built in {time.perf_counter() - started:.0f} s")
         steps = setup.steps if params <= FEWER_STEPS_ABOVE else max(1, setup.steps // 2)
-        batches = draw_batches_of(task, records, steps + 1, BATCH_SIZE, setup.seed)
+        batches = draw_batches(task, records, steps + 1, setup.seed)
         row = timed_point("train_model_size", f"{name} ({params / 1e6:.0f}M parameters)", params, llama, "prompt",
                           VIRTUAL_TOKENS, batches, setup)  # fmt: skip
         rows.append({**row, "model": name, "parameters": params, "shape": shape})

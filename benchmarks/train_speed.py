@@ -171,11 +171,11 @@ def make_task(tokenizer, task: str):
     return Task(config, tokenizer)
 
 
-def draw_batches(task, records: list[dict], count: int, seed: int) -> list:
-    """`count` batches of 8 encoded examples, a fixed seeded draw."""
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[: count * BATCH_SIZE]
+def draw_batches(task, records: list[dict], count: int, seed: int, size: int = BATCH_SIZE) -> list:
+    """`count` batches of `size` encoded examples, a fixed seeded draw."""
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[: count * size]
     examples = task.encode([records[i] for i in order.tolist()])
-    return [examples[i : i + BATCH_SIZE] for i in range(0, len(examples), BATCH_SIZE)]
+    return [examples[i : i + size] for i in range(0, len(examples), size)]
 
 
 def paired_runs(steps: dict, batches, memory: str, flip: bool) -> dict[str, RunResult]:
@@ -309,12 +309,12 @@ def reference_loss(backbone, method_name: str, n: int, seed: int, examples) -> f
 
 
 def useful_flops(model, batches, method_name: str, n: int) -> float:
-    """Useful FLOPs per real input token over the timed batches (all but the warm-up), see flops.py: the same for
-    both libraries, since it counts the work the batch needs, not the work a library does."""
+    """Useful FLOPs per real input token over `batches`, see flops.py: the same for both libraries, since it counts
+    the work the batch needs, not the work a library does."""
     from softprompt.data import collate
 
     flops = tokens = 0
-    for examples in batches[1:]:
+    for examples in batches:
         batch = collate(examples, 0)
         flops += step_flops(model, batch.attention_mask.sum(-1).tolist(), len(batch.loss_tokens), n, method_name).total
         tokens += batch.num_input_tokens
@@ -504,7 +504,8 @@ def main(argv=None) -> None:
     theirs: dict[str, list[RunResult]] = {name: [] for name in names}
     references = {name: reference_loss(backbone, *CONFIGS[name][:2], args.seed, work[CONFIGS[name][2]][0])
                   for name in names}  # fmt: skip
-    flops_per_token = {name: useful_flops(model, work[CONFIGS[name][2]], *CONFIGS[name][:2]) for name in names}
+    flops_per_token = {name: useful_flops(model, work[CONFIGS[name][2]][1:], *CONFIGS[name][:2])  # timed batches
+                       for name in names}  # fmt: skip
     step_tokens = {task: round(statistics.mean(sum(len(e.input_ids) + len(e.target_ids) for e in b) for b in batches))
                    for task, batches in work.items()}  # fmt: skip
     peaks: dict[str, list[float]] = {name: [] for name in names}
