@@ -157,8 +157,8 @@ class PromptSet(nn.Module):
 
 
 def row_prefixes(backbone: Backbone, kvs: dict[str, torch.Tensor], names: list[str]):
-    """The prefix for a batch whose rows belong to `names`' tasks (or candidates): shared (5-D, no mask) when they are
-    all one, else with a mask saying which slots each row sees (`Backbone.side_by_side`)."""
+    """The prefix for a batch whose rows belong to `names`' tasks (or candidates): that one prompt's `train_prefix`
+    (no mask) when they are all one, else K/V with a mask saying which slots each row sees (`side_by_side`)."""
     if len(set(names)) == 1:
         return kvs[names[0]], None
     return backbone.side_by_side([kvs[name] for name in names])
@@ -457,7 +457,7 @@ class _Trainer:
             names, examples = zip(*self.rows_of(rows[start : start + self.micro]))
             last = start + self.micro >= self.shard
             with contextlib.nullcontext() if last else acc.no_sync(self.model), acc.autocast():
-                # Each prompt's K/V, once per micro-batch, shared by the rows of its task.
+                # Each prompt's prefix (prompt tuning: its embeddings), once per micro-batch, shared by its task's rows.
                 kv, prefix_mask = row_prefixes(backbone, self.model(backbone, set(names)), list(names))
                 loss, _ = self.objective(backbone, kv, list(examples), normalizer, prefix_mask)
                 acc.backward(loss)
