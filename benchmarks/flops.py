@@ -4,8 +4,10 @@ Useful FLOPs of one prompt-learning step, counted from the model's own shapes th
 them (one multiply-add = 2 FLOPs; elementwise work, norms and softmax not counted):
 
 - linear layers: 2 x in x out per token for every `nn.Linear` in the decoder layers, over every real token of the
-  batch, plus the virtual tokens for prompt tuning (its prompt runs through the model once per step, at batch 1;
-  in the last layer only its key/value projections are useful, the rest of its output is never read);
+  batch, plus the virtual tokens for prompt tuning, once (every row sees the same keys/values of the prompt, however
+  often a library computes them: `kv()` runs it once at batch 1, the training step's `train_prefix()` in front of
+  each packed row; in the last layer only its key/value projections are useful, the rest of its output is never
+  read);
 - attention: 4 x heads x head_dim per (query, key) pair a token is allowed to see (QK^T and the weighted sum of V):
   for a row of L real tokens after n prefix slots, L*n + L(L+1)/2 pairs; for prompt tuning also n(n+1)/2 pairs for
   the prompt itself;

@@ -10,7 +10,9 @@
     gives the hidden states of the padded `forward`, and the training loss and gradients equal transformers' own
     computation, with and without checkpointing, also where prompt tuning hands it its embeddings to run in the
     same pass; it takes the padded `forward` itself (a spy says which path ran) for
-    per-row prefixes, attention kernels without dense masks and sliding windows shorter than prefix + row.
+    per-row prefixes, attention kernels without dense masks and sliding windows shorter than prefix + row;
+(d) a batch whose real tokens overflow one packed row (R > 1, prompt tuning's P in front of each row): the loss and
+    dL/dP equal each example run alone over [P; E] through the plain transformers model.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import softprompt.backbones.replay as replay_module
 from softprompt.backbones import backbone_for, cache_keyword
+from softprompt.backbones.causal import PACK_WIDTH
 from softprompt.backbones.replay import replaying
 from softprompt.data import Example, collate
 from softprompt.errors import SoftPromptError
@@ -416,3 +419,52 @@ def test_packed_forward_honours_a_prefix_mask_with_embeddings(make_backbone):
                                                   batch.attention_mask, prefix_mask)  # fmt: skip
         from_kv = backbone.packed_forward(method.kv(backbone), batch.input_ids, batch.attention_mask, prefix_mask)
     torch.testing.assert_close(from_embeddings[real], from_kv[real], **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------- (d) R > 1
+def explicit_loss(model, prompt_embeddings: torch.Tensor, rows: list[Example]) -> torch.Tensor:
+    """The definition, one example at a time with no padding: the plain model reads inputs_embeds = [P; E(input +
+    target)]; the mean over all target tokens of -log-softmax of its logits at the position before each one."""
+    n, total, count = prompt_embeddings.shape[0], 0.0, 0
+    for row in rows:
+        ids = torch.tensor(row.input_ids + row.target_ids)
+        embeds = torch.cat([prompt_embeddings, model.get_input_embeddings()(ids)])[None]
+        logprobs = model(inputs_embeds=embeds).logits[0].float().log_softmax(-1)  # (n + T, vocab)
+        before = n + len(row.input_ids) - 1 + torch.arange(len(row.target_ids))  # predicts each target token
+        total = total - logprobs[before, torch.tensor(row.target_ids)].sum()
+        count += len(row.target_ids)
+    return total / count
+
+
+def packed_rows(backbone) -> list[torch.Tensor]:
+    """Spy on the decoder: the inputs_embeds of each call (the packed rows, P in front of each)."""
+    seen = []
+    backbone.decoder.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["inputs_embeds"].detach()), with_kwargs=True
+    )
+    return seen
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_prompt_over_several_packed_rows_equals_each_example_alone(arch, checkpointing):
+    """Rows whose real tokens overflow one packed row (PACK_WIDTH): `loss_on` with `train_prefix` (what training
+    runs) packs them into several rows, each with P in front, and P's gradient sums over those copies; the loss and
+    dL/dP equal those of each example run alone over [P; E] through the plain model."""
+    backbone = tiny_backbone(arch).gradient_checkpointing(checkpointing)
+    method = make_method(backbone, "prompt")
+    g = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(3, 128, (n,), generator=g).tolist()  # noqa: E731
+    rows = [Example(ids(n - 3), ids(2) + [EOS]) for n in (110, 97, 83, 64)]  # positions stay < 128 (GPT-2's table)
+    assert sum(len(r.input_ids) + len(r.target_ids) for r in rows) > PACK_WIDTH
+    seen = packed_rows(backbone)
+    loss, _ = loss_on(backbone, method.train_prefix(backbone), rows)
+    (ours,) = torch.autograd.grad(loss, method.embeddings)
+    backbone.gradient_checkpointing(False)
+    (embeds,) = seen[:1]  # the forward's call (a replay may add more)
+    assert embeds.shape[0] == 2, "the batch should pack into two rows"
+    assert torch.equal(embeds[:, :N], method.embeddings.detach()[None].expand(2, -1, -1))  # P leads every row
+    reference = explicit_loss(backbone.model, method.embeddings, rows)
+    (expected,) = torch.autograd.grad(reference, method.embeddings)
+    torch.testing.assert_close(loss, reference, **TOL)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(ours, expected, **TOL)

@@ -5,7 +5,11 @@ step does exactly the useful linear-layer and head work, and one thing more: pro
 the whole last layer, where only the keys/values are read (the backward skips the rest by itself). torch's count of
 the step's matrix products (mm/addmm, forward and backward) must equal the shape-based count plus that. Attention
 runs in SDPA kernels over whole (masked) blocks, so torch counts more there than the pairs that are useful; it is
-left out of the comparison."""
+left out of the comparison.
+
+The step benchmarks/train_speed.py times for prompt tuning hands `loss_on` the prompt's embeddings (`train_prefix`),
+which run in front of every packed row in the batch's own pass; its count is checked the same way, with what that
+step computes beyond the useful work written out by hand from the config."""
 
 from __future__ import annotations
 
@@ -17,14 +21,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from softprompt import methods
+from softprompt.backbones.causal import PACK_WIDTH
 from softprompt.config import PromptConfig
-from softprompt.data import Example
+from softprompt.data import Example, collate
 from softprompt.train import loss_on
 
 from conftest import tiny_backbone
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from flops import step_flops  # noqa: E402
+from train_speed import useful_flops  # noqa: E402
 
 
 @pytest.mark.parametrize("method,targets", [("prompt", 1), ("prefix", 1), ("prompt", 3), ("prefix", 4)])
@@ -46,3 +52,41 @@ def test_linear_and_head_flops_equal_torch_count(method, targets):
     last_layer_rest = 2 * (hidden * hidden + hidden * hidden + 3 * hidden * intermediate)  # q, o, gate/up/down
     assert measured == counted.linear + counted.head + (5 * last_layer_rest if method == "prompt" else 0)
     assert counted.attention > 0
+
+
+@pytest.mark.parametrize("targets", [1, 3])
+@pytest.mark.parametrize("lengths", [(7, 12, 4), (150, 120, 60)], ids=["one-row", "two-rows"])
+def test_train_prefix_step_flops_equal_torch_count(lengths, targets):
+    """The prompt-tuning step train_speed.py times (`train_prefix` -> `loss_on`, P in front of each packed row; 330
+    tokens overflow one packed row of 256). torch's count of its matrix products is the useful count plus, by hand:
+    P's copies beyond the first and the packed rows' pad slots, run through every linear layer forward and backward;
+    P's last layer beyond its keys/values, forward and backward (its outputs there sit in the same tensor as the
+    tokens', so the backward runs over them too); the first layer's q/k/v input gradients of the real tokens (the
+    embeddings share one tensor with P, which needs a gradient)."""
+    backbone, n = tiny_backbone("llama"), 5
+    torch.manual_seed(0)
+    prompt = methods.build(PromptConfig(method="prompt", num_tokens=n, init="random"), backbone)
+    examples = [Example(input_ids=torch.randint(3, 100, (length - targets,)).tolist(),
+                        target_ids=torch.randint(3, 100, (targets,)).tolist()) for length in lengths]  # fmt: skip
+    packed = []  # the shape of the packed rows: (R, n + width, hidden)
+    backbone.decoder.register_forward_pre_hook(lambda _, args, kwargs: packed.append(kwargs["inputs_embeds"].shape),
+                                               with_kwargs=True)  # fmt: skip
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = loss_on(backbone, prompt.train_prefix(backbone), examples)
+        loss.backward()
+    (rows, slots, _), real = packed[0], sum(lengths)
+    assert rows == (1 if real <= PACK_WIDTH else 2)
+    counts = counter.get_flop_counts()["Global"]
+    measured = sum(v for op, v in counts.items() if str(op) in ("aten.mm", "aten.addmm"))
+    batch = collate(examples, backbone.pad_id)
+    counted = step_flops(backbone.model, batch.attention_mask.sum(-1).tolist(), len(batch.loss_tokens), n, "prompt")
+    assert useful_flops(backbone.model, [examples], "prompt", n) * real == pytest.approx(counted.total, rel=1e-12)
+    config = backbone.model.config
+    hidden, intermediate, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv_width = config.num_key_value_heads * hidden // config.num_attention_heads
+    q, k_v = 2 * hidden * hidden, 2 * 2 * hidden * kv_width  # forward FLOPs per token
+    o_mlp = 2 * (hidden * hidden + 3 * hidden * intermediate)
+    beyond_useful = (2 * layers * (q + k_v + o_mlp) * (rows * slots - n - real)  # P's further copies, pad slots
+                     + 2 * (q + o_mlp) * n  # P's last layer beyond its keys/values
+                     + (q + k_v) * real)  # the first layer's input gradients of the real tokens  # fmt: skip
+    assert measured == counted.linear + counted.head + beyond_useful
