@@ -34,6 +34,9 @@ from transformers import (
 )
 
 from softprompt.backbones import Backbone, backbone_for
+from skip_policy import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401 (hooks: undocumented skips fail)
+
+pytest_plugins = ["pytester"]  # tests/test_skip_policy.py runs small suites of its own
 
 os.environ["SOFTPROMPT_REPORT_TO"] = "none"
 """What report_to="auto" (the default) means in the tests, and in the commands they start: no tracker, so a run
@@ -134,19 +137,6 @@ def _one_thread_for_tiny_models(request):
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item, call):
-    """A skip must document itself ("reason: ..." in its message); any other skip fails, so a broken import or a
-    missing model cannot turn tests into quiet skips."""
-    report = yield
-    if report.skipped and not hasattr(report, "wasxfail"):
-        message = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        if "reason: " not in message:
-            report.outcome = "failed"
-            report.longrepr = f"skipped without a documented reason ('reason: ...' in the message): {message}"
-    return report
 
 
 @pytest.fixture(params=ARCHS)
