@@ -1,11 +1,11 @@
 """Parquet files and `datasets` save_to_disk folders as training and evaluation data (tables.py): the rows as written,
-in order across shards; a missing field refused with the message JSONL gets (its row instead of its line); a
-DatasetDict, a stray folder, a damaged folder and a missing pyarrow refused clearly; and `softprompt train` on
-Parquet and on a folder gives the prompt it gives on the same rows as JSONL.
+in order across shards, with their types; a ClassLabel column whose names are not the label words in order refused;
+a missing field refused with the message JSONL gets (its row instead of its line); a DatasetDict, a stray folder, a
+damaged folder and a missing pyarrow refused clearly; and `softprompt train` on Parquet and on a folder gives the
+prompt it gives on the same rows as JSONL.
 
-The folders are written here with pyarrow the way datasets 5.2 writes them (Arrow IPC stream shards
-`data-0000i-of-0000n.arrow` with the features in the schema's "huggingface" metadata, state.json listing the shards,
-dataset_info.json with the features), so datasets itself is not needed to test them."""
+The folders and the Parquet files with features are written by `datasets` itself (a test-only dependency: the library
+reads them with pyarrow alone); plain Parquet files, as pandas or pyarrow write them, by pyarrow."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -29,7 +30,6 @@ from test_cli import LABELS, TEMPLATE, error_message, save_tiny_model
 
 ROWS = [{"text": "the movie was great", "label": "positive"}, {"text": "a terrible film", "label": "negative"},
         {"text": "very good fun", "label": "positive"}, {"text": "boring and bad", "label": "negative"}]  # fmt: skip
-FEATURES = {"text": {"dtype": "string", "_type": "Value"}, "label": {"dtype": "string", "_type": "Value"}}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -38,28 +38,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def write_parquet(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
+    """A plain Parquet file (no `datasets` features in its metadata), as pandas or pyarrow write one."""
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return path
 
 
-def write_saved_dataset(folder: Path, rows: list[dict], features: dict = FEATURES, shards: int = 2) -> Path:
-    """A folder as `Dataset.save_to_disk(folder, num_shards=shards)` writes it (datasets 5.2)."""
-    folder.mkdir(parents=True)
-    table = pa.Table.from_pylist(rows)
-    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
-    names, start = [], 0
-    for i in range(shards):  # contiguous shards, the first ones one row longer (datasets' Dataset.shard)
-        size = len(rows) // shards + (i < len(rows) % shards)
-        names.append(f"data-{i:05d}-of-{shards:05d}.arrow")
-        with pa.OSFile(str(folder / names[-1]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table.slice(start, size))
-        start += size
-    state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": "0123456789abcdef",
-             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-             "_split": None}  # fmt: skip
-    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-    info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
-    (folder / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+def write_saved_dataset(folder: Path, rows: list[dict], features: datasets.Features | None = None,
+                        shards: int = 2) -> Path:  # fmt: skip
+    """`datasets.Dataset.save_to_disk(folder, num_shards=shards)` of the rows."""
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(folder), num_shards=shards)
     return folder
 
 
@@ -83,16 +70,86 @@ def test_rows_are_read_in_order_with_their_row_numbers(tmp_path, table_kind):
     assert records[2:].where(0) == f"{path}, row 3"  # a slice keeps its rows' numbers
 
 
-def test_values_keep_their_types_and_class_labels_are_indices(tmp_path):
-    """A ClassLabel column holds indices into the label words; ints, floats and lists come back as such."""
-    features = {"text": {"dtype": "string", "_type": "Value"},
-                "label": {"names": LABELS.split(","), "_type": "ClassLabel"}}  # fmt: skip
-    rows = [{"text": "great", "label": 1, "score": 0.5, "tags": ["a", "b"]},
-            {"text": "awful", "label": 0, "score": 1.5, "tags": []}]  # fmt: skip
-    records = read_records(write_saved_dataset(tmp_path / "saved", rows, features, shards=1))
-    assert records == rows
-    task = Task(TaskConfig(template=TEMPLATE, labels=LABELS.split(","), label_field="label"), tiny_tokenizer())
-    assert [e.label for e in task.encode(records)] == [1, 0]
+def written_by_datasets(kind: str, root: Path, columns: dict[str, list], features: datasets.Features) -> Path:
+    """The columns as a `datasets.Dataset`, written by datasets itself: save_to_disk in two shards, or to_parquet."""
+    dataset = datasets.Dataset.from_dict(columns, features=features)
+    if kind == "to_parquet":
+        root.mkdir(parents=True, exist_ok=True)
+        dataset.to_parquet(str(root / "data.parquet"))
+        return root / "data.parquet"
+    dataset.save_to_disk(str(root / "data"), num_shards=2)
+    return root / "data"
+
+
+def sentiment_features(names: list[str], **more: datasets.features.FeatureType) -> datasets.Features:
+    return datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names), **more})
+
+
+def sentiment_task() -> Task:
+    return Task(TaskConfig(template=TEMPLATE, labels=LABELS.split(","), label_field="label"), tiny_tokenizer())
+
+
+@pytest.mark.parametrize("kind", ["save_to_disk", "to_parquet"])
+def test_what_datasets_writes_is_read_as_written(tmp_path, monkeypatch, kind):
+    """Strings, ints, floats, lists, a null and a ClassLabel column, written by `datasets`: the rows given to it, value
+    for value, read without importing datasets; each ClassLabel index becomes the label word that datasets' own
+    `int2str` names."""
+    features = sentiment_features(LABELS.split(","), count=datasets.Value("int64"), score=datasets.Value("float64"),
+                                  tags=datasets.List(datasets.Value("string")), note=datasets.Value("string"))
+    columns = {"text": ["great", "awful", "fine"], "label": [1, 0, 1], "count": [3, -2, 0], "score": [0.5, 1.5, -0.25],
+               "tags": [["a", "b"], [], ["c"]], "note": ["x", None, "z"]}  # fmt: skip
+    path = written_by_datasets(kind, tmp_path, columns, features)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    records = read_records(path)
+    assert records == [dict(zip(columns, values)) for values in zip(*columns.values())]
+    words = [LABELS.split(",")[e.label] for e in sentiment_task().encode(records)]
+    assert words == features["label"].int2str(columns["label"]) == ["positive", "negative", "positive"]
+
+
+@pytest.mark.parametrize("kind", ["save_to_disk", "to_parquet"])
+def test_a_class_label_column_must_name_the_label_words_in_their_order(tmp_path, kind):
+    """The label column's names are the label words in order: its indices are read as those words (another ClassLabel
+    column may name anything). The same words in another order, where an index would name another word than
+    datasets' `int2str` does, or other words: refused, naming the file, the field and both lists, and saying which
+    --labels would fit; a slice of the rows (eval --limit) too; a folder without dataset_info.json by its shards'
+    metadata."""
+    task, labels = sentiment_task(), LABELS.split(",")
+    columns = {"text": ["great", "awful", "fine"], "label": [1, 0, 1], "topic": [0, 2, 1]}
+    topic = datasets.ClassLabel(names=["film", "book", "song"])
+    path = written_by_datasets(kind, tmp_path / "same", columns, sentiment_features(labels, topic=topic))
+    assert [e.label for e in task.encode(read_records(path))] == [1, 0, 1]
+    for case, names, differ in (("reversed", labels[::-1], "the same words in another order"),
+                                ("other", ["bad", "good"], "other words")):  # fmt: skip
+        features = sentiment_features(names, topic=topic)
+        path = written_by_datasets(kind, tmp_path / case, columns, features)
+        if case == "reversed":
+            assert features["label"].int2str(1) != labels[1]  # what reading the indices as --labels would do
+        read = [read_records(path), read_records(path)[:2]]
+        if kind == "save_to_disk":
+            (path / "dataset_info.json").unlink()
+            read.append(read_records(path))
+        for records in read:
+            with pytest.raises(SoftPromptError) as info:
+                task.encode(records)
+            message = str(info.value)
+            assert message.startswith(f"{path}: the label field 'label' is a ClassLabel column whose names are "
+                                      f"{names}, {differ} than the label words {labels}; "), message  # fmt: skip
+            assert f"(--labels {','.join(names)})" in message
+
+
+def test_the_cli_refuses_a_class_label_column_in_another_order(tmp_path, monkeypatch, capsys):
+    """`softprompt train` on a folder whose ClassLabel names are --labels reversed: the error, and no run."""
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
+    columns = {"text": [r["text"] for r in ROWS], "label": [LABELS.split(",").index(r["label"]) for r in ROWS]}
+    data = written_by_datasets("save_to_disk", tmp_path, columns, sentiment_features(LABELS.split(",")[::-1]))
+    code, _, err = run_main(monkeypatch, capsys, [
+        "train", "--model", save_tiny_model(tmp_path / "model"), "--train", data, "--template", TEMPLATE, "--labels",
+        LABELS, "--label-field", "label", "--steps", 2, "--out", tmp_path / "never"])  # fmt: skip
+    assert code == 2 and "Traceback" not in err
+    assert error_message(err).startswith(f"error: {data}: the label field 'label' is a ClassLabel column whose names "
+                                         "are ['positive', 'negative'], the same words in another order than the "
+                                         "label words ['negative', 'positive']; ")  # fmt: skip
+    assert not (tmp_path / "never").exists()
 
 
 def normalized(message: str, path: Path) -> str:
@@ -131,18 +188,17 @@ def test_a_missing_field_is_refused_as_in_jsonl(tmp_path, table_kind):
 
 def test_an_empty_table_is_refused(tmp_path, table_kind):
     schema = pa.schema([("text", pa.string()), ("label", pa.string())])
-    path = write_parquet(tmp_path / "empty.parquet", [], schema) if table_kind == "parquet" else (
-        write_saved_dataset(tmp_path / "empty", [{"text": "x", "label": "y"}], shards=1))  # fmt: skip
+    path = write_parquet(tmp_path / "empty.parquet", [], schema) if table_kind == "parquet" else tmp_path / "empty"
     if table_kind == "saved":
-        (path / "state.json").write_text(json.dumps({"_data_files": []}), encoding="utf-8")
+        datasets.Dataset.from_dict({"text": [], "label": []}, datasets.Features.from_arrow_schema(schema)).save_to_disk(
+            str(path))
     with pytest.raises(SoftPromptError, match="holds no examples: the data set is empty"):
         read_records(path)
 
 
 def test_folders_that_are_not_one_split_are_refused(tmp_path):
-    (tmp_path / "dict").mkdir()
-    (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}), encoding="utf-8")
-    write_saved_dataset(tmp_path / "dict" / "train", ROWS)
+    split = datasets.Dataset.from_list(ROWS)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "dict"))
     cases = {
         tmp_path / "dict": f"holds a DatasetDict (splits: train, test); give one split's folder, e.g. "
                            f"{tmp_path / 'dict' / 'train'}.",

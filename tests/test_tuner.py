@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from softprompt import PromptTuner, artifact
 from softprompt.config import TaskConfig
@@ -147,9 +148,38 @@ def test_score_and_inputs(trained):
     assert [max(p, key=p.get) for p in probabilities] == trained.predict(TEXTS)
     assert trained.predict([{"text": t, "other": 1} for t in TEXTS]) == trained.predict(TEXTS)  # records as inputs
     assert trained.predict(TEXTS[0]) == trained.predict(TEXTS[:1])  # one input: a list of one answer
-    assert trained.score(TEXTS[:1], log=True)[0]["positive"] < 0  # summed log-probabilities over the vocabulary
     with pytest.raises(SoftPromptError, match="input 2 lacks the field\\(s\\) text that the template"):
         trained.predict([{"text": "good"}, {"review": "bad"}])
+
+
+def test_score_is_the_plain_models_probability_of_each_label_word(trained, files):
+    """score(log=True) is, for each input and label word, the sum over the word's tokens of their log-probabilities
+    after the filled template, as the plain transformers model gives them with the saved prompt's embeddings in front
+    ([P; E] as inputs_embeds, log_softmax of its logits); score() is, as documented, their softmax over the label
+    words."""
+    model = AutoModelForCausalLM.from_pretrained(files["model"], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(files["model"])
+    prompt = prompt_tensors(trained.out)["prompt_embeddings"]  # (n, hidden)
+    labels, expected = LABELS.split(","), []
+    for text in TEXTS:
+        ids = tokenizer(TEMPLATE.replace("{text}", text))["input_ids"]
+        row = []
+        for label in labels:
+            word = tokenizer(" " + label, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                embeds = torch.cat([prompt, model.get_input_embeddings()(torch.tensor(ids + word))])
+                logprobs = model(inputs_embeds=embeds[None]).logits[0].log_softmax(-1)
+            start = len(prompt) + len(ids) - 1  # the position that predicts the word's first token
+            row.append(sum(float(logprobs[start + j, token]) for j, token in enumerate(word)))
+        expected.append(row)
+    expected = torch.tensor(expected, dtype=torch.float64)
+    assert expected[:, 0].unique().numel() == len(TEXTS), "a vacuous match: the same score for every text"
+    logged, probabilities = trained.score(TEXTS, log=True), trained.score(TEXTS)
+    assert [list(s) for s in logged] == [list(p) for p in probabilities] == [labels] * len(TEXTS)
+    values = lambda scores: torch.tensor([list(s.values()) for s in scores], dtype=torch.float64)  # noqa: E731
+    assert torch.allclose(values(logged), expected, atol=1e-5, rtol=0)
+    softmax = expected.exp() / expected.exp().sum(-1, keepdim=True)
+    assert torch.allclose(values(probabilities), softmax, atol=1e-5, rtol=0)
 
 
 def test_save_and_load_round_trip(trained, tmp_path):

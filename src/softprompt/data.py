@@ -20,15 +20,18 @@ from .errors import SoftPromptError
 class Records(list):
     """Rows read from one file (a list of dicts) that remember the file and the line each row starts on (`unit`
     "line"), or their row number in a table ("row", tables.py), so problems found later, while encoding, can name
-    them. Slices keep that memory."""
+    them. `class_labels`: a table's ClassLabel columns, each with its names in index order (tables.py), which
+    `Task.encode` checks against the label words. Slices keep all of it."""
 
-    def __init__(self, rows: list[dict], path: str | Path, lines: list[int], unit: str = "line"):
+    def __init__(self, rows: list[dict], path: str | Path, lines: list[int], unit: str = "line",
+                 class_labels: dict[str, list[str]] | None = None):  # fmt: skip
         super().__init__(rows)
         self.path, self.lines, self.unit = str(path), list(lines), unit
+        self.class_labels = dict(class_labels or {})
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return Records(list.__getitem__(self, index), self.path, self.lines[index], self.unit)
+            return Records(list.__getitem__(self, index), self.path, self.lines[index], self.unit, self.class_labels)
         return list.__getitem__(self, index)
 
     def where(self, i: int) -> str:
@@ -177,6 +180,22 @@ class Task:
             return int(text)
         raise KeyError(text)
 
+    def _check_class_labels(self, records: list[dict], source: str) -> None:
+        """A ClassLabel label column holds indices into its own names, which `label_index` reads as indices into the
+        label words: unless both are the same words in the same order, every label would silently be another."""
+        c = self.config
+        names = getattr(records, "class_labels", {}).get(c.label_field)
+        if names is None or names == c.labels:
+            return
+        differ = "the same words in another order" if sorted(names) == sorted(c.labels) else "other words"
+        raise SoftPromptError(
+            f"{source}: the label field {c.label_field!r} is a ClassLabel column whose names are {names}, "
+            f"{differ} than the label words {c.labels}; its indices count in the column's order, so they would name "
+            f"the wrong words. Give the column's names as the label words, in its order (--labels "
+            f"{','.join(names)}), or rename or reorder the column's classes in the data (datasets: "
+            "Dataset.cast_column or Dataset.align_labels_with_mapping)."
+        )
+
     def _absent_fields(self, records: list[dict], source: str, require_targets: bool = True) -> list[str]:
         """A field that no record has is a mistake in the template or the options, not in the data: one line
         for it instead of one per example."""
@@ -204,6 +223,8 @@ class Task:
         where = records.where if isinstance(records, Records) else lambda i: f"{source}, example {i + 1}"
         if not records:
             raise SoftPromptError(f"{source} holds no examples: the data set is empty.")
+        if self.is_classification:
+            self._check_class_labels(records, source)
         absent = self._absent_fields(records, source, require_targets)  # stated first, above the examples lacking them
         problems, examples, too_long = [], [], []
         c = self.config

@@ -3,8 +3,9 @@ in state.json, beside dataset_info.json). Both are read with pyarrow alone, so `
 
 Rows come back as `data.Records` that name their row (counted from 1, like examples), so a problem found while
 encoding reads "train.parquet, row 3: missing field(s) label". A null value counts as a missing field, as a JSON
-null does. A `ClassLabel` column holds label indices: they index `--labels`, so list the label words in the
-dataset's own order.
+null does. A `ClassLabel` column holds label indices into its own names (the features `datasets` keeps in
+dataset_info.json and in each file's schema metadata); the records say which columns those are, and `Task.encode`
+refuses one whose names are not the label words in the same order, which would otherwise mislabel every row.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ STATE, INFO, DATASET_DICT = "state.json", "dataset_info.json", "dataset_dict.jso
 
 def read_table(path: Path) -> Records:
     """The rows of a .parquet file or of a `save_to_disk` folder (one split), each a dict of column values."""
-    rows = _saved_dataset(path) if path.is_dir() else _parquet(path)
+    rows, features = _saved_dataset(path) if path.is_dir() else _parquet(path)
     if not rows:
         raise SoftPromptError(f"{path} holds no examples: the data set is empty.")
-    return Records(rows, path, list(range(1, len(rows) + 1)), unit="row")
+    return Records(rows, path, list(range(1, len(rows) + 1)), unit="row", class_labels=_class_labels(features))
 
 
 def _pyarrow(path: Path):
@@ -38,16 +39,19 @@ def _pyarrow(path: Path):
     return pyarrow
 
 
-def _parquet(path: Path) -> list[dict]:
+def _parquet(path: Path) -> tuple[list[dict], dict]:
+    """The rows, and the features `datasets`' to_parquet keeps in the schema metadata (none: {})."""
     pa = _pyarrow(path)
     try:
-        return pa.parquet.read_table(path).to_pylist()
+        table = pa.parquet.read_table(path)
     except (pa.ArrowException, OSError) as error:
         raise SoftPromptError(f"{path}: not a readable Parquet file ({error}).") from None
+    return table.to_pylist(), _schema_features(table.schema)
 
 
-def _saved_dataset(path: Path) -> list[dict]:
-    """The rows of every shard state.json lists, in its order (save_to_disk writes rows already in dataset order)."""
+def _saved_dataset(path: Path) -> tuple[list[dict], dict]:
+    """The rows of every shard state.json lists, in its order (save_to_disk writes rows already in dataset order),
+    and the features: dataset_info.json's, as `datasets` itself prefers them, else the shards' schema metadata."""
     if (path / DATASET_DICT).is_file() and not (path / STATE).is_file():
         splits = _json(path / DATASET_DICT).get("splits") or []
         example = path / (splits[0] if splits else "train")
@@ -60,17 +64,39 @@ def _saved_dataset(path: Path) -> list[dict]:
     if not isinstance(files, list) or not all(isinstance(f, dict) and "filename" in f for f in files):
         raise SoftPromptError(f"{path / STATE} lists no data files (_data_files); the folder is damaged.")
     pa = _pyarrow(path)
-    rows = []
+    rows, features = [], {}
     for entry in files:
         shard = path / entry["filename"]
         if not shard.is_file():
             raise SoftPromptError(f"{shard} is missing, though {path / STATE} lists it; the folder is incomplete.")
         try:
-            with pa.memory_map(str(shard)) as source:
-                rows += pa.ipc.open_stream(source).read_all().to_pylist()
+            with pa.memory_map(str(shard)) as source:  # the table's buffers live in the map: read them inside
+                table = pa.ipc.open_stream(source).read_all()
+                rows += table.to_pylist()
         except (pa.ArrowException, OSError) as error:
             raise SoftPromptError(f"{shard}: not an Arrow stream as save_to_disk writes it ({error}).") from None
-    return rows
+        features = features or _schema_features(table.schema)
+    if (path / INFO).is_file():
+        features = _json(path / INFO).get("features") or features
+    return rows, features
+
+
+def _schema_features(schema) -> dict:
+    """The features `datasets` writes into an Arrow or Parquet schema's metadata ({} when there are none)."""
+    try:
+        info = json.loads((schema.metadata or {}).get(b"huggingface", b"{}")).get("info")
+    except (ValueError, AttributeError):  # not JSON, or not an object: written by something else
+        return {}
+    return (info.get("features") or {}) if isinstance(info, dict) else {}
+
+
+def _class_labels(features: dict) -> dict[str, list[str]]:
+    """Each ClassLabel column's names, in index order."""
+    if not isinstance(features, dict):
+        return {}
+    return {name: [str(n) for n in feature["names"]] for name, feature in features.items()
+            if isinstance(feature, dict) and feature.get("_type") == "ClassLabel"
+            and isinstance(feature.get("names"), list)}  # fmt: skip
 
 
 def _json(path: Path) -> dict:
