@@ -285,6 +285,27 @@ def test_mistakes_are_clear_errors(files, trained, tmp_path):
     assert "method 'bogus'" in str(info.value)  # every problem at once
 
 
+def test_a_datasets_class_label_column_must_list_the_label_words_in_order(files):
+    """An in-memory `datasets.Dataset` is checked as a file is: its ClassLabel names are the label words, in order."""
+    import datasets
+
+    texts, words = TEXTS, ["positive", "negative", "positive", "negative"]
+
+    def dataset(names: list[str]):
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict({"text": texts, "label": [names.index(w) for w in words]}, features=features)
+
+    with pytest.raises(SoftPromptError, match=r"ClassLabel column whose names are \['positive', 'negative'\], the "
+                                              r"same words in another order than the label words \['negative', "
+                                              r"'positive'\]"):  # fmt: skip
+        tuner_for(files, steps=1).fit(dataset(["positive", "negative"]))
+    tuner = tuner_for(files, steps=1, eval_every=0).fit(dataset(LABELS.split(",")))
+    try:
+        assert tuner.predict(texts) and tuner.out.is_dir()  # trained: the same words in the same order pass
+    finally:
+        shutil.rmtree(tuner.out, ignore_errors=True)
+
+
 EXAMPLE = '''\
 from softprompt import PromptTuner
 from softprompt.datasets import sentiment_splits

@@ -24,7 +24,7 @@ import torch
 from . import artifact
 from .backbones import backbone_for
 from .config import PromptConfig, TaskConfig, TrainConfig, build_all
-from .data import fill, read_records
+from .data import Records, fill, read_records
 from .errors import SoftPromptError
 from .evaluate import label_scores
 from .generate import decode_new
@@ -218,4 +218,10 @@ def _training_records(data: Data, what: str) -> tuple[list[dict], str]:
                 f"{what}: item {i + 1} is a {type(row).__name__}, not a record (a dict of fields); pass a list of "
                 "dicts, a datasets.Dataset or a data file path (a pandas DataFrame: df.to_dict('records'))."
             )
-    return [dict(row) for row in rows], what
+    rows = [dict(row) for row in rows]
+    features = getattr(data, "features", None)  # a datasets.Dataset's: its ClassLabel columns are checked as a file's
+    class_labels = {name: list(f.names) for name, f in features.items() if type(f).__name__ == "ClassLabel"} \
+        if isinstance(features, Mapping) else {}  # fmt: skip
+    if class_labels:
+        return Records(rows, what, list(range(1, len(rows) + 1)), unit="row", class_labels=class_labels), what
+    return rows, what
