@@ -7,8 +7,10 @@
 - a second Ctrl-C later than that stops at once, in the middle of the checkpoint's write: exit 130, and neither a
   checkpoint nor a temporary file is left (the write is atomic).
 
-The two repeat cases slow the checkpoint write down (a wrapper around `softprompt.checkpoint.write_atomic` that
-touches a marker file once the data is written, then sleeps) so that the second signal surely lands during it.
+The two repeat cases read no wall clock: the subprocess's signal handler reads a clock the test sets (a file, through
+`softprompt.interruption.time`), and its checkpoint write (a wrapper around `softprompt.checkpoint.write_atomic`)
+touches a marker file once the data is written, then waits until the handler has read that clock for the second
+signal. So the second signal surely lands during the write, and the write ends only after the handler has decided.
 """
 
 from __future__ import annotations
@@ -29,25 +31,37 @@ from softprompt.checkpoint import checkpoint_dir, latest_checkpoint, load_checkp
 from conftest import run_main
 from test_cli import save_tiny_model, write_data
 
-SLOW_SAVE_CLI = [sys.executable, "-c", """
+HELD_SAVE_CLI = [sys.executable, "-c", """
 import os, time
 from pathlib import Path
 import softprompt.checkpoint as checkpoint
+import softprompt.interruption as interruption
 from softprompt.cli import main
 
+clock, reads = Path(os.environ["TEST_CLOCK"]), []
+
+class TestClock:
+    @staticmethod
+    def monotonic():
+        reads.append(1)
+        return float(clock.read_text())
+
+interruption.time = TestClock  # the only clock the signal handler reads
 real_write_atomic = checkpoint.write_atomic
 
-def slow_write_atomic(path, write):
-    def slow(tmp):
+def held_write_atomic(path, write):
+    def held(tmp):
         write(tmp)
-        Path(os.environ["SLOW_SAVE_MARKER"]).touch()  # the data is in the temporary file, not yet renamed
-        time.sleep(float(os.environ["SLOW_SAVE_SECONDS"]))
-    real_write_atomic(path, slow)
+        Path(os.environ["SAVING_MARKER"]).touch()  # the data is in the temporary file, not yet renamed
+        while len(reads) < 2:  # until the handler has read the clock for the second signal
+            time.sleep(0.01)
+    real_write_atomic(path, held)
 
-checkpoint.write_atomic = slow_write_atomic
+checkpoint.write_atomic = held_write_atomic
 main()
 """]
-"""`softprompt` whose checkpoint writes take SLOW_SAVE_SECONDS longer (the module's global is what
+"""`softprompt` whose signal handler reads the test's clock (TEST_CLOCK, a file holding seconds) and whose checkpoint
+write waits, once its data is written, for the handler of a second signal (the module's global is what
 `save_checkpoint` calls)."""
 PLAIN_CLI = [sys.executable, "-c", "from softprompt.cli import main; main()"]
 
@@ -87,24 +101,37 @@ def wait_for(condition, process: subprocess.Popen, what: str, seconds: float = 2
 
 
 class Run:
-    """A training subprocess, killed at the end of the test if it is still running."""
+    """A training subprocess, killed at the end of the test if it is still running. With `clock`, a file that the
+    test writes the seconds into that the subprocess's signal handler reads (HELD_SAVE_CLI)."""
 
-    def __init__(self, setup, cli: list[str], out: Path, marker: Path | None = None, sleep: float = 0):
-        env = {**setup["env"], "SLOW_SAVE_MARKER": str(marker), "SLOW_SAVE_SECONDS": str(sleep)}
+    def __init__(self, setup, cli: list[str], out: Path, clock: Path | None = None):
+        env = {**setup["env"], "TEST_CLOCK": str(clock), "SAVING_MARKER": str(out) + ".saving"}
         self.process = subprocess.Popen([str(a) for a in [*cli, *train_args(setup, out)]], env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        self.out = out
+        self.out, self.clock, self.saving = out, clock, Path(env["SAVING_MARKER"])
 
-    def training(self) -> float:
-        """Wait until the loop runs (a step is logged: the signal handlers are set), then send SIGINT; its time."""
-        wait_for(lambda: logged_steps(self.out), self.process, "a logged training step")
+    def signal_at(self, seconds: float) -> None:
+        """SIGINT, read by the handler at `seconds` on the test's clock."""
+        self.clock.write_text(str(seconds))
         self.process.send_signal(signal.SIGINT)
-        return time.monotonic()
 
-    def finish(self, seconds: float = 60) -> tuple[int, str, float]:
-        """Exit code, stderr, and when the process ended."""
-        _, err = self.process.communicate(timeout=seconds)
-        return self.process.returncode, err, time.monotonic()
+    def training(self, seconds: float = 0.0) -> None:
+        """Wait until the loop runs (a step is logged: the signal handlers are set), then send SIGINT."""
+        wait_for(lambda: logged_steps(self.out), self.process, "a logged training step")
+        if self.clock:
+            self.signal_at(seconds)
+        else:
+            self.process.send_signal(signal.SIGINT)
+
+    def finish(self, seconds: float = 240) -> tuple[int, str]:
+        """Exit code and stderr (a deadline against hangs, not a timing assertion)."""
+        try:
+            _, err = self.process.communicate(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+            pytest.fail(f"the run did not end within {seconds} s:\n{err[-3000:]}")
+        return self.process.returncode, err
 
     def __enter__(self):
         return self
@@ -119,7 +146,7 @@ def test_sigint_writes_a_checkpoint_exits_130_and_resumes(setup, monkeypatch, ca
     out = setup["root"] / "sigint"
     with Run(setup, PLAIN_CLI, out) as run:
         run.training()
-        code, err, _ = run.finish()
+        code, err = run.finish()
     assert code == 128 + signal.SIGINT == 130, err[-3000:]
     assert "Traceback" not in err
     path = latest_checkpoint(out)
@@ -145,14 +172,14 @@ def test_sigint_writes_a_checkpoint_exits_130_and_resumes(setup, monkeypatch, ca
 
 
 def test_a_repeat_within_two_seconds_is_the_same_request(setup):
-    out, marker = setup["root"] / "repeat", setup["root"] / "repeat.saving"
-    with Run(setup, SLOW_SAVE_CLI, out, marker, sleep=2.5) as run:
-        first = run.training()
-        wait_for(marker.exists, run.process, "a checkpoint write")
-        run.process.send_signal(signal.SIGINT)
-        repeat_after = time.monotonic() - first
-        code, err, _ = run.finish()
-    assert repeat_after < 2, f"the test sent its repeat {repeat_after:.1f} s after the first signal (too slow here)"
+    """The repeat comes 1.5 s after the first signal on the handler's clock, while the checkpoint is being written;
+    the write ends only after the handler has read the clock for it."""
+    out, clock = setup["root"] / "repeat", setup["root"] / "repeat.clock"
+    with Run(setup, HELD_SAVE_CLI, out, clock) as run:
+        run.training(seconds=10.0)
+        wait_for(run.saving.exists, run.process, "a checkpoint write")
+        run.signal_at(11.5)
+        code, err = run.finish()
     assert code == 130, err[-3000:]
     assert "Traceback" not in err and "SIGINT received: stopped after step" in err
     path = latest_checkpoint(out)
@@ -161,15 +188,14 @@ def test_a_repeat_within_two_seconds_is_the_same_request(setup):
 
 
 def test_a_later_second_ctrl_c_stops_during_the_save(setup):
-    out, marker = setup["root"] / "second", setup["root"] / "second.saving"
-    with Run(setup, SLOW_SAVE_CLI, out, marker, sleep=120) as run:
-        first = run.training()
-        wait_for(marker.exists, run.process, "a checkpoint write")
-        time.sleep(max(0.0, first + 2.5 - time.monotonic()))  # past the 2 s in which a repeat is the same request
-        run.process.send_signal(signal.SIGINT)
-        sent = time.monotonic()
-        code, err, ended = run.finish()
-    assert ended - sent < 30, "the second Ctrl-C did not stop the run at once"  # the write would sleep 120 s
+    """The second signal comes 2.5 s after the first on the handler's clock, while the checkpoint is being written:
+    the write (which would complete once the handler has read the clock) never completes."""
+    out, clock = setup["root"] / "second", setup["root"] / "second.clock"
+    with Run(setup, HELD_SAVE_CLI, out, clock) as run:
+        run.training(seconds=10.0)
+        wait_for(run.saving.exists, run.process, "a checkpoint write")
+        run.signal_at(12.5)  # past the 2 s in which a repeat is the same request
+        code, err = run.finish()
     assert code == 130, err[-3000:]
     assert "Traceback" not in err
     assert "error: interrupted" in err

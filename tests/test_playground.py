@@ -18,7 +18,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 import uvicorn
+from safetensors.torch import load_file
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -32,7 +34,7 @@ from softprompt.serve.registry import Registry
 from softprompt.vllm import InputEmbeddings
 
 from conftest import random_prompt as build
-from conftest import tiny_backbone, tiny_model, tiny_tokenizer
+from conftest import tiny_backbone, tiny_tokenizer
 
 KEY = "playground-key-42"
 GEN_TEMPLATE = "question {text} answer"
@@ -220,17 +222,33 @@ def test_details_of_a_prompt_changed_on_disk_wait_for_a_reload(site, tmp_path):
         server.close()
 
 
+def nearest_by_hand(vectors: torch.Tensor, table: torch.Tensor, tokenizer, k: int = 5) -> list[list[str]]:
+    """The k tokens of `table` (vocab, hidden) of highest cosine with each row of `vectors`, computed here (the pad
+    token's row is zero: its cosine is 0, not 0/0)."""
+    unit = lambda m: m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    cosines = unit(vectors) @ unit(table).T
+    return [[tokenizer.decode([i]) for i in row] for row in cosines.topk(k, dim=-1).indices.tolist()]
+
+
 def test_in_front_of_vllm_the_details_read_the_fronts_embedding_table(site, tmp_path):
-    """`serve --vllm-url` holds no model, only its input embeddings: the nearest tokens come from that table."""
-    tiny_model("llama", seed=4).save_pretrained(tmp_path / "tiny")
+    """`serve --vllm-url` holds no model, only its input embeddings: the nearest tokens come from that table. The
+    front's model (seed 9) is another than the engine's (the site's, seed 4), so reading the wrong table shows."""
+    front_model = tiny_backbone("llama", seed=9)
+    front_model.model.save_pretrained(tmp_path / "tiny")
     tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    folder = tmp_path / "prompts" / "sentiment"
+    cls = TaskConfig(template=CLS_TEMPLATE, labels=LABELS, label_field="label")
+    artifact.save(folder, build(front_model, "prompt", 3, 35), cls, front_model)
     front = InputEmbeddings.load(str(tmp_path / "tiny"))
-    registry = Registry(front, str(tmp_path / "tiny"), site["root"] / "prompts")
-    registry.reload()  # the prefix-tuning artifact is refused in front of vLLM (reported, not loaded)
+    registry = Registry(front, str(tmp_path / "tiny"), tmp_path / "prompts")
+    assert registry.reload(strict=True)["loaded"] == ["sentiment"]
     api = Api(registry, site["engine"], Limits(), None)
-    folder = site["root"] / "prompts" / "sentiment"
-    expected = inspection.describe(artifact.load(folder), folder, site["backbone"])  # the same weights, seed 4
-    assert api.prompt_details("sentiment")["nearest_tokens"] == expected["nearest_tokens"]
+    vectors = load_file(folder / artifact.WEIGHTS)["prompt_embeddings"].float()  # the saved soft tokens, read here
+    tokenizer, table = tiny_tokenizer(), front_model.model.get_input_embeddings().weight.detach()
+    expected = nearest_by_hand(vectors, table, tokenizer)
+    engines = nearest_by_hand(vectors, site["backbone"].model.get_input_embeddings().weight.detach(), tokenizer)
+    assert expected != engines, "both tables give the same nearest tokens: the test could not tell them apart"
+    assert api.prompt_details("sentiment")["nearest_tokens"] == expected
 
 
 def test_page_lists_the_prompts_and_answers_as_the_api_does(site, server, browser, tmp_path):

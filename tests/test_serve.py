@@ -373,35 +373,44 @@ def site(tmp_path_factory):
     return dict(root=root, backbone=backbone, made=made, kv=kv)
 
 
+HOST = "127.0.0.2"
+"""Where the module's server listens (`serve --host`): loopback too (all of 127.0.0.0/8 is, on Linux), but not the
+default 127.0.0.1."""
+
+
+def answers_health(host: str, port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def server(site):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """`softprompt serve --host 127.0.0.2`. Its port is held on 127.0.0.1 by a socket that never listens (with
+    SO_REUSEADDR, as uvicorn's: a server that ignored --host could still bind there), so nothing else answers there."""
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.bind(("127.0.0.1", 0))
+    port = held.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1", "SOFTPROMPT_CACHE": str(site["root"] / "cache")}  # fmt: skip
     command = [sys.executable, "-c", "from softprompt.cli import main; main()", "serve",
                "--model", str(site["root"] / "tiny"), "--prompts", str(site["root"] / "prompts"),
-               "--port", str(port), "--api-key", KEY, "--max-batch", "16", "--max-queue", "120",
+               "--host", HOST, "--port", str(port), "--api-key", KEY, "--max-batch", "16", "--max-queue", "120",
                "--max-tokens", "64", "--max-prompt-tokens", "40", "--max-n", "4"]  # fmt: skip
     log = (site["root"] / "server.log").open("w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
-        while True:
+        while not (answers_health(HOST, port) or answers_health("127.0.0.1", port)):  # up, wherever it listens
             if process.poll() is not None:
                 log_text = (site["root"] / "server.log").read_text()
                 pytest.fail(f"the server exited with {process.returncode}:\n{log_text}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
             assert time.monotonic() < deadline, "the server did not come up within 180 s"
             time.sleep(0.3)
-        yield dict(url=url, process=process)
+        yield dict(url=f"http://{HOST}:{port}", process=process, port=port)
     finally:
         process.terminate()
         try:
@@ -409,6 +418,7 @@ def server(site):
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+        held.close()
 
 
 @pytest.fixture(scope="module")
@@ -438,6 +448,15 @@ def http(server, path: str, method: str = "GET", key: str | None = KEY, body: by
         return error.code, error.read().decode()
 
 
+def test_serve_listens_on_the_host_it_is_given_only(server):
+    """`--host 127.0.0.2`: the server answers there, and nothing answers on 127.0.0.1 at the same port."""
+    port = server["port"]
+    where = {host: answers_health(host, port) for host in (HOST, "127.0.0.1")}
+    assert where == {HOST: True, "127.0.0.1": False}, f"/health answers at port {port} of: {where}"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server["port"]), timeout=10).close()
+
+
 def test_models_lists_every_prompt_and_the_base(client):
     ids = {m.id for m in client.models.list()}
     assert ids == {"tiny", "sentiment", "two", *GEN_PROMPTS}
@@ -462,6 +481,26 @@ def test_chat_applies_the_base_models_chat_template(site, client):
     # the test's own template renders this conversation as "user hello world answer"
     assert reply.choices[0].message.content == expected(site, "task2", "user hello world answer", 8, "{text}")
     assert reply.choices[0].message.role == "assistant"
+
+
+def test_chat_max_completion_tokens_caps_the_answer_as_max_tokens_does(site, client):
+    """OpenAI's newer name for max_tokens in chat: the same cap, checked against `generate` with that many tokens;
+    given both, max_completion_tokens is the one read (OpenAI deprecates max_tokens in its favour)."""
+    messages = [{"role": "user", "content": "the red cat"}]
+    rendered = "user the red cat answer"  # the test's chat template's rendering of this conversation
+    free = client.chat.completions.create(model="task3", messages=messages, max_tokens=20, temperature=0)
+    assert free.usage.completion_tokens > 7, "the random model ended too early for this test"
+    args = dict(model="task3", messages=messages, temperature=0)
+    for asked in [dict(max_completion_tokens=4), dict(max_completion_tokens=4, max_tokens=7),
+                  dict(max_completion_tokens=7, max_tokens=4)]:  # fmt: skip
+        cap = asked["max_completion_tokens"]
+        reply = client.chat.completions.create(**args, **asked)
+        assert reply.choices[0].message.content == expected(site, "task3", rendered, cap, "{text}"), asked
+        assert reply.usage.completion_tokens == cap and reply.choices[0].finish_reason == "length", asked
+        plain = client.chat.completions.create(**args, max_tokens=cap)
+        assert plain.choices[0].message.content == reply.choices[0].message.content, asked
+    with pytest.raises(openai.BadRequestError, match="must be between 1 and 64, got 65"):  # the server's limit
+        client.chat.completions.create(**args, max_completion_tokens=65, max_tokens=4)
 
 
 def test_a_template_of_several_fields_takes_raw_text_only(site, client):
