@@ -3,17 +3,20 @@ transformers forwards (explicit `[P; E]` for the student, the whole teacher text
 without a cache for its continuation), for classification (one- and two-token label words) and generation, with the
 student's own model and with another teacher; the teacher's prefix, read once, against the whole text read uncached
 (with and without a BOS); alpha's mix of KL and cross-entropy; student and teacher reading the same tokens give KL 0
-and no gradient; training lowers the KL; the CLI writes an artifact that loads and scores as its log says; bad input
-is refused with messages that name it."""
+and no gradient; training lowers the KL; the CLI writes an artifact that loads and scores as its log says, and a run
+interrupted and resumed (--resume) ends as the uninterrupted one; bad input is refused with messages that name it."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
@@ -21,6 +24,7 @@ from typer.testing import CliRunner
 
 from softprompt import artifact
 from softprompt.backbones import backbone_for
+from softprompt.checkpoint import latest_checkpoint
 from softprompt.cli import app
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
 from softprompt.data import Task, fill
@@ -334,6 +338,51 @@ def test_cli_distills_into_an_artifact_that_loads(folders, tmp_path, monkeypatch
     assert training["best_step"] == training["last_step"] == 6
     assert training["distillation"]["teacher_model"] == str(folders["teacher"])
     assert artifact.prefix_of(saved, backbone).shape == (2, 2, 2, 4, 8)
+
+
+def test_cli_resume_after_an_interruption_ends_as_the_uninterrupted_run(folders, tmp_path, monkeypatch, capsys):
+    """`distill --resume`: a run stopped by SIGTERM in its 3rd step of 6 (sent from inside that step's loss, so it
+    arrives at a known step) writes a checkpoint and exits with 143; the same command with --resume finishes it, and
+    the artifact (the best prompt on validation), the last step's prompt and every logged loss and validation are
+    bit for bit those of the same command never interrupted (one thread: the same arithmetic)."""
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
+    extra = ["--labels", ",".join(LABELS), "--valid", folders["valid"], "--eval-every", 2, "--lr", 0.1,
+             "--warmup-steps", 0]  # fmt: skip
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    code, _, err = run_main(monkeypatch, capsys, cli_args(folders, whole, *extra))
+    assert code == 0, err
+    objective, steps = DistillObjective.__call__, []
+
+    def interrupting(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # a training step (validation scores without gradients)
+            steps.append(1)
+            if len(steps) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return objective(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillObjective, "__call__", interrupting)
+    code, _, err = run_main(monkeypatch, capsys, cli_args(folders, parts, *extra))
+    assert code == 128 + signal.SIGTERM and "SIGTERM received: stopped after step 3" in err, err
+    stopped = torch.load(latest_checkpoint(parts), weights_only=False)
+    assert stopped["step"] == 3 and not stopped["finished"]
+    monkeypatch.setattr(DistillObjective, "__call__", objective)
+    code, _, err = run_main(monkeypatch, capsys, cli_args(folders, parts, *extra, "--resume"))
+    assert code == 0 and "resuming from" in err, err
+
+    def finished(out: Path) -> tuple[dict, dict, list[dict], dict]:
+        checkpoint = torch.load(latest_checkpoint(out), weights_only=False)
+        assert checkpoint["finished"] and checkpoint["step"] == 6
+        log = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # a speed, not a result
+               for line in (out / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+        training = json.loads((out / "config.json").read_text())["training"]
+        return load_file(out / "prompt.safetensors"), checkpoint["prompts"], log, training
+
+    (artifact_a, last_a, log_a, training_a), (artifact_b, last_b, log_b, training_b) = map(finished, (whole, parts))
+    for a, b in ((artifact_a, artifact_b), (last_a, last_b)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert log_b == log_a and [r["step"] for r in log_a if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert training_b["best_step"] == training_a["best_step"] and training_b["valid"] == training_a["valid"]
+    assert len({float(r["loss"]) for r in log_a if "loss" in r}) == 6  # the prompt moved every step
 
 
 # ------------------------------------------------------------------------------------------------------ bad input

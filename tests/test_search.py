@@ -1,6 +1,7 @@
 """`train --search`: candidates side by side in one mixed batch learn exactly as each would alone (against explicit
 [P; E] gradients and against runs of one candidate), the halving keeps the better half by the validation log and
-stops computing for the rest, and the run leaves the best candidate's artifact, the table and the plot."""
+stops computing for the rest, and the run leaves the best candidate's artifact, the table and the plot; the command
+with its default candidates, on a classification and on a generation task, keeps what `train` gives each alone."""
 
 from __future__ import annotations
 
@@ -259,3 +260,58 @@ def test_search_without_validation_data_is_refused(tmp_path, monkeypatch, capsys
         "--search", "--out", tmp_path / "run"])  # fmt: skip
     assert code != 0 and "--search compares candidates on one task's validation data: give --valid" in stderr
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------- default candidates, generation, run alone
+SEARCHES = {
+    "classification": dict(
+        task=["--template", "review {text} sentiment", "--labels", "negative,positive", "--label-field", "label"],
+        steps=8, candidates=["prompt-labels-3-lr0p3", "prompt-labels-3-lr0p03", "prompt-text-3-lr0p3",
+                             "prompt-text-3-lr0p03", "prefix-text-3-lr0p03", "prefix-text-3-lr0p01"],
+        trained=[1, 1, 1, 2, 4, 8]),  # rungs at 1, 2 and 4: 6 -> 3 -> 2 -> 1
+    "generation": dict(
+        task=["--template", "write a {label} review:", "--target-field", "text"],
+        steps=4, candidates=["prompt-text-3-lr0p3", "prompt-text-3-lr0p03", "prefix-text-3-lr0p03",
+                             "prefix-text-3-lr0p01"],
+        trained=[1, 1, 2, 4]),  # rungs at 1 and 2: 4 -> 2 -> 1
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(SEARCHES))
+def test_default_search_keeps_what_its_candidates_would_train_alone(tmp_path, monkeypatch, capsys, kind):
+    """`train --search` with its default candidates (what --help names: prompt tuning from the label words, for
+    classification, and from the template's text, prefix tuning from the text, two learning rates each), on a
+    classification and on a generation task: the survivor's prompt, and the chosen candidate's, are the prompts a
+    plain `train` of that candidate's settings alone gives (for as many steps as it trained), with the same best
+    step and validation result, and so is the prompt of the runner-up, which left at the last rung; the artifact
+    in --out is the chosen one's."""
+    spec = SEARCHES[kind]
+    model = save_tiny_model(tmp_path / "model")
+    common = ["train", "--model", model, "--train", write_data(tmp_path / "train.jsonl", 32, seed=1), "--valid",
+              write_data(tmp_path / "valid.jsonl", 8, seed=2), *spec["task"], "--num-tokens", 3, "--batch-size", 8,
+              "--eval-every", 1, "--schedule", "constant", "--warmup-steps", 0, "--no-progress"]  # fmt: skip
+    code, stdout, stderr = run_main(monkeypatch, capsys, [*common, "--steps", spec["steps"], "--search", "--out",
+                                                          tmp_path / "search"])  # fmt: skip
+    assert code == 0, stderr
+    table = json.loads((tmp_path / "search" / "search.json").read_text())
+    assert [r["candidate"] for r in table] == spec["candidates"]
+    assert sorted(r["trained_steps"] for r in table) == spec["trained"]
+    [survivor] = [r for r in table if r["trained_steps"] == spec["steps"]]
+    [chosen] = [r for r in table if r["best"]]
+    runner_up = max((r for r in table if r is not survivor), key=lambda r: r["trained_steps"])
+    for row in {r["candidate"]: r for r in (survivor, chosen, runner_up)}.values():
+        alone = tmp_path / f"alone-{row['candidate']}"
+        code, _, stderr = run_main(monkeypatch, capsys, [
+            *common, "--method", row["method"], "--init", row["init"], "--lr", row["lr"], "--steps",
+            row["trained_steps"], "--out", alone])  # fmt: skip
+        assert code == 0, stderr
+        summary = json.loads((alone / "config.json").read_text())["training"]
+        assert row["best_step"] == summary["best_step"], row["candidate"]
+        assert row["valid"] == pytest.approx(summary["valid"], rel=1e-4, abs=1e-6), row["candidate"]
+        searched = load_file(tmp_path / "search" / "candidates" / row["candidate"] / "prompt.safetensors")
+        for key, tensor in load_file(alone / "prompt.safetensors").items():
+            torch.testing.assert_close(searched[key], tensor, atol=2e-5, rtol=1e-4)
+    chosen_prompt = load_file(tmp_path / "search" / "candidates" / chosen["candidate"] / "prompt.safetensors")
+    for key, tensor in load_file(tmp_path / "search" / "prompt.safetensors").items():
+        assert torch.equal(tensor, chosen_prompt[key])
+    assert f"Saved the best candidate, {chosen['candidate']}" in stdout
