@@ -20,14 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_vllm(model_dir: Path, port: int = 8931, log: Path = Path("/tmp/serve_speed_vllm.log")):
     """A `vllm serve` process of `model_dir` (float32, eager, CPU), healthy; returns (process, url)."""
-    python = ROOT / ".venv-vllm" / "bin" / "python"
-    if not python.exists():
-        raise SystemExit(f"no vLLM environment at {python.parent.parent}: run `bash scripts/setup_vllm.sh`, or pass "
+    if not (ROOT / ".venv-vllm" / "bin" / "python").exists():
+        raise SystemExit(f"no vLLM environment at {ROOT / '.venv-vllm'}: run `bash scripts/setup_vllm.sh`, or pass "
                          "--no-vllm")  # fmt: skip
-    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", "base", "--enable-prompt-embeds", "--dtype", "float32", "--enforce-eager",
-               "--gpu-memory-utilization", "0.2", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+    # a fixed context and KV space (scripts/vllm_serve.sh), so vLLM starts whatever the machine's memory
+    command = ["bash", str(ROOT / "scripts" / "vllm_serve.sh"), str(model_dir), "--served-model-name", "base",
+               "--port", str(port)]  # fmt: skip
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
