@@ -26,22 +26,27 @@ import dataclasses
 import json
 import random
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Task
-from softprompt.datasets import debate_party, review_or_plot, rotten_tomatoes
-from softprompt.evaluate import evaluate
+from softprompt.data import TaskEncoder
+from softprompt.data.corpora import debate_party, review_or_plot, rotten_tomatoes
+from softprompt.scoring.evaluate import evaluate
 from softprompt.models import load_model
 from softprompt.prepare import template_init_text
-from softprompt.search import default_candidates, parse_grid, search
-from softprompt.train import BatchOrder, improves, loss_on, selection_key, train
+from softprompt.training.search import default_candidates, parse_grid, search
+from softprompt.training.loop import BatchOrder, improves, loss_on, selection_key, train
 
-from machine import machine
+if __package__ in (None, ""):  # `python benchmarks/defaults.py`: the repository root, for `benchmarks.` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common.machine import machine  # noqa: E402
 
 
 def balanced(records: list[dict], field: str, per_label: int, seed: int = 0) -> list[dict]:
@@ -78,7 +83,7 @@ def timed(fn):
     return result, time.perf_counter() - began
 
 
-def lora_run(model_name: str, task: Task, train_set, valid_set, cfg: TrainConfig) -> tuple:
+def lora_run(model_name: str, task: TaskEncoder, train_set, valid_set, cfg: TrainConfig) -> tuple:
     """LoRA on a fresh copy of the model, trained and scored through our backbone (the LoRA layers live inside the
     model's own q/v projections): the same batches, loss, validation rule and scorer as the prompts get."""
     from peft import LoraConfig, get_peft_model
@@ -120,7 +125,7 @@ def lora_run(model_name: str, task: Task, train_set, valid_set, cfg: TrainConfig
 def run_task(name: str, backbone, model_name: str, args) -> dict:
     load, config = TASKS[name]
     data = splits(load(), args.test, args.valid)
-    task = Task(config, backbone.tokenizer, max_length=args.max_length)
+    task = TaskEncoder(config, backbone.tokenizer, max_length=args.max_length)
     train_set, valid_set, test_set = (task.encode(data[k]) for k in ("train", "valid", "test"))
     cfg = TrainConfig(steps=args.steps, eval_size=args.valid, max_length=args.max_length)  # the rest: defaults
     base = PromptConfig(init_text=template_init_text(config.template))  # what `softprompt train` builds
@@ -154,7 +159,8 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
     return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out)
 
 
-def _lora(row: dict, model_name: str, task: Task, train_set, valid_set, test_set, cfg: TrainConfig, out: str) -> dict:
+def _lora(row: dict, model_name: str, task: TaskEncoder, train_set, valid_set, test_set, cfg: TrainConfig,
+          out: str) -> dict:
     (lora_backbone, row["lora_params"]), row["lora_seconds"] = timed(
         lambda: lora_run(model_name, task, train_set, valid_set, cfg))
     row["lora"] = round(evaluate(lora_backbone, task, test_set)["accuracy"], 4)

@@ -4,9 +4,9 @@ virtual tokens, against the long prompt itself (issue 14).
 - Teacher: the model reading an instruction, --demos labelled demonstrations from the training split (half per
   label, short snippets, in a seeded order) and the demo's template "Review: {text}\\nSentiment:".
 - Student: prompt tuning, 20 tokens, the demo's text init, the short template alone, trained by
-  `softprompt.distill.distill` on --train-size training texts without their labels (the demonstrations left out):
-  --steps steps of 8 at --lr (0.03) with 10 warm-up steps; no validation, so the last prompt is kept (--valid N selects
-  on N labelled validation snippets instead).
+  `softprompt.training.distill.distill` on --train-size training texts without their labels (the demonstrations left
+  out): --steps steps of 8 at --lr (0.03) with 10 warm-up steps; no validation, so the last prompt is kept (--valid
+  N selects on N labelled validation snippets instead).
 - Scored on the first --test held-out snippets (never trained on): the teacher (its text prefix cached, the same
   scores as the whole text read at once: tests/test_distill.py), the student, and the template alone; the student's
   agreement with the teacher; the tokens a request reads (the teacher: its whole text; the student: the virtual
@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import http.client
 import json
 import random
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -37,15 +37,18 @@ from pathlib import Path
 
 import torch
 
-from machine import machine  # benchmarks/machine.py (scripts run from this folder)
+if __package__ in (None, ""):  # `python benchmarks/distill.py`: the repository root, for `benchmarks.` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common.completions import stream_completions  # noqa: E402
+from benchmarks.common.machine import machine  # noqa: E402
 from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
 from softprompt.data import fill
-from softprompt.datasets import sentiment_splits
+from softprompt.data.corpora import sentiment_splits
 from softprompt.demo import INIT_TEXT, LABELS, TEMPLATE
-from softprompt.distill import DistillConfig, Teacher, distill, teacher_label_logprobs
-from softprompt.evaluate import label_scores
+from softprompt.training.distill import DistillConfig, Teacher, distill, teacher_label_logprobs
+from softprompt.scoring.evaluate import label_scores
 from softprompt.models import DEFAULT_MODEL, load_model
 from softprompt.prepare import fitted_task
 
@@ -78,21 +81,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def first_event(port: int, body: dict) -> tuple[float, dict]:
-    """Seconds from sending a streamed completion request to its first event, and that event."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    started = time.perf_counter()
-    connection.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
-                       {"Content-Type": "application/json"})  # fmt: skip
-    response = connection.getresponse()
-    if response.status != 200:
-        raise RuntimeError(f"{response.status}: {response.read()[:500]!r}")
-    while not (line := response.readline()).startswith(b"data: "):
-        pass
-    elapsed = time.perf_counter() - started
-    response.read()  # the rest of the stream
-    connection.close()
-    return elapsed, json.loads(line[len(b"data: ") :])
+def first_event(url: str, body: dict) -> tuple[float, str]:
+    """Seconds from sending one streamed completion request to its first event, and the text it streamed."""
+    _, (stream,) = stream_completions(url, [body])
+    return stream.first, stream.text
 
 
 def time_to_first_token(prompts_dir: Path, teacher_texts: list[str], reviews: list[str]) -> dict:
@@ -108,19 +100,19 @@ def time_to_first_token(prompts_dir: Path, teacher_texts: list[str], reviews: li
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    port = server.config.port
+    url = f"http://127.0.0.1:{server.config.port}"
     base = registry.base.name
     teacher = lambda text: {"model": base, "prompt": text, "max_tokens": 1, "temperature": 0}  # noqa: E731
     student = lambda text: {"model": "distilled", "prompt": text}  # noqa: E731
     try:
-        first_event(port, teacher(teacher_texts[-1]))  # warm-up
-        first_event(port, student(reviews[-1]))
+        first_event(url, teacher(teacher_texts[-1]))  # warm-up
+        first_event(url, student(reviews[-1]))
         times, served = {"teacher": [], "student": []}, []
         for text, review in zip(teacher_texts, reviews):
-            times["teacher"].append(first_event(port, teacher(text))[0])
-            seconds, event = first_event(port, student(review))
+            times["teacher"].append(first_event(url, teacher(text))[0])
+            seconds, label = first_event(url, student(review))
             times["student"].append(seconds)
-            served.append(event["choices"][0]["text"])
+            served.append(label)
     finally:
         server.should_exit = True
         thread.join()
@@ -167,8 +159,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "prompts" / "distilled"
         valid = task.encode(splits["valid"][: args.valid], "valid") if args.valid else None
-        settings = TrainConfig(steps=args.steps, batch_size=8, lr=args.lr, warmup_steps=10, eval_every=50 if valid else 0,
-                               patience=0, checkpoint_every=0, seed=args.seed)  # fmt: skip
+        settings = TrainConfig(steps=args.steps, batch_size=8, lr=args.lr, warmup_steps=10,
+                               eval_every=50 if valid else 0, patience=0, checkpoint_every=0,
+                               seed=args.seed)  # fmt: skip
         prompt_config = PromptConfig(num_tokens=NUM_TOKENS, init="text", init_text=INIT_TEXT)
         started = time.perf_counter()
         run = distill(backbone, task, DistillConfig(teacher_template=long_template), prompt_config, settings,

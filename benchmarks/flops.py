@@ -5,7 +5,7 @@ them (one multiply-add = 2 FLOPs; elementwise work, norms and softmax not counte
 
 - linear layers: 2 x in x out per token for every `nn.Linear` in the decoder layers, over every real token of the
   batch, plus the virtual tokens for prompt tuning, once (every row sees the same keys/values of the prompt, however
-  often a library computes them: `kv()` runs it once at batch 1, the training step's `train_prefix()` in front of
+  often a library computes them: `kv()` runs it once at batch 1, the training step's `training_input()` in front of
   each packed row; in the last layer only its key/value projections are useful, the rest of its output is never
   read);
 - attention: 4 x heads x head_dim per (query, key) pair a token is allowed to see (QK^T and the weighted sum of V):
@@ -101,3 +101,16 @@ def matmul_peak(model, tokens: int, repeats: int = 3) -> float:
         sweep()
         best = min(best, time.perf_counter() - began)
     return flops / best
+
+
+def useful_flops(model, batches, method: str, virtual: int) -> float:
+    """Useful FLOPs per real input token over `batches` (lists of examples): the same for every library, since it
+    counts the work the batch needs, not the work a library does."""
+    from softprompt.data import collate
+
+    flops = tokens = 0
+    for examples in batches:
+        batch = collate(examples, 0)
+        flops += step_flops(model, batch.attention_mask.sum(-1).tolist(), len(batch.loss_tokens), virtual, method).total
+        tokens += batch.num_input_tokens
+    return flops / tokens

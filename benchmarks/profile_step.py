@@ -1,5 +1,5 @@
-"""Where the time of one training step goes: torch's profiler over softprompt's real step (`train.loss_on`, backward,
-AdamW) on the embedded SmolLM2-135M, the same batches of 8 movie reviews as train_speed.py's prompt-20-cls.
+"""Where the time of one training step goes: torch's profiler over softprompt's real step (`training.loop.loss_on`,
+backward, AdamW) on the embedded SmolLM2-135M, the same batches of 8 movie reviews as train_speed.py's prompt-20-cls.
 
 After --warmup untimed steps, --steps steps run under `torch.profiler.profile` (CPU activities); printed: the
 operators with the most self time (time inside the operator itself, not its children), their share of the profiled
@@ -9,6 +9,7 @@ peak (benchmarks/flops.py) comes last.
 
     python benchmarks/profile_step.py                         # prompt tuning, 20 virtual tokens, classification
     python benchmarks/profile_step.py --method prefix --rows 25
+    python -m benchmarks.profile_step --warmup 1 --steps 1 --rows 5   # a smoke check, as a module
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
-import warnings
+from pathlib import Path
 
 import torch
 
-from flops import matmul_peak
-from machine import machine
-from train_speed import draw_batches, make_task, ours_step, useful_flops
+if __package__ in (None, ""):  # `python benchmarks/profile_step.py`: the repository root, for `benchmarks.` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common.machine import machine, quiet_process  # noqa: E402
+from benchmarks.common.model import embedded_backbone  # noqa: E402
+from benchmarks.common.training import draw_batches, make_task, ours_step  # noqa: E402
+from benchmarks.flops import matmul_peak, useful_flops  # noqa: E402
 
 GROUPS = {  # operator name fragments -> group, first match wins
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
@@ -52,16 +58,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", metavar="FILE", help="also write the summary here")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    quiet_process(args.threads)
 
-    from softprompt.backbones import backbone_for
-    from softprompt.datasets import sentiment_splits
-    from softprompt.models import load_model
+    from softprompt.data.corpora import sentiment_splits
 
-    model, tokenizer = load_model("smollm2-135m")
-    backbone = backbone_for(model, tokenizer)
-    batches = draw_batches(make_task(tokenizer, "cls"), sentiment_splits()["train"], args.warmup + args.steps, 0)
+    backbone = embedded_backbone()
+    model = backbone.model
+    batches = draw_batches(make_task(backbone.tokenizer, "cls"), sentiment_splits()["train"], args.warmup + args.steps,
+                           0)  # fmt: skip
     step = ours_step(backbone, args.method, args.num_tokens, 0.01, 0)
     for examples in batches[: args.warmup]:
         step(examples)

@@ -20,12 +20,12 @@ import time
 
 from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Task
-from softprompt.datasets import sentiment_splits
+from softprompt.data import TaskEncoder
+from softprompt.data.corpora import sentiment_splits
 from softprompt.demo import INIT_TEXT, LABELS, TEMPLATE
-from softprompt.evaluate import evaluate
+from softprompt.scoring.evaluate import evaluate
 from softprompt.models import load_model
-from softprompt.train import train
+from softprompt.training.loop import train
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=300)
     args = parser.parse_args()
     backbone = backbone_for(*load_model("smollm2-135m"))
-    task = Task(TaskConfig(template=TEMPLATE, labels=LABELS, label_field="label"), backbone.tokenizer)
+    task = TaskEncoder(TaskConfig(template=TEMPLATE, labels=LABELS, label_field="label"), backbone.tokenizer)
     splits = sentiment_splits()
     train_set, test_set = task.encode(splits["train"]), task.encode(splits["test"][: args.test])
     results, began = {}, time.perf_counter()

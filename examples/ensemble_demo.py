@@ -20,12 +20,12 @@ import torch
 from softprompt import artifact
 from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.datasets import sentiment_splits
+from softprompt.data.corpora import sentiment_splits
 from softprompt.demo import DEMO_TRAINING, INIT_TEXT, LABELS, NUM_TOKENS, TEMPLATE
-from softprompt.ensemble import member_scores, summarize
+from softprompt.scoring.ensemble import member_scores, summarize
 from softprompt.models import DEFAULT_MODEL, load_model
 from softprompt.prepare import fitted_task
-from softprompt.train import train
+from softprompt.training.loop import train
 
 
 def main() -> None:

@@ -21,11 +21,11 @@ import torch
 from softprompt import artifact
 from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.datasets import review_or_plot, sentiment_splits
-from softprompt.evaluate import evaluate
+from softprompt.data.corpora import review_or_plot, sentiment_splits
+from softprompt.scoring.evaluate import evaluate
 from softprompt.models import load_model
 from softprompt.prepare import fitted_task
-from softprompt.train import TaskData, train_multitask
+from softprompt.training.loop import TrainingTask, train_multitask
 
 
 def kind_splits(test: int = 300, valid: int = 100) -> dict[str, list[dict]]:
@@ -56,7 +56,7 @@ def main() -> None:
     tasks, held_out = {}, {}
     for name, (config, splits) in configs.items():
         task = fitted_task(config, backbone, prompt_config.num_tokens)
-        tasks[name] = TaskData(task, task.encode(splits["train"], f"{name} train"),
+        tasks[name] = TrainingTask(task, task.encode(splits["train"], f"{name} train"),
                                task.encode(splits["valid"], f"{name} valid"))  # fmt: skip
         held_out[name] = task.encode(splits["test"], f"{name} test")
     runs = train_multitask(

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import EOS, random_prompt, tiny_backbone  # noqa: E402
 
 from softprompt.data import Example  # noqa: E402
-from softprompt.train import loss_on  # noqa: E402
+from softprompt.training.loop import loss_on  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("SOFTPROMPT_TEST_DEVICE", "cuda"))
 
@@ -43,7 +43,7 @@ def explicit_loss(model, P: torch.Tensor, rows: list[Example]) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_prompt_tuning_step_on_the_device_equals_explicit_concatenation(dtype):
-    """`loss_on` over `train_prefix` (P in front of the packed rows) on the device, in `dtype`, against the explicit
+    """`loss_on` over `training_input` (P in front of the packed rows) on the device, in `dtype`, against the explicit
     [P; E] loss and dL/dP computed in float32 on the CPU."""
     backbone = tiny_backbone("llama")
     prompt = random_prompt(backbone, "prompt", n=4)
@@ -53,7 +53,7 @@ def test_a_prompt_tuning_step_on_the_device_equals_explicit_concatenation(dtype)
 
     backbone.model.to(DEVICE, dtype)
     prompt.to(DEVICE)
-    loss, _ = loss_on(backbone, prompt.train_prefix(backbone), rows)
+    loss, _ = loss_on(backbone, prompt.training_input(backbone), rows)
     (ours,) = torch.autograd.grad(loss, prompt.embeddings)
     assert loss.device.type == DEVICE.type and ours.device.type == DEVICE.type
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2

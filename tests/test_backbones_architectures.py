@@ -2,8 +2,8 @@
 methods through the prefix path and compute what independent references compute:
 
 (a) prompt tuning, through `forward` and through `packed_forward` (handed K/V, or P itself as training hands it,
-    `train_prefix`): the HF model's own logits for inputs_embeds = [P; E]; and the training step itself (`loss_on`
-    over `train_prefix`): the loss and dL/dP of each example alone over [P; E] through the plain model;
+    `training_input`): the HF model's own logits for inputs_embeds = [P; E]; and the training step itself (`loss_on`
+    over `training_input`): the loss and dL/dP of each example alone over [P; E] through the plain model;
 (b) prefix tuning: the HF model's own logits with the key/values handed to it as its cache;
 (c) greedy generation: greedy decoding here over [P; E], the whole sequence recomputed at every step;
 (d) a mixed batch (each row its own prompt, or none): each row generated alone;
@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM, DynamicCache, FalconConfig, Llama
 from softprompt.backbones import Backbone, backbone_for, cache_keyword
 from softprompt.data import Example
 from softprompt.errors import SoftPromptError
-from softprompt.generate import generate
-from softprompt.mixed import generate_mixed
-from softprompt.train import loss_on
+from softprompt.scoring.generate import generate
+from softprompt.scoring.mixed import generate_mixed
+from softprompt.training.loop import loss_on
 
 from conftest import EOS, MORE_ARCHS, PAD, VOCAB_SIZE, random_prompt, tiny_config, tiny_model, tiny_tokenizer
 from test_backbones_causal import explicit_logits, peft_prefix_model, prefix_path_logits, right_padded_batch
@@ -97,21 +97,21 @@ def test_prompt_tuning_equals_inputs_embeds(arch):
         prefix = prompt.kv(backbone)
         reference = explicit_logits(backbone.model, prompt.embeddings, ids, mask)
         assert_close(prefix_path_logits(backbone, prefix, ids, mask), reference, mask)
-        for given in (prefix, prompt.train_prefix(backbone)):  # K/V, or P in front of each packed row
+        for given in (prefix, prompt.training_input(backbone)):  # K/V, or P in front of each packed row
             packed = backbone.logits(backbone.packed_forward(given, ids, mask, width=8))  # 14 tokens in 2 packed rows
             assert_close(packed, reference, mask)
 
 
 @pytest.mark.parametrize("arch", MORE_ARCHS)
 def test_prompt_tuning_training_step_equals_inputs_embeds(arch):
-    """(a), the step training runs: `loss_on` over `train_prefix` (P in front of the packed rows, head at the loss
+    """(a), the step training runs: `loss_on` over `training_input` (P in front of the packed rows, head at the loss
     positions, the model's head transform) gives the loss and dL/dP of the plain model over [P; E], one example
     at a time."""
     backbone = backbone_of(arch)
     prompt = random_prompt(backbone, "prompt", n=4)
     inputs, targets = token_lists([5, 2, 7], seed=9), token_lists([1, 3, 2], seed=10)
     rows = [Example(i, t + [EOS]) for i, t in zip(inputs, targets)]
-    loss, _ = loss_on(backbone, prompt.train_prefix(backbone), rows)
+    loss, _ = loss_on(backbone, prompt.training_input(backbone), rows)
     (ours,) = torch.autograd.grad(loss, prompt.embeddings)
     reference = explicit_loss(backbone.model, prompt.embeddings, rows)
     (expected,) = torch.autograd.grad(reference, prompt.embeddings)

@@ -32,7 +32,7 @@ from softprompt.backbones.causal import PACK_WIDTH
 from softprompt.backbones.replay import replaying
 from softprompt.data import Example, collate
 from softprompt.errors import SoftPromptError
-from softprompt.train import loss_on
+from softprompt.training.loop import loss_on
 
 from conftest import ARCHS, EOS, PAD, tiny_backbone, tiny_config, tiny_tokenizer  # noqa: E402  (tests/ on sys.path)
 from conftest import random_prompt as make_method
@@ -289,7 +289,7 @@ def test_checkpointed_training_steps_match(arch):
 @pytest.mark.parametrize("method_name,given", [("prompt", "kv"), ("prompt", "embeddings"), ("prefix", "kv")])
 def test_packed_forward_equals_padded_forward(make_backbone, arch, attn, method_name, given):
     """Right and left padding; one packed row for all (the default width) and one packed row per row (width 1).
-    Prompt tuning's embeddings (what training hands it, `train_prefix`) run in front of every packed row: the rows
+    Prompt tuning's embeddings (what training hands it, `training_input`) run in front of every packed row: the rows
     get what they get behind the K/V `prefix_from_embeddings` computes in its own pass."""
     backbone = make_backbone(arch, attn=attn)
     method = make_method(backbone, method_name)
@@ -304,7 +304,7 @@ def test_packed_forward_equals_padded_forward(make_backbone, arch, attn, method_
             reference, _ = backbone.forward(ids_, mask_, backbone.new_cache(kv, ids_.shape[0]))
             for width in (None, 1):
                 kwargs = {} if width is None else {"width": width}
-                prefix = kv if given == "kv" else method.train_prefix(backbone)
+                prefix = kv if given == "kv" else method.training_input(backbone)
                 packed = backbone.packed_forward(prefix, ids_, mask_, **kwargs)
                 real = mask_.bool()
                 torch.testing.assert_close(packed[real], reference[real], **TOL)
@@ -312,11 +312,11 @@ def test_packed_forward_equals_padded_forward(make_backbone, arch, attn, method_
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("method_name,given", [("prompt", "kv"), ("prompt", "train_prefix"), ("prefix", "kv")])
+@pytest.mark.parametrize("method_name,given", [("prompt", "kv"), ("prompt", "training_input"), ("prefix", "kv")])
 def test_training_loss_and_gradients_equal_the_full_computation(backbone, method_name, given, checkpointing):
     """`loss_on` (packed rows, head at the loss positions, optionally checkpointed) against transformers' own loss
     over full-vocabulary logits of the padded batch: the same loss and the same gradients, whether prompt tuning
-    hands it K/V or (as training does, `train_prefix`) its embeddings."""
+    hands it K/V or (as training does, `training_input`) its embeddings."""
     method = make_method(backbone, method_name)
     rows = examples("gen")
     full_loss(backbone, method, collate(rows, PAD)).backward()
@@ -377,7 +377,7 @@ def test_packed_forward_falls_back_where_it_cannot_pack(make_backbone, monkeypat
         backbone.packed_forward(kv, ids, mask)
         assert len(calls) == 1 and kernel_calls, "a kernel without dense masks must take the padded path"
         soft = make_method(backbone, "prompt")  # its embeddings become K/V first on that path
-        packed = backbone.packed_forward(soft.train_prefix(backbone), ids, mask)
+        packed = backbone.packed_forward(soft.training_input(backbone), ids, mask)
         reference, _ = backbone.forward(ids, mask, backbone.new_cache(soft.kv(backbone), 3))
     assert len(calls) == 3
     torch.testing.assert_close(packed[real], reference[real], **TOL)
@@ -415,7 +415,7 @@ def test_packed_forward_honours_a_prefix_mask_with_embeddings(make_backbone):
     prefix_mask[1, 0] = 0
     real = batch.attention_mask.bool()
     with torch.no_grad():
-        from_embeddings = backbone.packed_forward(method.train_prefix(backbone), batch.input_ids,
+        from_embeddings = backbone.packed_forward(method.training_input(backbone), batch.input_ids,
                                                   batch.attention_mask, prefix_mask)  # fmt: skip
         from_kv = backbone.packed_forward(method.kv(backbone), batch.input_ids, batch.attention_mask, prefix_mask)
     torch.testing.assert_close(from_embeddings[real], from_kv[real], **TOL)
@@ -447,7 +447,7 @@ def packed_rows(backbone) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_prompt_over_several_packed_rows_equals_each_example_alone(arch, checkpointing):
-    """Rows whose real tokens overflow one packed row (PACK_WIDTH): `loss_on` with `train_prefix` (what training
+    """Rows whose real tokens overflow one packed row (PACK_WIDTH): `loss_on` with `training_input` (what training
     runs) packs them into several rows, each with P in front, and P's gradient sums over those copies; the loss and
     dL/dP equal those of each example run alone over [P; E] through the plain model."""
     backbone = tiny_backbone(arch).gradient_checkpointing(checkpointing)
@@ -457,7 +457,7 @@ def test_prompt_over_several_packed_rows_equals_each_example_alone(arch, checkpo
     rows = [Example(ids(n - 3), ids(2) + [EOS]) for n in (110, 97, 83, 64)]  # positions stay < 128 (GPT-2's table)
     assert sum(len(r.input_ids) + len(r.target_ids) for r in rows) > PACK_WIDTH
     seen = packed_rows(backbone)
-    loss, _ = loss_on(backbone, method.train_prefix(backbone), rows)
+    loss, _ = loss_on(backbone, method.training_input(backbone), rows)
     (ours,) = torch.autograd.grad(loss, method.embeddings)
     backbone.gradient_checkpointing(False)
     (embeds,) = seen[:1]  # the forward's call (a replay may add more)

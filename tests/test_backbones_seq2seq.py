@@ -22,13 +22,14 @@ from softprompt import methods
 from softprompt.backbones import Backbone, backbone_for
 from softprompt.cli import main
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Example, Task, collate
+from softprompt.data import Example, TaskEncoder, collate
 from softprompt.errors import SoftPromptError
-from softprompt.evaluate import label_scores, position_logprobs
-from softprompt.generate import generate
+from softprompt.scoring.evaluate import label_scores
+from softprompt.scoring.scorer import position_logprobs
+from softprompt.scoring.generate import generate
 from softprompt.models import load_model
 from softprompt.backbones import Seq2SeqBackbone
-from softprompt.train import loss_on, train
+from softprompt.training.loop import loss_on, train
 
 from conftest import EOS, PAD, VOCAB, VOCAB_SIZE, tiny_tokenizer
 
@@ -297,7 +298,7 @@ def sentiment_records(n: int, seed: int) -> list[dict]:
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_training_lowers_the_loss(method, tmp_path):
     backbone = tiny_seq2seq()
-    task = Task(TaskConfig(template="review {text} sentiment", labels=LABELS, label_field="label"), backbone.tokenizer)
+    task = TaskEncoder(TaskConfig(template="review {text} sentiment", labels=LABELS, label_field="label"), backbone.tokenizer)
     examples = task.encode(sentiment_records(32, seed=5))
     config = PromptConfig(method=method, num_tokens=4, init="random")
     start = methods.build(config, backbone, LABELS, torch.Generator().manual_seed(0))
@@ -360,7 +361,7 @@ def test_a_row_that_ends_leaves_the_batch_and_the_others_go_on(kind):
 @pytest.mark.parametrize("labels", [LABELS, ["very good", "not good"]], ids=["one-token", "two-token"])
 def test_label_scores_sum_the_label_tokens(labels):
     backbone = tiny_seq2seq()
-    task = Task(TaskConfig(template="{text}", labels=labels, label_field="label"), backbone.tokenizer)
+    task = TaskEncoder(TaskConfig(template="{text}", labels=labels, label_field="label"), backbone.tokenizer)
     examples = [Example(e.input_ids, task.label_ids[0], label=0) for e in EXAMPLES]
     soft = random_soft(3, seed=8)
     scores = label_scores(backbone, task, examples, soft, batch_size=4)

@@ -12,10 +12,10 @@ import pytest
 import transformers
 
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Task
-from softprompt.evaluate import label_scores
-from softprompt.generate import generate
-from softprompt.train import train
+from softprompt.data import TaskEncoder
+from softprompt.scoring.evaluate import label_scores
+from softprompt.scoring.generate import generate
+from softprompt.training.loop import train
 
 from conftest import random_prompt, tiny_backbone
 from test_backbones_seq2seq import tiny_seq2seq
@@ -55,7 +55,7 @@ def test_our_paths_raise_no_deprecation(tmp_path, arch, method, checkpointing):
     """T5 without checkpointing: encoder-decoder models refuse it (test_backbones_seq2seq checks the message)."""
     backbone = tiny_seq2seq() if arch == "t5" else tiny_backbone(arch)
     backbone.gradient_checkpointing(checkpointing)
-    task = Task(TaskConfig(template="review {text} sentiment", labels=["negative", "positive"], label_field="label"),
+    task = TaskEncoder(TaskConfig(template="review {text} sentiment", labels=["negative", "positive"], label_field="label"),
                 backbone.tokenizer)  # fmt: skip
     examples = task.encode(RECORDS, "train")
     with no_deprecations():

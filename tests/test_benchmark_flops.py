@@ -7,7 +7,7 @@ the step's matrix products (mm/addmm, forward and backward) must equal the shape
 runs in SDPA kernels over whole (masked) blocks, so torch counts more there than the pairs that are useful; it is
 left out of the comparison.
 
-The step benchmarks/train_speed.py times for prompt tuning hands `loss_on` the prompt's embeddings (`train_prefix`),
+The step benchmarks/train_speed.py times for prompt tuning hands `loss_on` the prompt's embeddings (`training_input`),
 which run in front of every packed row in the batch's own pass; its count is checked the same way, with what that
 step computes beyond the useful work written out by hand from the config."""
 
@@ -24,13 +24,12 @@ from softprompt import methods
 from softprompt.backbones.causal import PACK_WIDTH
 from softprompt.config import PromptConfig
 from softprompt.data import Example, collate
-from softprompt.train import loss_on
+from softprompt.training.loop import loss_on
 
 from conftest import tiny_backbone
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from flops import step_flops  # noqa: E402
-from train_speed import useful_flops  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the `benchmarks` package
+from benchmarks.flops import step_flops, useful_flops  # noqa: E402
 
 
 @pytest.mark.parametrize("method,targets", [("prompt", 1), ("prefix", 1), ("prompt", 3), ("prefix", 4)])
@@ -56,8 +55,8 @@ def test_linear_and_head_flops_equal_torch_count(method, targets):
 
 @pytest.mark.parametrize("targets", [1, 3])
 @pytest.mark.parametrize("lengths", [(7, 12, 4), (150, 120, 60)], ids=["one-row", "two-rows"])
-def test_train_prefix_step_flops_equal_torch_count(lengths, targets):
-    """The prompt-tuning step train_speed.py times (`train_prefix` -> `loss_on`, P in front of each packed row; 330
+def test_training_input_step_flops_equal_torch_count(lengths, targets):
+    """The prompt-tuning step train_speed.py times (`training_input` -> `loss_on`, P in front of each packed row; 330
     tokens overflow one packed row of 256). torch's count of its matrix products is the useful count plus, by hand:
     P's copies beyond the first and the packed rows' pad slots, run through every linear layer forward and backward;
     P's last layer beyond its keys/values, forward and backward (its outputs there sit in the same tensor as the
@@ -72,7 +71,7 @@ def test_train_prefix_step_flops_equal_torch_count(lengths, targets):
     backbone.decoder.register_forward_pre_hook(lambda _, args, kwargs: packed.append(kwargs["inputs_embeds"].shape),
                                                with_kwargs=True)  # fmt: skip
     with FlopCounterMode(display=False) as counter:
-        loss, _ = loss_on(backbone, prompt.train_prefix(backbone), examples)
+        loss, _ = loss_on(backbone, prompt.training_input(backbone), examples)
         loss.backward()
     (rows, slots, _), real = packed[0], sum(lengths)
     assert rows == (1 if real <= PACK_WIDTH else 2)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softprompt.checkpoint import latest_checkpoint
+from softprompt.training.checkpoint import latest_checkpoint
 from softprompt.cli import main
 
 from conftest import VOCAB, tiny_model, tiny_tokenizer

@@ -24,9 +24,9 @@ from softprompt import artifact
 from softprompt.backbones import Backbone, backbone_for
 from softprompt.cli import main
 from softprompt.config import TaskConfig
-from softprompt.data import Task, read_records
-from softprompt.evaluate import evaluate, label_scores
-from softprompt.generate import decode_new, generate
+from softprompt.data import TaskEncoder, read_records
+from softprompt.scoring.evaluate import evaluate, label_scores
+from softprompt.scoring.generate import decode_new, generate
 
 from conftest import PAD, VOCAB, random_prompt, tiny_model, tiny_tokenizer
 
@@ -159,7 +159,7 @@ def test_eval_of_the_base_model_matches_the_library(workspace, runs, library):
     """The library's numbers for the same model, template and data; and the gold label's mean log-probability and
     the accuracy recomputed with plain transformers (the log-softmax at the last input position)."""
     result = json.loads(ok(runs["eval_base"]))
-    task = Task(TaskConfig.infer(TEMPLATE, LABELS, "label", None), library.tokenizer)
+    task = TaskEncoder(TaskConfig.infer(TEMPLATE, LABELS, "label", None), library.tokenizer)
     records = read_records(workspace["data"])
     expected = evaluate(library, task, task.encode(records))
     assert result.keys() == expected.keys() and result["n"] == 24
@@ -186,7 +186,7 @@ def test_independent_eval_script_agrees_with_the_library(workspace, library, tmp
     left out (float rounding of the two paths could swap them)."""
     labels = ["good", "bad", "very good", "not good", "fine"]
     config = TaskConfig.infer(TEMPLATE, labels, "label", None)
-    task = Task(config, library.tokenizer)
+    task = TaskEncoder(config, library.tokenizer)
     assert sorted(map(len, task.label_ids)) == [1, 1, 1, 2, 2]
     method = random_prompt(library, "prompt", n=4, seed=5)
     folder = artifact.save(tmp_path / "prompt", method, config, library)

@@ -19,7 +19,7 @@ from transformers.optimization import Adafactor
 
 from softprompt import artifact
 from softprompt import cli as cli_module
-from softprompt import train as train_module
+from softprompt.training import setup as train_module
 from softprompt.config import TaskConfig
 
 from conftest import EOS, VOCAB, random_prompt, run_main, tiny_backbone, tiny_model, tiny_tokenizer
@@ -391,6 +391,60 @@ def test_generate_samples_with_temperature_top_p_and_seed(files, reference, monk
     other_temperature = {seed: plain_decode(reference, None, ids, 6, 1.0, 0.5, seed) for seed in samples}
     whole_distribution = {seed: plain_decode(reference, None, ids, 6, 0.7, 1.0, seed) for seed in samples}
     assert other_temperature != expected and whole_distribution != expected
+
+
+# ------------------------------------------------------------------------------------------- options from the configs
+def test_every_setting_is_an_option_and_every_option_says_what_it_does():
+    """The settings' options are made from the config dataclasses: every field of PromptConfig and TrainConfig is an
+    option of `train` (but the one the CLI leaves out), of DistillConfig one of `distill`, of ServeConfig one of
+    `serve` (but its log level); and every option of every command has a help text."""
+    import dataclasses
+
+    import typer
+
+    from softprompt.config import PromptConfig, TrainConfig
+    from softprompt.serve import ServeConfig
+    from softprompt.training.distill import DistillConfig
+
+    commands = typer.main.get_command(cli_module.app).commands
+    for name, config, left_out in (("train", PromptConfig, cli_module.TRAIN_LEAVES_OUT), ("train", TrainConfig, ()),
+                                   ("distill", DistillConfig, ()), ("serve", ServeConfig, ("log_level",))):
+        options = {p.name for p in commands[name].params}
+        assert {f.name for f in dataclasses.fields(config)} - set(left_out) <= options, name
+    assert [f"{name} {p.opts[0]}" for name, c in commands.items() for p in c.params if not p.help] == []
+
+
+
+def test_a_new_setting_is_one_field(capsys, monkeypatch):
+    """A field added to a config is an option of the commands built from it, with its default, its type and its
+    docstring as the help, and reaches the config as given."""
+    from dataclasses import dataclass
+
+    import typer
+
+    @dataclass
+    class Limits:
+        max_rows: int = 3
+        """Most rows at once."""
+        dtype: str | None = None
+        """Weights' dtype (none: the checkpoint's)."""
+
+    app, given = typer.Typer(), []
+
+    @app.command()
+    @cli_module.with_options(Limits)
+    def run(name: str = "x", *, settings: cli_module.Settings):
+        given.append((name, Limits(**settings.of(Limits))))
+
+    monkeypatch.setattr("sys.argv", ["run", "--max-rows", "5"])
+    with pytest.raises(SystemExit):
+        app()
+    assert given == [("x", Limits(max_rows=5))]
+    monkeypatch.setattr("sys.argv", ["run", "--help"])
+    with pytest.raises(SystemExit):
+        app()
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--max-rows" in shown and "Most rows at once." in shown and "Weights' dtype" in shown
 
 
 # ------------------------------------------------------------------------------------------------------------- demo

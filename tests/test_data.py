@@ -14,11 +14,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from softprompt import metrics
+from softprompt.scoring import metrics
 from softprompt.config import TaskConfig
-from softprompt.data import Example, Task, collate, fill, read_records
+from softprompt.data import Example, TaskEncoder, collate, fill, read_records
 from softprompt.errors import SoftPromptError
-from softprompt.generate import decode_new
+from softprompt.scoring.generate import decode_new
 
 from conftest import EOS, PAD, VOCAB, tiny_tokenizer
 
@@ -26,9 +26,9 @@ TEMPLATE = "review {text} sentiment"
 LABELS = ["negative", "positive"]
 
 
-def classification_task(tokenizer=None, labels=LABELS, template=TEMPLATE, max_length=512) -> Task:
+def classification_task(tokenizer=None, labels=LABELS, template=TEMPLATE, max_length=512) -> TaskEncoder:
     config = TaskConfig(template=template, labels=list(labels), label_field="label")
-    return Task(config, tokenizer or tiny_tokenizer(), max_length)
+    return TaskEncoder(config, tokenizer or tiny_tokenizer(), max_length)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -235,7 +235,7 @@ def test_label_may_be_its_index():
 
 
 def test_empty_input_is_an_error():
-    task = Task(TaskConfig(template="{text}", labels=LABELS, label_field="label"), tiny_tokenizer())
+    task = TaskEncoder(TaskConfig(template="{text}", labels=LABELS, label_field="label"), tiny_tokenizer())
     with pytest.raises(SoftPromptError, match="example 2: the template gives an empty input"):
         task.encode([{"text": "fun", "label": 1}, {"text": "", "label": 0}])
 
@@ -294,7 +294,7 @@ def test_verbalizer_tokenizes_each_label_alone_with_leading_space():
             calls.append((text, kwargs))
             return base(text, **kwargs)
 
-    task = Task(TaskConfig(template="{text}", labels=["negative", "very good"], label_field="label"), Recording())
+    task = TaskEncoder(TaskConfig(template="{text}", labels=["negative", "very good"], label_field="label"), Recording())
     assert (" negative", {"add_special_tokens": False}) in calls
     assert (" very good", {"add_special_tokens": False}) in calls
     assert task.label_ids == [[VOCAB["negative"]], [VOCAB["very"], VOCAB["good"]]]
@@ -302,7 +302,7 @@ def test_verbalizer_tokenizes_each_label_alone_with_leading_space():
 
 def test_verbalizer_with_a_bpe_tokenizer_adds_no_special_tokens():
     tok = byte_tokenizer()
-    task = Task(TaskConfig(template="{text}", labels=["no", "yes"], label_field="label"), tok)
+    task = TaskEncoder(TaskConfig(template="{text}", labels=["no", "yes"], label_field="label"), tok)
     assert task.label_ids == [tok(" no", add_special_tokens=False)["input_ids"],
                               tok(" yes", add_special_tokens=False)["input_ids"]]
     assert tok.decode(task.label_ids[1]) == " yes"
@@ -359,7 +359,7 @@ def test_truncation_keeps_the_end(tokenizer):
 
 
 def test_target_that_fills_max_length_is_refused(tokenizer):
-    task = Task(TaskConfig(template="hello {x}", task="generation", target_field="y"), tokenizer, max_length=6)
+    task = TaskEncoder(TaskConfig(template="hello {x}", task="generation", target_field="y"), tokenizer, max_length=6)
     record = {"x": "red", "y": "one two three four five"}  # 5 words + EOS = 6 target tokens: no room for the input
     with pytest.raises(SoftPromptError) as info:
         task.encode([{"x": "red", "y": "one"}, record], "gen.jsonl")
@@ -383,7 +383,7 @@ def test_no_warning_without_truncation(tokenizer):
 def test_unicode_generation_target_round_trips():
     tok = byte_tokenizer()
     config = TaskConfig(template="English: {en} Chinese:", task="generation", target_field="zh")
-    task = Task(config, tok)
+    task = TaskEncoder(config, tok)
     [example] = task.encode([{"en": "Look out!", "zh": "小心!"}])
     assert example.target == "小心!"
     assert example.input_ids == tok("English: Look out! Chinese:")["input_ids"]
@@ -398,7 +398,7 @@ def test_unicode_generation_target_round_trips():
 @pytest.mark.real_model
 def test_unicode_target_with_the_embedded_tokenizer(real_backbone):
     tok = real_backbone.tokenizer
-    task = Task(TaskConfig(template="English: {en} Chinese:", task="generation", target_field="zh"), tok)
+    task = TaskEncoder(TaskConfig(template="English: {en} Chinese:", task="generation", target_field="zh"), tok)
     [example] = task.encode([{"en": "Look out!", "zh": "小心!"}])
     assert example.target_ids[-1] == tok.eos_token_id
     assert decode_new(tok, example.target_ids).strip() == "小心!"
@@ -479,7 +479,7 @@ def raw_rotten_tomatoes() -> list[tuple[str, str]]:
 def test_demo_splits_match_the_raw_corpus():
     import inspect
 
-    from softprompt.datasets import sentiment_splits
+    from softprompt.data.corpora import sentiment_splits
     from softprompt.demo import DEMO_TRAINING, run_demo
 
     raw = raw_rotten_tomatoes()

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from softprompt.config import TaskConfig
-from softprompt.data import Task, read_records
+from softprompt.data import TaskEncoder, read_records
 from softprompt.errors import SoftPromptError
 
 from conftest import run_main, tiny_tokenizer
@@ -85,8 +85,8 @@ def sentiment_features(names: list[str], **more: datasets.features.FeatureType) 
     return datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names), **more})
 
 
-def sentiment_task() -> Task:
-    return Task(TaskConfig(template=TEMPLATE, labels=LABELS.split(","), label_field="label"), tiny_tokenizer())
+def sentiment_task() -> TaskEncoder:
+    return TaskEncoder(TaskConfig(template=TEMPLATE, labels=LABELS.split(","), label_field="label"), tiny_tokenizer())
 
 
 @pytest.mark.parametrize("kind", ["save_to_disk", "to_parquet"])
@@ -162,7 +162,7 @@ def normalized(message: str, path: Path) -> str:
 def test_a_missing_field_is_refused_as_in_jsonl(tmp_path, table_kind):
     """Row 3 without a label (a null in a table, an absent key in JSONL): the same message, naming its row; a column
     no row has: the same message as a key no JSONL record has."""
-    task = Task(TaskConfig(template=TEMPLATE, labels=LABELS.split(","), label_field="label"), tiny_tokenizer())
+    task = TaskEncoder(TaskConfig(template=TEMPLATE, labels=LABELS.split(","), label_field="label"), tiny_tokenizer())
     rows = [dict(r) for r in ROWS]
     rows[2]["label"] = None
     without = [{"text": r["text"]} for r in ROWS]

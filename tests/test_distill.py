@@ -24,15 +24,16 @@ from typer.testing import CliRunner
 
 from softprompt import artifact
 from softprompt.backbones import backbone_for
-from softprompt.checkpoint import latest_checkpoint
+from softprompt.training.checkpoint import latest_checkpoint
 from softprompt.cli import app
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Task, fill
-from softprompt.distill import (DistillConfig, DistillObjective, Teacher, distill, distill_examples,
-                                teacher_label_logprobs)  # fmt: skip
+from softprompt.data import TaskEncoder, fill
+from softprompt.training.distill import (
+    DistillConfig, DistillObjective, Teacher, distill, distill_examples, teacher_label_logprobs,
+)  # fmt: skip
 from softprompt.errors import SoftPromptError
-from softprompt.evaluate import evaluate
-from softprompt.train import BatchOrder, loss_on
+from softprompt.scoring.evaluate import evaluate
+from softprompt.training.loop import BatchOrder, loss_on
 
 from conftest import EOS, VOCAB, random_prompt, run_main, tiny_backbone, tiny_model, tiny_tokenizer
 from test_backbones_seq2seq import tiny_seq2seq
@@ -59,12 +60,12 @@ def records(n: int, seed: int, labelled: bool = False) -> list[dict]:
     return out
 
 
-def classification(backbone, labels=LABELS, template=STUDENT) -> Task:
-    return Task(TaskConfig(template=template, labels=labels, label_field="label"), backbone.tokenizer)
+def classification(backbone, labels=LABELS, template=STUDENT) -> TaskEncoder:
+    return TaskEncoder(TaskConfig(template=template, labels=labels, label_field="label"), backbone.tokenizer)
 
 
-def generation(backbone, template=STUDENT) -> Task:
-    return Task(TaskConfig(template=template, task="generation", target_field="target"), backbone.tokenizer)
+def generation(backbone, template=STUDENT) -> TaskEncoder:
+    return TaskEncoder(TaskConfig(template=template, task="generation", target_field="target"), backbone.tokenizer)
 
 
 # ------------------------------------------------------------------------- independent computations (transformers)
@@ -323,7 +324,7 @@ def test_cli_distills_into_an_artifact_that_loads(folders, tmp_path, monkeypatch
     assert training["distillation"]["teacher_template"] == TEACHER and training["last_step"] == 6
     # selected by accuracy on the labelled validation data: the saved prompt scores what the log recorded for it
     backbone = backbone_for(tiny_model("llama"), tiny_tokenizer())
-    task = Task(saved.task, backbone.tokenizer)
+    task = TaskEncoder(saved.task, backbone.tokenizer)
     result = evaluate(backbone, task, task.encode(records(12, seed=10, labelled=True)),
                       artifact.prefix_of(saved, backbone))  # fmt: skip
     assert result["accuracy"] == training["valid"]["accuracy"]

@@ -1,7 +1,7 @@
 """Training under `accelerate launch` (issue 5): two CPU processes (torchrun + gloo) that each train on half of every
 global batch end with the same prompt as one process trained on the whole batch, to float tolerance, for prefix
 tuning (plain DDP and with the frozen layers sharded) and for prompt tuning (its embeddings run in front of every
-packed row, `train_prefix`). A generation task (targets of different lengths) with gradient accumulation in the
+packed row, `training_input`). A generation task (targets of different lengths) with gradient accumulation in the
 distributed run checks that the loss is the mean over the global batch's target tokens however the batch is split.
 
 `accelerate launch --cpu` alone starts a single process (its multi-CPU path needs MPI), so the launcher is told
@@ -113,7 +113,7 @@ def test_two_processes_train_the_same_prompt_as_one(tmp_path):
 
 
 def test_two_processes_train_the_same_prompt_tuning_embeddings_as_one(tmp_path):
-    """Prompt tuning, which trains through `train_prefix` (P in front of each packed row of the batch's own pass):
+    """Prompt tuning, which trains through `training_input` (P in front of each packed row of the batch's own pass):
     two DDP processes with gradient accumulation take the same per-step losses, end with the same embeddings and
     validate alike as one process. The two runs share the machine at once."""
     common = training_args(tmp_path, "prompt")

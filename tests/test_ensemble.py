@@ -12,10 +12,10 @@ import torch
 from softprompt import artifact
 from softprompt.backbones import backbone_for
 from softprompt.config import TaskConfig
-from softprompt.data import Task
-from softprompt.ensemble import combine, evaluate_ensemble, member_scores
+from softprompt.data import TaskEncoder
+from softprompt.scoring.ensemble import combine, evaluate_ensemble, member_scores
 from softprompt.errors import SoftPromptError
-from softprompt.evaluate import label_scores
+from softprompt.scoring.evaluate import label_scores
 from softprompt.models import load_model
 
 from conftest import random_prompt, run_main, tiny_backbone, tiny_model, tiny_tokenizer
@@ -29,8 +29,8 @@ def records(n: int, seed: int = 0) -> list[dict]:
     return [{"text": " ".join(rng.choices(WORDS, k=rng.randint(2, 7))), "label": rng.randint(0, 1)} for _ in range(n)]
 
 
-def task_for(backbone, labels) -> Task:
-    return Task(TaskConfig(template="review {text} sentiment", labels=labels, label_field="label"), backbone.tokenizer)
+def task_for(backbone, labels) -> TaskEncoder:
+    return TaskEncoder(TaskConfig(template="review {text} sentiment", labels=labels, label_field="label"), backbone.tokenizer)
 
 
 def member(backbone, method: str, n: int, seed: int):
@@ -136,7 +136,7 @@ def test_vote_is_a_majority_and_ties_go_to_the_higher_mean_probability():
 
 def test_ensemble_refuses_generation_tasks_and_unknown_rules():
     backbone = tiny_backbone("llama")
-    task = Task(TaskConfig(template="review {text}", task="generation", target_field="t"), backbone.tokenizer)
+    task = TaskEncoder(TaskConfig(template="review {text}", task="generation", target_field="t"), backbone.tokenizer)
     examples = task.encode([{"text": "good", "t": "yes"}])
     with pytest.raises(SoftPromptError, match="classification task"):
         member_scores(backbone, task, examples, [None])

@@ -2,7 +2,7 @@
 `prompt.safetensors` and `config.json` and the base model's folder (safetensors + json + transformers; nothing from
 softprompt), builds `inputs_embeds = cat(P, E)` for each filled template exactly as Lester et al. (2021) define prompt
 tuning, scores each label word by the sum of its tokens' log-probabilities, and must agree with
-`softprompt.evaluate.evaluate` (the K/V-prefix path) on accuracy, predictions and scores: on a tiny random Llama and,
+`softprompt.scoring.evaluate.evaluate` (the K/V-prefix path) on accuracy, predictions and scores: on a tiny random Llama and,
 marked `real_model`, on the embedded SmolLM2-135M after 30 steps of training on Rotten Tomatoes snippets."""
 
 from __future__ import annotations
@@ -68,15 +68,15 @@ class IndependentScorer:
 
 # ------------------------------------------------------------------------------------------ the library's side
 def library_evaluation(prompt_dir: Path, backbone, records: list[dict]) -> tuple[dict, list[int], torch.Tensor]:
-    """`softprompt.evaluate.evaluate` on the loaded artifact, plus the label scores it computed on the way."""
+    """`softprompt.scoring.evaluate.evaluate` on the loaded artifact, plus the label scores it computed on the way."""
     from unittest import mock
 
     from softprompt import artifact
-    from softprompt import evaluate as evaluation
-    from softprompt.data import Task
+    from softprompt.scoring import evaluate as evaluation
+    from softprompt.data import TaskEncoder
 
     saved = artifact.load(prompt_dir)
-    task = Task(saved.task, backbone.tokenizer)
+    task = TaskEncoder(saved.task, backbone.tokenizer)
     examples = task.encode(records, "test")
     with torch.no_grad():
         prefix = artifact.attach(saved, backbone).kv(backbone)
@@ -95,10 +95,10 @@ def library_evaluation(prompt_dir: Path, backbone, records: list[dict]) -> tuple
 
 def train_prompt(backbone, records, out: Path, template: str, labels: list[str], steps: int, **train_kw) -> None:
     from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-    from softprompt.data import Task
-    from softprompt.train import train
+    from softprompt.data import TaskEncoder
+    from softprompt.training.loop import train
 
-    task = Task(TaskConfig(template=template, labels=labels, label_field="label"), backbone.tokenizer)
+    task = TaskEncoder(TaskConfig(template=template, labels=labels, label_field="label"), backbone.tokenizer)
     prompt = PromptConfig(method="prompt", num_tokens=train_kw.pop("num_tokens", 4), init="text",
                           init_text=train_kw.pop("init_text", "review label sentiment"))
     config = TrainConfig(steps=steps, eval_every=0, patience=0, **train_kw)
@@ -160,7 +160,7 @@ LABELS = ["negative", "positive"]
 @pytest.fixture(scope="module")
 def trained_real_prompt(real_backbone, tmp_path_factory):
     """30 library training steps on 240 short Rotten Tomatoes snippets (CPU time), with the embedded model."""
-    from softprompt.datasets import sentiment_splits
+    from softprompt.data.corpora import sentiment_splits
 
     splits = sentiment_splits()
     rows = [r for r in splits["train"] if len(r["text"]) <= 100][:240]
@@ -188,8 +188,8 @@ def test_independent_scorer_agrees_on_the_real_model(real_backbone, trained_real
 def test_thirty_steps_lower_the_training_loss_on_the_real_model(real_backbone, trained_real_prompt):
     from softprompt import artifact, methods
     from softprompt.config import PromptConfig
-    from softprompt.data import Task
-    from softprompt.train import loss_on
+    from softprompt.data import TaskEncoder
+    from softprompt.training.loop import loss_on
 
     out, splits = trained_real_prompt
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -199,7 +199,7 @@ def test_thirty_steps_lower_the_training_loss_on_the_real_model(real_backbone, t
 
     # the same on a fixed batch: the initial (text-init) prompt against the trained one
     saved = artifact.load(out)
-    task = Task(saved.task, real_backbone.tokenizer)
+    task = TaskEncoder(saved.task, real_backbone.tokenizer)
     batch = task.encode(splits["train"][:16], "train")
     initial = methods.build(PromptConfig(**{k: getattr(saved.prompt, k) for k in ("method", "num_tokens", "init",
                                                                                   "init_text")}),

@@ -18,7 +18,7 @@ from transformers import (
 
 from softprompt.backbones import Backbone, backbone_for, cache_keyword
 from softprompt.errors import SoftPromptError
-from softprompt.generate import next_tokens, decode_new, generate
+from softprompt.scoring.generate import next_tokens, decode_new, generate
 
 from conftest import random_prompt
 

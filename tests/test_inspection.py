@@ -15,7 +15,7 @@ from softprompt import artifact, methods
 from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig
 from softprompt.errors import SoftPromptError
-from softprompt.inspection import HEATMAP, NEAREST_TABLE, compare, compare_heatmap, describe, write_files
+from softprompt.artifact.inspection import HEATMAP, NEAREST_TABLE, compare, compare_heatmap, describe, write_files
 from softprompt.models import load_model
 
 from conftest import tiny_backbone, tiny_model, tiny_tokenizer, run_main

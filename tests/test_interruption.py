@@ -8,7 +8,7 @@
   checkpoint nor a temporary file is left (the write is atomic).
 
 The two repeat cases read no wall clock: the subprocess's signal handler reads a clock the test sets (a file, through
-`softprompt.interruption.time`), and its checkpoint write (a wrapper around `softprompt.checkpoint.write_atomic`)
+`softprompt.training.interruption.time`), and its checkpoint write (a wrapper around `softprompt.training.checkpoint.write_atomic`)
 touches a marker file once the data is written, then waits until the handler has read that clock for the second
 signal. So the second signal surely lands during the write, and the write ends only after the handler has decided.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from softprompt.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint
+from softprompt.training.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint
 
 from conftest import run_main
 from test_cli import save_tiny_model, write_data
@@ -34,8 +34,8 @@ from test_cli import save_tiny_model, write_data
 HELD_SAVE_CLI = [sys.executable, "-c", """
 import os, time
 from pathlib import Path
-import softprompt.checkpoint as checkpoint
-import softprompt.interruption as interruption
+import softprompt.training.checkpoint as checkpoint
+import softprompt.training.interruption as interruption
 from softprompt.cli import main
 
 clock, reads = Path(os.environ["TEST_CLOCK"]), []

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from softprompt import artifact, methods
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Example, Task
+from softprompt.data import Example, TaskEncoder
 from softprompt.errors import SoftPromptError
-from softprompt.train import loss_on, train
+from softprompt.training.loop import loss_on, train
 
 from conftest import VOCAB, run_main, tiny_backbone
 from test_cli import save_tiny_model, write_data
@@ -84,7 +84,7 @@ def test_a_new_residual_prompt_starts_as_its_init():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_the_backbone_and_the_artifact_get_the_hand_computed_residual_prompt(arch, tmp_path):
-    """What a training step hands the backbone (`train_prefix`), the artifact tensor and the saved file are the MLP's
+    """What a training step hands the backbone (`training_input`), the artifact tensor and the saved file are the MLP's
     output computed by hand from the module's raw parameters, whose every part matters here (some ReLU inputs are
     cut, LayerNorm's gain and bias are not 1 and 0); the prefixes of `kv()` and of the loaded (folded) artifact give
     the logits of that P in front of the input through the model's own forward."""
@@ -98,7 +98,7 @@ def test_the_backbone_and_the_artifact_get_the_hand_computed_residual_prompt(arc
     assert not torch.allclose(expected, params["embeddings"].double(), atol=0.1)  # the branch is not negligible
     close = dict(atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(method.train_prefix(backbone).double(), expected, **close)
+        torch.testing.assert_close(method.training_input(backbone).double(), expected, **close)
         torch.testing.assert_close(method.artifact_tensors()["prompt_embeddings"].double(), expected, **close)
         folder = artifact.save(tmp_path / "p", method, TASK, backbone)
         on_disk = load_file(folder / "prompt.safetensors")
@@ -115,12 +115,12 @@ def test_the_backbone_and_the_artifact_get_the_hand_computed_residual_prompt(arc
 
 
 def test_the_training_loss_sends_the_hand_built_prompts_gradient_to_every_residual_parameter():
-    """The loss a training step takes (`loss_on` over `train_prefix`) and its gradient with respect to P and every
+    """The loss a training step takes (`loss_on` over `training_input`) and its gradient with respect to P and every
     MLP parameter equal those of the hand-built residual prompt read as [P; E] by the model's own forward."""
     backbone = tiny_backbone("llama", seed=4)
     method = residual_prompt(backbone, seed=1)
-    examples = Task(TASK, backbone.tokenizer).encode(records(6))
-    loss, _ = loss_on(backbone, method.train_prefix(backbone), examples)
+    examples = TaskEncoder(TASK, backbone.tokenizer).encode(records(6))
+    loss, _ = loss_on(backbone, method.training_input(backbone), examples)
     loss.backward()
     leaves = {name: value.detach().clone().requires_grad_() for name, value in method.named_parameters()}
     reference = explicit_loss(backbone.model, residual_by_hand(leaves).float(), examples)
@@ -137,7 +137,7 @@ def test_training_moves_the_residual_branch_and_saves_its_folded_output(tmp_path
     gradient reached); the artifact is the hand-computed residual output of the final parameters, which the final
     checkpoint holds, as plain embeddings."""
     backbone = tiny_backbone("llama", seed=3)
-    task = Task(TASK, backbone.tokenizer)
+    task = TaskEncoder(TASK, backbone.tokenizer)
     config = PromptConfig(num_tokens=3, init="random", residual=True, mlp_hidden=8)
     start = methods.build(config, backbone, generator=torch.Generator().manual_seed(0))
     before = {name: value.detach().clone() for name, value in start.named_parameters()}

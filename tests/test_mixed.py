@@ -10,8 +10,8 @@ from transformers import DynamicCache
 
 from softprompt.backbones import cache_keyword
 from softprompt.errors import SoftPromptError
-from softprompt.generate import generate
-from softprompt.mixed import generate_mixed, label_scores_mixed
+from softprompt.scoring.generate import generate
+from softprompt.scoring.mixed import generate_mixed, label_scores_mixed
 
 from conftest import ARCHS, VOCAB_SIZE, tiny_backbone
 from conftest import random_prompt as build

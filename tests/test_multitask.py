@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from softprompt import artifact
 from softprompt.cli import main
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Example, Task
-from softprompt.evaluate import evaluate
-from softprompt.train import TaskData, loss_on, row_prefixes, train_multitask
+from softprompt.data import Example, TaskEncoder
+from softprompt.scoring.evaluate import evaluate
+from softprompt.training.loop import TrainingTask, loss_on, prompt_input_for, train_multitask
 
 from conftest import EOS, VOCAB, random_prompt, tiny_backbone
 from test_cli import save_tiny_model, write_data
@@ -46,7 +46,7 @@ def test_mixed_batch_loss_and_gradients_equal_the_row_by_row_definition():
     names, examples = zip(*rows)
 
     kvs = {name: prompt.kv(backbone) for name, prompt in prompts.items()}
-    kv, prefix_mask = row_prefixes(backbone, kvs, list(names))
+    kv, prefix_mask = prompt_input_for(backbone, kvs, list(names))
     # Both prompts' slots side by side in one shared prefix, each row seeing its own prompt's only (rows then pack).
     assert kv.shape[-2] == 8 and prefix_mask.tolist() == [[1] * 3 + [0] * 5, [0] * 3 + [1] * 5] * 2
     loss, _ = loss_on(backbone, kv, list(examples), prefix_mask=prefix_mask)
@@ -77,7 +77,7 @@ def test_a_prompt_learns_only_from_its_own_rows():
     prompts = {"a": random_prompt(backbone, n=4, seed=1), "b": random_prompt(backbone, n=4, seed=2)}
     rows = [("a", Example([5, 6, 7], [8])), ("b", Example([9, 10], [11])), ("b", Example([12], [13, EOS]))]
     kvs = {name: prompt.kv(backbone) for name, prompt in prompts.items()}
-    kv, mask = row_prefixes(backbone, kvs, [n for n, _ in rows])
+    kv, mask = prompt_input_for(backbone, kvs, [n for n, _ in rows])
     loss_on(backbone, kv, [e for _, e in rows], normalizer=4, prefix_mask=mask)[0].backward()
     mixed = prompts["a"].embeddings.grad.clone()
     prompts["a"].zero_grad(set_to_none=True)
@@ -131,13 +131,13 @@ LABEL_WORDS = ["negative", "positive"]
 
 def two_tasks(backbone):
     """A classification and a generation task, each with validation data, and held-out data for each."""
-    sentiment = Task(TaskConfig(template="review {text} sentiment", task="classification", labels=LABEL_WORDS,
+    sentiment = TaskEncoder(TaskConfig(template="review {text} sentiment", task="classification", labels=LABEL_WORDS,
                                 label_field="label"), backbone.tokenizer)  # fmt: skip
-    colors = Task(TaskConfig(template="{text} answer", task="generation", target_field="target"), backbone.tokenizer)
+    colors = TaskEncoder(TaskConfig(template="{text} answer", task="generation", target_field="target"), backbone.tokenizer)
     tasks = {
-        "sentiment": TaskData(sentiment, sentiment.encode(sentiment_records(48, 1)),
+        "sentiment": TrainingTask(sentiment, sentiment.encode(sentiment_records(48, 1)),
                               sentiment.encode(sentiment_records(24, 2))),
-        "colors": TaskData(colors, colors.encode(color_records(24, 1)), colors.encode(color_records(8, 2))),
+        "colors": TrainingTask(colors, colors.encode(color_records(24, 1)), colors.encode(color_records(8, 2))),
     }  # fmt: skip
     held_out = {"sentiment": sentiment.encode(sentiment_records(24, 9)), "colors": colors.encode(color_records(12, 9))}
     return tasks, held_out
@@ -274,11 +274,11 @@ def stop_step(log: list[dict], patience: int) -> int | None:
     return None
 
 
-def stalled_task(backbone, tmp_path) -> TaskData:
+def stalled_task(backbone, tmp_path) -> TrainingTask:
     """A prompt trained to answer "negative", trained on all-positive labels and validated on all-negative ones: it
     only gets worse on its validation data."""
     task, _, initial, train_examples, valid_examples = contradicting_setup(backbone, tmp_path)
-    return TaskData(task, train_examples, valid_examples, init=initial)
+    return TrainingTask(task, train_examples, valid_examples, init=initial)
 
 
 def test_a_stalled_task_trains_on_while_another_improves(tmp_path):
@@ -309,7 +309,7 @@ def test_the_run_stops_when_every_validated_task_has_stalled(tmp_path):
     backbone = tiny_backbone("llama")
     stalled = stalled_task(backbone, tmp_path)
     colors = two_tasks(backbone)[0]["colors"]
-    plain = TaskData(colors.task, colors.train)  # no validation data: it cannot hold the run, nor stop it
+    plain = TrainingTask(colors.task, colors.train)  # no validation data: it cannot hold the run, nor stop it
     runs = train_multitask(backbone, {"stalled": stalled, "plain": plain},
                            PromptConfig(method="prompt", num_tokens=4, init="random"),
                            TrainConfig(steps=30, lr=0.05, eval_every=2, patience=3, warmup_steps=0),

@@ -15,7 +15,7 @@ from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig
 from softprompt.errors import SoftPromptError
 from softprompt.models import load_model
-from softprompt.peft_interop import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, import_peft
+from softprompt.artifact.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, import_peft
 
 from conftest import ARCHS, PAD, tiny_backbone, tiny_model, tiny_tokenizer, run_main
 

@@ -26,12 +26,15 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from softprompt import artifact, inspection
+from softprompt import artifact
+from softprompt.artifact import inspection
 from softprompt.config import TaskConfig
-from softprompt.serve.app import Api, Limits, create_app
-from softprompt.serve.engine import Engine, EngineConfig
+from softprompt.serve.app import Api, create_app
+from softprompt.serve.engines.base import EngineConfig
+from softprompt.serve.engines.local import LocalEngine
+from softprompt.serve.jobs import Limits
 from softprompt.serve.registry import Registry
-from softprompt.vllm import InputEmbeddings
+from softprompt.serve.vllm_embeds import InputEmbeddings
 
 from conftest import random_prompt as build
 from conftest import tiny_backbone, tiny_tokenizer
@@ -65,7 +68,7 @@ def site(tmp_path_factory):
     artifact.save(root / "prompts" / "writer", build(backbone, "prefix", 2, 11), gen, backbone)
     registry = Registry(backbone, "tiny", root / "prompts")
     registry.reload(strict=True)
-    engine = Engine(backbone, EngineConfig(max_batch=8, max_queue=32)).start()
+    engine = LocalEngine(backbone, EngineConfig(max_batch=8, max_queue=32)).start()
     try:
         yield dict(root=root, backbone=backbone, registry=registry, engine=engine)
     finally:

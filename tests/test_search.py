@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softprompt import methods, search
+from softprompt import methods
+from softprompt.training import search
 from softprompt.config import PromptConfig
 from softprompt.errors import SoftPromptError
-from softprompt.run_files import Layout
-from softprompt.search import Candidate, parse_grid, rungs
-from softprompt.train import Halving, TaskData, _train, loss_on, row_prefixes, selection_key, train
+from softprompt.training.search import Candidate, Halving, parse_grid, rungs, train_candidates
+from softprompt.training.loop import TrainingTask, loss_on, prompt_input_for, selection_key, train
 
 from conftest import run_main
 from test_cli import save_tiny_model, write_data
@@ -40,10 +40,9 @@ def side_by_side(backbone, task, train_examples, candidates, cfg, out, valid=(),
     tasks = {}
     for c in candidates:
         init = methods.build(c.prompt, backbone, task.config.labels, torch.Generator().manual_seed(cfg.seed))
-        tasks[c.name] = TaskData(task, train_examples, list(valid), init)
+        tasks[c.name] = TrainingTask(task, train_examples, list(valid), init)
     halving = Halving({c.name: c.lr for c in candidates}, tuple(rung_steps))
-    return _train(backbone, tasks, candidates[0].prompt, cfg, Layout(out, tuple(tasks), "candidate"), False, resume,
-                  halving=halving)  # fmt: skip
+    return train_candidates(backbone, tasks, candidates[0].prompt, cfg, out, halving, False, resume)
 
 
 # ------------------------------------------------------------------------------------- as each would learn alone
@@ -56,7 +55,7 @@ def test_mixed_batch_gradient_of_each_candidate_is_its_own_explicit_gradient(lla
     prompts = {n: methods.build(PromptConfig(num_tokens=n, init="random"), llama,
                                 generator=torch.Generator().manual_seed(n)) for n in (4, 6)}  # fmt: skip
     names = [name for name in prompts for _ in rows]
-    kv, mask = row_prefixes(llama, {name: p.kv(llama) for name, p in prompts.items()}, names)
+    kv, mask = prompt_input_for(llama, {name: p.kv(llama) for name, p in prompts.items()}, names)
     normalizer = sum(len(e.target_ids) for e in rows)
     loss, _ = loss_on(llama, kv, rows * len(prompts), normalizer, mask)
     loss.backward()
@@ -102,9 +101,9 @@ def test_dropped_candidates_stop_costing_compute(llama, data, tmp_path, monkeypa
         return target_hidden(self, batch, prefix, prefix_mask)
 
     monkeypatch.setattr(type(llama), "target_hidden", spy)
-    train_prefix = methods.REGISTRY["prompt"].train_prefix  # what a training step asks each prompt for
-    monkeypatch.setattr(methods.REGISTRY["prompt"], "train_prefix",
-                        lambda self, b: kv_calls.append(torch.is_grad_enabled()) or train_prefix(self, b))  # fmt: skip
+    training_input = methods.REGISTRY["prompt"].training_input  # what a training step asks each prompt for
+    monkeypatch.setattr(methods.REGISTRY["prompt"], "training_input",
+                        lambda self, b: kv_calls.append(torch.is_grad_enabled()) or training_input(self, b))  # fmt: skip
     cfg = train_config(steps=6, batch_size=8)
     runs = side_by_side(llama, task, examples, candidates, cfg, tmp_path, valid, rung_steps=(2, 4))
     assert forward_rows == [32, 32, 16, 16, 8, 8]
@@ -158,10 +157,9 @@ def test_a_candidate_holding_non_finite_values_leaves_before_it_runs(llama, data
     poisoned = methods.build(candidates[0].prompt, llama, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         poisoned.embeddings[0, 0] = float("nan")
-    tasks = {c.name: TaskData(task, examples, [], poisoned if i == 0 else None) for i, c in enumerate(candidates)}
+    tasks = {c.name: TrainingTask(task, examples, [], poisoned if i == 0 else None) for i, c in enumerate(candidates)}
     halving = Halving({c.name: c.lr for c in candidates}, ())
-    runs = _train(llama, tasks, candidates[1].prompt, train_config(steps=3), Layout(tmp_path, tuple(tasks),
-                  "candidate"), False, False, halving=halving)  # fmt: skip
+    runs = train_candidates(llama, tasks, candidates[1].prompt, train_config(steps=3), tmp_path, halving, False)
     assert runs[candidates[0].name].summary["last_step"] == 1
     assert runs[candidates[1].name].summary["last_step"] == 3
     assert torch.isfinite(runs[candidates[1].name].method.embeddings).all()
@@ -171,17 +169,17 @@ def test_a_candidate_whose_gradient_is_not_finite_leaves(llama, data, tmp_path, 
     """The 5-token candidate's prompt gets a NaN gradient from step 2 on: it stops there, with its last finite prompt,
     and the other trains on unharmed (its prompt equals a run of it alone)."""
     task, examples, _ = data
-    train_prefix, steps_seen = methods.REGISTRY["prompt"].train_prefix, []
+    training_input, steps_seen = methods.REGISTRY["prompt"].training_input, []
 
     def poisoned(self, backbone):
-        out = train_prefix(self, backbone)
+        out = training_input(self, backbone)
         if self.config.num_tokens == 5 and torch.is_grad_enabled():
             steps_seen.append(1)
             if len(steps_seen) >= 2:
                 out.register_hook(lambda grad: grad * float("nan"))
         return out
 
-    monkeypatch.setattr(methods.REGISTRY["prompt"], "train_prefix", poisoned)
+    monkeypatch.setattr(methods.REGISTRY["prompt"], "training_input", poisoned)
     candidates = [cand(n=5, lr=0.05), cand(n=4, lr=0.05)]
     runs = side_by_side(llama, task, examples, candidates, train_config(steps=4), tmp_path / "together")
     assert [runs[c.name].summary["last_step"] for c in candidates] == [2, 4]

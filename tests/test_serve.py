@@ -32,12 +32,14 @@ from softprompt.backbones import backbone_for
 from softprompt.cli import main
 from softprompt.config import TaskConfig
 from softprompt.errors import SoftPromptError
-from softprompt.generate import decode_new, generate
+from softprompt.scoring.generate import decode_new, generate
 from softprompt.models import load_model
 from softprompt.backbones import cache_rows
-from softprompt.serve.app import TextStream, create_app
-from softprompt.serve.engine import (STOPPED, Engine, EngineConfig, QueueFull, Sampling, ScoreRequest, Sequence,
-                                     Stopped, Update)  # fmt: skip
+from softprompt.serve.answers import TextStream
+from softprompt.serve.app import create_app
+from softprompt.serve.engines.base import (STOPPED, EngineConfig, QueueFull, Sampling, ScoreRequest, Sequence, Stopped,
+                                           Update)  # fmt: skip
+from softprompt.serve.engines.local import LocalEngine
 from softprompt.serve.registry import Registry
 
 from conftest import ARCHS, WORDS, run_main, tiny_backbone, tiny_model, tiny_tokenizer
@@ -79,7 +81,7 @@ def test_engine_rows_join_and_leave_mid_generation(arch):
     rng = random.Random(0)
     requests = [([rng.randrange(3, 128) for _ in range(rng.randint(1, 8))], prefixes[i % 4], 3 + i % 7)
                 for i in range(12)]  # fmt: skip
-    engine = Engine(backbone, EngineConfig(max_batch=5))
+    engine = LocalEngine(backbone, EngineConfig(max_batch=5))
     finals = {}
     rows = [Sequence(ids, prefix, Sampling(max_tokens=m), lambda u, i=i: finals.__setitem__(i, u))
             for i, (ids, prefix, m) in enumerate(requests)]  # fmt: skip
@@ -105,7 +107,7 @@ def test_cancelled_row_leaves_and_others_continue():
     updates: dict[int, list] = {0: [], 1: [], 2: []}
     rows = [Sequence(p, prefix, Sampling(max_tokens=12), updates[i].append, stream=True)
             for i, p in enumerate(prompts)]  # fmt: skip
-    engine = Engine(backbone)
+    engine = LocalEngine(backbone)
     engine.submit(rows)
     engine.step()  # prefill (first token) and one decode step
     engine.step()
@@ -122,7 +124,7 @@ def test_cancelled_row_leaves_and_others_continue():
 
 
 def test_queue_limit_refuses_whole_submissions():
-    engine = Engine(tiny_backbone("llama"), EngineConfig(max_batch=2, max_queue=3))
+    engine = LocalEngine(tiny_backbone("llama"), EngineConfig(max_batch=2, max_queue=3))
     row = lambda: Sequence([5, 6], None, Sampling(max_tokens=2), lambda u: None)  # noqa: E731
     engine.submit([row(), row()])
     with pytest.raises(QueueFull, match="2 requests are waiting .limit 3, this request adds 2"):
@@ -141,8 +143,8 @@ def test_prompt_kv_is_computed_once_per_prompt(tmp_path, monkeypatch):
     registry = Registry(backbone, "tiny", tmp_path)
     registry.reload(strict=True)
     assert len(calls) == 2  # the two prompt-tuning artifacts, once each
-    engine, done = Engine(backbone), []
-    engine.submit([Sequence([5 + i, 6], registry.get(f"p{i % 3}").prefix, Sampling(max_tokens=4), done.append)
+    engine, done = LocalEngine(backbone), []
+    engine.submit([Sequence([5 + i, 6], registry.get(f"p{i % 3}").prompt_input, Sampling(max_tokens=4), done.append)
                    for i in range(9)])  # fmt: skip
     while engine.running or engine.queue_depth:
         engine.step()
@@ -156,7 +158,7 @@ def test_a_failure_while_rows_join_ends_those_rows_only(monkeypatch):
     prompts = [[5, 6, 7], [10]]
     finals: dict[str, Update] = {}
     sink = lambda key: lambda u: finals.__setitem__(key, u)  # noqa: E731
-    engine = Engine(backbone)
+    engine = LocalEngine(backbone)
     engine.submit([Sequence(p, prefix, Sampling(max_tokens=12), sink(f"run{i}")) for i, p in enumerate(prompts)])
     engine.step()
     assert engine.running == 2
@@ -207,7 +209,7 @@ def test_a_merge_that_fails_midway_leaves_the_running_cache_as_it_was(monkeypatc
 
 
 def test_stop_ends_every_waiting_and_running_request():
-    engine = Engine(tiny_backbone("llama", seed=5), EngineConfig(max_batch=2)).start()
+    engine = LocalEngine(tiny_backbone("llama", seed=5), EngineConfig(max_batch=2)).start()
     updates: dict[int, list[Update]] = collections.defaultdict(list)
     endless = Sampling(max_tokens=10**6, ignore_eos=True)
     row = lambda i: Sequence([5 + i, 6], None, endless, updates[i].append)  # noqa: E731
@@ -257,7 +259,7 @@ def asgi_request(method: str, path: str, body: bytes):
 
 def test_a_client_leaving_a_plain_request_cancels_its_rows():
     backbone = tiny_backbone("llama", seed=6)
-    engine = Engine(backbone)  # not started: its rows wait in the queue until the test steps it
+    engine = LocalEngine(backbone)  # not started: its rows wait in the queue until the test steps it
     app = create_app(Registry(backbone, "tiny"), engine)
     body = json.dumps({"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8, "n": 3}).encode()
 
@@ -287,7 +289,7 @@ def test_a_client_leaving_a_plain_request_cancels_its_rows():
 def test_serve_refuses_encoder_decoder_models(tmp_path, monkeypatch, capsys):
     refusal = r"T5ForConditionalGeneration \(encoder-decoder\) cannot batch continuously: the serving engine batches"
     with pytest.raises(SoftPromptError, match=refusal + " decoder-only"):
-        Engine(backbone_for(tiny_t5(), tiny_tokenizer()))
+        LocalEngine(backbone_for(tiny_t5(), tiny_tokenizer()))
     tiny_t5().save_pretrained(tmp_path / "t5")
     tiny_tokenizer().save_pretrained(tmp_path / "t5")
     capsys.readouterr()  # saving's progress bar

@@ -30,14 +30,16 @@ from transformers import AutoModelForCausalLM
 from softprompt import artifact
 from softprompt.backbones import backbone_for
 from softprompt.config import TaskConfig
-from softprompt.data import Example, Task
+from softprompt.data import Example, TaskEncoder
 from softprompt.errors import SoftPromptError
-from softprompt.evaluate import label_scores
-from softprompt.generate import decode_new, generate
+from softprompt.scoring.evaluate import label_scores
+from softprompt.scoring.generate import decode_new, generate
 from softprompt.models import load_model
-from softprompt.serve import engine as engine_module
-from softprompt.serve.app import Limits, create_app
-from softprompt.serve.engine import STOPPED, Engine, EngineConfig
+from softprompt.serve.app import create_app
+from softprompt.serve.engines import local as engine_module
+from softprompt.serve.engines.base import STOPPED, EngineConfig
+from softprompt.serve.engines.local import LocalEngine
+from softprompt.serve.jobs import Limits
 from softprompt.serve.registry import Registry
 
 from conftest import run_main, tiny_backbone, tiny_config, tiny_model, tiny_tokenizer
@@ -81,7 +83,7 @@ class Live:
         backbone = site["backbone"]
         registry = Registry(backbone, "tiny", site["root"] / "prompts")
         registry.reload(strict=True)
-        self.engine = Engine(backbone, EngineConfig(max_batch=max_batch, max_queue=64)).start()
+        self.engine = LocalEngine(backbone, EngineConfig(max_batch=max_batch, max_queue=64)).start()
         app = create_app(registry, self.engine, Limits(max_prompt_tokens=40, max_tokens=ENDLESS, max_n=4))
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=5)  # fmt: skip
@@ -142,7 +144,7 @@ def requests_with(status: int, endpoint: str = "/v1/completions") -> str:
     return f'softprompt_requests_total{{endpoint="{endpoint}",status="{status}"}}'
 
 
-def recording(engine: Engine) -> list[list]:
+def recording(engine: LocalEngine) -> list[list]:
     """The rows of every submission to `engine` from now on, one list per request."""
     submitted, submit = [], engine.submit
 
@@ -229,7 +231,7 @@ def test_a_stream_cut_while_a_chunk_is_being_sent_is_ended_before_it_is_counted(
     init = StreamingResponse.__init__
     monkeypatch.setattr(StreamingResponse, "__init__", lambda self, content, *args, **kwargs: kept.append(content)
                         or init(self, content, *args, **kwargs))  # fmt: skip
-    engine = Engine(site["backbone"]).start()
+    engine = LocalEngine(site["backbone"]).start()
     app = create_app(Registry(site["backbone"], "tiny"), engine, Limits(max_tokens=ENDLESS))
     submitted = recording(engine)
     try:
@@ -315,7 +317,7 @@ def test_an_engine_failure_answers_500_for_its_request_only(site, live, monkeypa
 
 def test_a_streamed_classification_equals_the_plain_answer_and_label_scores(site, live):
     texts = ["the cat was red", "good film", "very boring book", "hello world", "not fun"]
-    task = Task(site["cls"], site["backbone"].tokenizer)
+    task = TaskEncoder(site["cls"], site["backbone"].tokenizer)
     examples = [Example(ids_of(site, CLS_TEMPLATE.format(text=t)), task.label_ids[0]) for t in texts]
     scores = label_scores(site["backbone"], task, examples, site["kv"]["cls"])  # (texts, labels)
     want = [LABELS[int(s.argmax())] for s in scores]
@@ -409,7 +411,7 @@ def test_chat_choice_j_uses_seed_plus_j_and_stop_strings_cut(site, live):
 # ---- 6. shutdown with requests in flight ----
 
 
-def held_once_both_join(engine: Engine) -> tuple[threading.Event, threading.Event]:
+def held_once_both_join(engine: LocalEngine) -> tuple[threading.Event, threading.Event]:
     """Gate `engine`'s worker: no step until two rows wait, so both join in one step; then, with both running, it
     holds between steps until `release` is set (so neither row can finish first, however slow the machine).
     Returns (joined, release)."""
@@ -465,10 +467,10 @@ def test_requests_in_flight_at_shutdown_get_an_error(site):
 HELD_ENGINE_CLI = [sys.executable, "-c", """
 import os, time
 from pathlib import Path
-from softprompt.serve.engine import Engine
+from softprompt.serve.engines.local import LocalEngine
 from softprompt.cli import main
 
-release, step = Path(os.environ["ENGINE_RELEASE"]), Engine.step
+release, step = Path(os.environ["ENGINE_RELEASE"]), LocalEngine.step
 
 def held_step(self):
     if not release.exists() and (self.running or self.queue_depth < 2):
@@ -476,7 +478,7 @@ def held_step(self):
         return
     step(self)
 
-Engine.step = held_step
+LocalEngine.step = held_step
 main()
 """]
 """`softprompt` whose engine lets two waiting rows join in one step, then holds them (running, unfinished) until the
@@ -558,8 +560,8 @@ def test_serve_refuses_sliding_window_models(arch, window, tmp_path, monkeypatch
         assert not torch.allclose(windowed(ids).logits[0, -1], full(ids).logits[0, -1], atol=1e-4)
     name = type(windowed).__name__
     with pytest.raises(SoftPromptError, match=f"{name} uses sliding-window attention; the serving engine cannot"):
-        Engine(backbone_for(windowed, tiny_tokenizer()))
-    Engine(backbone_for(full, tiny_tokenizer()))  # the same weights without a window are served
+        LocalEngine(backbone_for(windowed, tiny_tokenizer()))
+    LocalEngine(backbone_for(full, tiny_tokenizer()))  # the same weights without a window are served
 
     windowed.save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")

@@ -14,11 +14,11 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from softprompt import trackers
+from softprompt.training import trackers
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Task
+from softprompt.data import TaskEncoder
 from softprompt.errors import SoftPromptError
-from softprompt.train import TaskData, train, train_multitask
+from softprompt.training.loop import TrainingTask, train, train_multitask
 
 from conftest import run_main, tiny_backbone
 from test_cli import LABELS, TEMPLATE, save_tiny_model, write_data
@@ -65,8 +65,8 @@ def logged(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
-def sentiment_task(backbone) -> Task:
-    return Task(TaskConfig(template=TEMPLATE, labels=LABELS.split(","), label_field="label"), backbone.tokenizer)
+def sentiment_task(backbone) -> TaskEncoder:
+    return TaskEncoder(TaskConfig(template=TEMPLATE, labels=LABELS.split(","), label_field="label"), backbone.tokenizer)
 
 
 def test_tensorboard_holds_the_series_of_metrics_jsonl(tmp_path):
@@ -106,7 +106,7 @@ def test_tensorboard_holds_the_series_of_metrics_jsonl(tmp_path):
 def test_multitask_and_search_runs_name_each_task_and_candidate(tmp_path, monkeypatch, capsys):
     backbone = tiny_backbone("llama")
     task = sentiment_task(backbone)
-    data = {name: TaskData(task, task.encode(sentiment_records(8, seed)), task.encode(sentiment_records(4, seed + 5)))
+    data = {name: TrainingTask(task, task.encode(sentiment_records(8, seed)), task.encode(sentiment_records(4, seed + 5)))
             for name, seed in (("alpha", 1), ("beta", 2))}  # fmt: skip
     out = tmp_path / "multi"
     train_multitask(backbone, data, PROMPT, TrainConfig(steps=4, batch_size=4, eval_every=2, report_to="tensorboard"),

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from softprompt import __version__, artifact, methods
-from softprompt import train as train_module
+from softprompt.training import setup as train_module
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Task, collate
+from softprompt.data import TaskEncoder, collate
 from softprompt.errors import SoftPromptError
-from softprompt.evaluate import evaluate, label_scores
+from softprompt.scoring.evaluate import evaluate, label_scores
 from softprompt.models import fingerprint
-from softprompt.train import improves, loss_on, train
+from softprompt.training.loop import improves, loss_on, train
 
 from conftest import VOCAB, run_main, tiny_backbone, tiny_model
 from test_cli import save_tiny_model, write_data
@@ -45,8 +45,8 @@ def sentiment_records(n: int, seed: int, only: str | None = None) -> list[dict]:
     return records
 
 
-def sentiment_task(backbone) -> Task:
-    return Task(TaskConfig(template=TEMPLATE, labels=LABELS, label_field="label"), backbone.tokenizer)
+def sentiment_task(backbone) -> TaskEncoder:
+    return TaskEncoder(TaskConfig(template=TEMPLATE, labels=LABELS, label_field="label"), backbone.tokenizer)
 
 
 def prompt_config(method="prompt", init="random", n=4, prefix_mlp=False) -> PromptConfig:
@@ -530,7 +530,7 @@ COLORS = {"red": "one two", "blue": "three four", "green": "five one"}
 
 def generation_data(backbone):
     config = TaskConfig(template="hello {color} answer", task="generation", target_field="number")
-    task = Task(config, backbone.tokenizer)
+    task = TaskEncoder(config, backbone.tokenizer)
     rng = random.Random(0)
     records = [{"color": c, "number": COLORS[c]} for c in (rng.choice(list(COLORS)) for _ in range(32))]
     return task, task.encode(records, "train"), task.encode([{"color": c, "number": n} for c, n in COLORS.items()])

@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 
-from softprompt import methods, train as train_module
+from softprompt import methods
+from softprompt.training import setup as train_module
 from softprompt.config import TrainConfig
-from softprompt.train import train
+from softprompt.training.loop import train
 
 from conftest import tiny_backbone
 from test_train import LABELS, prompt_config, sentiment_records, sentiment_task

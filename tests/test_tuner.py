@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from softprompt import PromptTuner, artifact
 from softprompt.config import TaskConfig
-from softprompt.data import Task, read_records
+from softprompt.data import TaskEncoder, read_records
 from softprompt.errors import SoftPromptError
-from softprompt.evaluate import label_scores
-from softprompt.metrics import confusion
+from softprompt.scoring.evaluate import label_scores
+from softprompt.scoring.metrics import confusion
 
 from conftest import run_main, tiny_backbone
 from test_cli import LABELS, TEMPLATE, save_tiny_model, write_data
@@ -133,7 +133,7 @@ def test_predict_is_what_eval_predicts(trained, files, tmp_path, monkeypatch, ca
     assert code == 2 and "--plot draws the confusion matrix of one prompt; give a single --prompt." in err
 
     backbone = tiny_backbone("llama")  # the library on the model the folder was saved from
-    task = Task(TaskConfig.infer(TEMPLATE, LABELS, "label", None), backbone.tokenizer)
+    task = TaskEncoder(TaskConfig.infer(TEMPLATE, LABELS, "label", None), backbone.tokenizer)
     prefix = artifact.prefix_of(artifact.load(trained.out), backbone)
     scores = label_scores(backbone, task, task.encode(records), prefix)
     assert predicted == [labels[i] for i in scores.argmax(-1).tolist()]
@@ -202,8 +202,8 @@ def test_plots_need_no_display(trained, tmp_path):
     script = f"""
 import json, sys
 from pathlib import Path
-from softprompt.plots import plot_confusion
-from softprompt.run_files import plot_losses
+from softprompt.scoring.plots import plot_confusion
+from softprompt.training.run_files import plot_losses
 plot_confusion([[3, 1], [0, 4]], ["negative", "positive"], {str(tmp_path / "confusion.png")!r}, "title")
 assert "matplotlib.pyplot" not in sys.modules
 records = [json.loads(line) for line in Path({str(trained.out / "metrics.jsonl")!r}).read_text().splitlines()]
@@ -308,7 +308,7 @@ def test_a_datasets_class_label_column_must_list_the_label_words_in_order(files)
 
 EXAMPLE = '''\
 from softprompt import PromptTuner
-from softprompt.datasets import sentiment_splits
+from softprompt.data.corpora import sentiment_splits
 
 data = sentiment_splits()  # the embedded movie reviews: lists of {"text": ..., "label": "negative" or "positive"}
 tuner = PromptTuner("smollm2-135m", template="Review: {text}\\nSentiment:", labels=["negative", "positive"],

@@ -1,4 +1,4 @@
-"""Serving through vLLM (`softprompt serve --vllm-url`, `softprompt.vllm.prompt_embeds`) against a real `vllm serve
+"""Serving through vLLM (`softprompt serve --vllm-url`, `softprompt.serve.vllm_embeds.prompt_embeds`) against a real `vllm serve
 --enable-prompt-embeds` process on a loopback port, from the environment scripts/setup_vllm.sh builds (.venv-vllm).
 The oracle is our own engine: the same request alone through `softprompt serve` without --vllm-url, or `generate`.
 A missing vLLM environment fails these tests; it never skips them."""
@@ -31,14 +31,14 @@ from transformers import AutoModelForCausalLM
 from softprompt import artifact
 from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
-from softprompt.data import Task
-from softprompt.datasets import sentiment_splits
+from softprompt.data import TaskEncoder
+from softprompt.data.corpora import sentiment_splits
 from softprompt.errors import SoftPromptError
-from softprompt.generate import generate
+from softprompt.scoring.generate import generate
 from softprompt.models import embedded_model_dir, load_model
 from softprompt.serve import ServeConfig, build
-from softprompt.train import train
-from softprompt.vllm import InputEmbeddings, encode, prompt_embeds
+from softprompt.training.loop import train
+from softprompt.serve.vllm_embeds import InputEmbeddings, encode, prompt_embeds
 
 from conftest import random_prompt, tiny_config, tiny_model, tiny_tokenizer
 
@@ -197,15 +197,15 @@ def site(real_backbone, tmp_path_factory):
     settings = lambda seed: TrainConfig(steps=2, batch_size=4, eval_every=0, lr=0.05, seed=seed)  # noqa: E731
     gen = TaskConfig(template=GEN_TEMPLATE, task="generation", target_field="label")
     for i in range(8):
-        task = Task(gen, real_backbone.tokenizer)
+        task = TaskEncoder(gen, real_backbone.tokenizer)
         examples = task.encode(records[i * 8 : i * 8 + 8])
         train(real_backbone, task, PromptConfig(num_tokens=4 + 3 * i, init="vocab"), settings(i), examples,
               root / "prompts" / f"gen{i}", progress=False)  # fmt: skip
-    cls = Task(TaskConfig(template=CLS_TEMPLATE, labels=["negative", "positive"], label_field="label"),
+    cls = TaskEncoder(TaskConfig(template=CLS_TEMPLATE, labels=["negative", "positive"], label_field="label"),
                real_backbone.tokenizer)  # fmt: skip
     train(real_backbone, cls, PromptConfig(num_tokens=10, init="vocab"), settings(8), cls.encode(records),
           root / "prompts" / "sentiment", progress=False)  # fmt: skip
-    task = Task(gen, real_backbone.tokenizer)
+    task = TaskEncoder(gen, real_backbone.tokenizer)
     train(real_backbone, task, PromptConfig(method="prefix", num_tokens=5, init="vocab"), settings(9),
           task.encode(records[:8]), root / "prefix" / "kv", progress=False)  # fmt: skip
     app, engine, _ = build(ServeConfig(prompts=root / "prompts"))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import re
+import textwrap
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Literal
 
 from .errors import SoftPromptError
@@ -41,7 +45,7 @@ class PromptConfig:
     (truncated or repeated); labels: each label word seeds one slot, frequent tokens fill the rest. For prefix
     tuning the non-random inits take the frozen model's own key/values over those tokens."""
     init_text: str | None = None
-    """Text for `init=text`."""
+    """Text for `init=text` (the CLI and PromptTuner default to the template's literal words)."""
     init_range: float = 0.5
     """Half-width of the uniform range for `init=random`."""
     vocab_size_for_init: int = 5000
@@ -86,11 +90,11 @@ class TaskConfig:
     """How records become model input and what the model must produce."""
 
     template: str = "{text}"
-    """Input text with `{field}` placeholders filled from each record."""
+    """Input text with `{field}` placeholders filled from each record, e.g. 'Review: {text}\\nSentiment:'."""
     task: Literal["classification", "generation"] = "classification"
     """classification: pick one of `labels`; generation: produce the text of `target_field`."""
     labels: list[str] = field(default_factory=list)
-    """Label words (the verbalizer), e.g. ["negative", "positive"]."""
+    """Label words (the verbalizer), e.g. negative and positive; on the command line, comma-separated."""
     label_field: str | None = None
     """Record field holding the label: one of the label words, or its index in `labels`."""
     target_field: str | None = None
@@ -148,10 +152,13 @@ class TrainConfig:
     lr: float = 0.01
     """Peak learning rate."""
     optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """adamw or adafactor."""
     weight_decay: float = 0.0
+    """The optimizer's weight decay on the prompt's parameters."""
     warmup_steps: int = 10
+    """Steps of linear warmup to the peak learning rate."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """Decay after warmup."""
+    """Decay after warmup: linear, cosine or constant."""
     max_grad_norm: float = 1.0
     """Gradient clipping; 0 disables it."""
     eval_every: int = 25
@@ -161,10 +168,12 @@ class TrainConfig:
     patience: int = 6
     """Stop after this many evaluations without improvement (0: never stop early)."""
     seed: int = 0
+    """Seed of the prompt's initialization and of the order of the training examples."""
     max_length: int = 512
     """Longest example (input + target) in tokens."""
     too_long: Literal["truncate", "refuse"] = "truncate"
-    """An example longer than max_length: cut its input from the left with a warning, or refuse the data."""
+    """An example longer than max_length: truncate (cut its input from the left, with a warning) or refuse the
+    data."""
     checkpoint_every: int = 50
     """Write a resumable checkpoint every this many steps (0: only on interruption)."""
     gradient_checkpointing: bool = False
@@ -173,9 +182,9 @@ class TrainConfig:
     """Under several processes, shard the frozen decoder layers across them (FSDP2): each holds 1/N of their
     weights. Implied by `accelerate launch --use_fsdp`."""
     report_to: Literal["auto", "tensorboard", "wandb", "mlflow", "all", "none"] = "auto"
-    """Experiment trackers for the run's metrics and settings (besides metrics.jsonl): auto is $SOFTPROMPT_REPORT_TO
-    when set, else tensorboard when it is installed (files under OUT/tensorboard), else none; all is every
-    installed one."""
+    """Experiment trackers for the run's metrics and settings (besides metrics.jsonl): tensorboard (files under
+    OUT/tensorboard), wandb, mlflow, all (every installed one) or none; auto is $SOFTPROMPT_REPORT_TO when set, else
+    tensorboard when it is installed, else none."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -223,3 +232,23 @@ def from_dict(cls, data: dict):
     """Build a config from JSON, ignoring keys a newer version may have added."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string under it) in the dataclass `cls` and its bases, whitespace collapsed: a
+    setting's one description, which the CLI shows as its help."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):  # no source to read (a frozen install): options without help, not no CLI
+            continue
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):  # fmt: skip
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs

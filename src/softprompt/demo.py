@@ -9,17 +9,16 @@ from pathlib import Path
 import torch
 
 from . import artifact, methods
+from .artifact.inspection import describe, format_report
 from .atomic import write_atomic
-from .backbones import backbone_for
 from .config import PromptConfig, TaskConfig, TrainConfig
-from .data import Task, fill
-from .datasets import sentiment_splits
-from .evaluate import evaluate
-from .generate import decode_new, generate
-from .inspection import describe, format_report
-from .models import DEFAULT_MODEL, load_model
-from .prepare import fitted_task
-from .train import train
+from .data import TaskEncoder, fill
+from .data.corpora import sentiment_splits
+from .models import DEFAULT_MODEL
+from .prepare import load_backbone, task_data
+from .scoring.evaluate import evaluate
+from .scoring.generate import decode_new, generate
+from .training.loop import train
 
 TEMPLATE = "Review: {text}\nSentiment:"
 INSTRUCTION = "Is the following movie review positive or negative?\n" + TEMPLATE
@@ -46,29 +45,28 @@ def run_demo(out: Path, steps: int = 150, method: str = PromptConfig.method, tes
     out = Path(out)
     say = lambda text: print(text, flush=True)  # noqa: E731
     say(f"Loading the embedded model {DEFAULT_MODEL} (SmolLM2-135M-Instruct)...")
-    backbone = backbone_for(*load_model(DEFAULT_MODEL))
+    backbone = load_backbone(DEFAULT_MODEL)
     splits = sentiment_splits(test_size=test_size, valid_size=DEMO_TRAINING["eval_size"])
     for name, records in splits.items():
         write_jsonl(out / "data" / f"{name}.jsonl", records)
     say(f"Rotten Tomatoes snippets: {', '.join(f'{len(v)} {k}' for k, v in splits.items())} "
         f"(written to {out / 'data'}; the test split is never trained on)")
 
-    def task_for(template: str) -> Task:  # room for the prompt's virtual tokens in the model's context
+    def encoded(template: str, names: list[str]):  # room for the prompt's virtual tokens in the model's context
         config = TaskConfig(template=template, labels=LABELS, label_field="label")
-        return fitted_task(config, backbone, NUM_TOKENS)
+        return task_data(config, backbone, {name: splits[name] for name in names}, NUM_TOKENS)
 
-    task = task_for(TEMPLATE)
-    test = task.encode(splits["test"], "test")
+    task, (test, train_examples, valid) = encoded(TEMPLATE, ["test", "train", "valid"])
+    instruction, (instruction_test,) = encoded(INSTRUCTION, ["test"])
     rows = []
 
-    def score(name: str, task_: Task, examples, prefix) -> None:
+    def score(name: str, task_: TaskEncoder, examples, prefix) -> None:
         result = evaluate(backbone, task_, examples, prefix, progress=progress)
         rows.append((name, result))
         say(f"  {name}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}")
 
     say("\nBase model, no soft prompt:")
-    instruction = task_for(INSTRUCTION)
-    score("base model, instruction + template", instruction, instruction.encode(splits["test"], "test"), None)
+    score("base model, instruction + template", instruction, instruction_test, None)
     score("base model, template only", task, test, None)
 
     prompt_config = PromptConfig(method=method, num_tokens=NUM_TOKENS, init="text", init_text=INIT_TEXT)
@@ -79,11 +77,9 @@ def run_demo(out: Path, steps: int = 150, method: str = PromptConfig.method, tes
 
     say(f"\nTraining a {method}-tuning prompt of {NUM_TOKENS} tokens for up to {steps} steps (best on validation "
         "kept)...")
-    run = train(
-        backbone, task, prompt_config, TrainConfig(steps=steps, **DEMO_TRAINING),
-        task.encode(splits["train"], "train"), out / "prompt", task.encode(splits["valid"], "valid"),
-        progress=progress, resume=True,  # a demo run again continues (or just reuses) the run already in `out`
-    )
+    run = train(backbone, task, prompt_config, TrainConfig(steps=steps, **DEMO_TRAINING), train_examples,
+                out / "prompt", valid, progress=progress,
+                resume=True)  # a demo run again continues (or just reuses) the run already in `out`
     with torch.no_grad():
         prefix = run.method.kv(backbone)
     score(f"trained soft prompt (step {run.summary['best_step']}) + template", task, test, prefix)

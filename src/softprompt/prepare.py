@@ -1,20 +1,34 @@
-"""Setting up a run on a loaded model: the steps between configs and training or scoring that the CLI, the demo and
-the examples share, so each is written (and checked) once."""
+"""Setting up a run: the steps between configs and training or scoring that the CLI, the tuner, the demo and the
+examples share (read the data, load the model, fit the task to it, encode), so each is written (and checked) once."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 from . import artifact
 from .config import PLACEHOLDER, TaskConfig, TrainConfig
-from .data import Task
+from .data import Example, Records, TaskEncoder, read_records
 from .errors import SoftPromptError
 from .models import context_size
 
 if TYPE_CHECKING:
     from .backbones import Backbone
     from .methods import PromptMethod
+
+Data = Union[str, os.PathLike, Iterable[Mapping]]
+"""Records: a list of dicts, a `datasets.Dataset` (or anything iterable of dicts with `column_names`), or a data
+file or folder as `--train` takes it (.jsonl, .csv, .tsv, .parquet, a save_to_disk folder)."""
+
+
+def load_backbone(model: str | os.PathLike) -> Backbone:
+    """The frozen model behind every command: the embedded short name, a local folder or a hub name."""
+    from .backbones import backbone_for
+    from .models import load_model
+
+    return backbone_for(*load_model(str(model)))
 
 
 def template_init_text(template: str) -> str:
@@ -24,11 +38,55 @@ def template_init_text(template: str) -> str:
 
 
 def fitted_task(config: TaskConfig, backbone: Backbone, virtual_tokens: int = 0,
-                max_length: int = TrainConfig.max_length, too_long: str = TrainConfig.too_long) -> Task:  # fmt: skip
+                max_length: int = TrainConfig.max_length,
+                too_long: str = TrainConfig.too_long) -> TaskEncoder:  # fmt: skip
     """`config` bound to `backbone`'s tokenizer, its max_length capped to the model's context less the
     `virtual_tokens` a prompt takes: a longer example would run past the positions the model has."""
-    return Task(config, backbone.tokenizer, max_length, too_long=too_long, context=context_size(backbone.model),
+    return TaskEncoder(config, backbone.tokenizer, max_length, too_long=too_long, context=context_size(backbone.model),
                 virtual_tokens=virtual_tokens)  # fmt: skip
+
+
+def task_data(config: TaskConfig, backbone: Backbone, splits: Mapping[str, Data | None], virtual_tokens: int = 0,
+              train: TrainConfig | None = None) -> tuple[TaskEncoder, list[list[Example] | None]]:  # fmt: skip
+    """Fit `config` to `backbone` (fitted_task, with `train`'s max_length and too_long) and encode each of `splits`
+    with it, read as `read_data` reads them: the encoder and the examples in the order of `splits`, None for a
+    split that is None. A split's key is the name its problems go by where it names none itself (a file)."""
+    train = train or TrainConfig()
+    task = fitted_task(config, backbone, virtual_tokens, train.max_length, train.too_long)
+    return task, [None if data is None else task.encode(*read_data(data, name)) for name, data in splits.items()]
+
+
+def read_data(data: Data, what: str) -> tuple[list[dict], str]:
+    """Records from any of the kinds `Data` names, and the name problems in them go by (`what`, or the file's)."""
+    if isinstance(data, (str, os.PathLike)):
+        return read_records(data), str(data)
+    if isinstance(data, Records):  # read from a file already, which it names
+        return data, data.path
+    columns = getattr(data, "column_names", None)
+    if isinstance(columns, Mapping):  # a datasets.DatasetDict
+        raise SoftPromptError(f"{what} is a DatasetDict (splits: {', '.join(columns)}); pass one split, e.g. "
+                              f"data[{next(iter(columns), 'train')!r}].")  # fmt: skip
+    if isinstance(data, Mapping):  # e.g. columns as lists, or splits
+        raise SoftPromptError(f"{what} is one dict (keys: {', '.join(map(str, data))}); pass a list of dicts, one "
+                              "per record, a datasets.Dataset, or a data file path.")  # fmt: skip
+    try:
+        rows = list(data)  # a list of dicts; a datasets.Dataset yields one dict per row
+    except TypeError:
+        raise SoftPromptError(f"{what} is of type {type(data).__name__}: pass a list of dicts, a datasets.Dataset, "
+                              "or a data file path.") from None  # fmt: skip
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise SoftPromptError(
+                f"{what}: item {i + 1} is a {type(row).__name__}, not a record (a dict of fields); pass a list of "
+                "dicts, a datasets.Dataset or a data file path (a pandas DataFrame: df.to_dict('records'))."
+            )
+    rows = [dict(row) for row in rows]
+    features = getattr(data, "features", None)  # a datasets.Dataset's: its ClassLabel columns are checked as a file's
+    class_labels = {name: list(f.names) for name, f in features.items() if type(f).__name__ == "ClassLabel"} \
+        if isinstance(features, Mapping) else {}  # fmt: skip
+    if class_labels:
+        return Records(rows, what, list(range(1, len(rows) + 1)), unit="row", class_labels=class_labels), what
+    return rows, what
 
 
 def check_generation_fits(backbone: Backbone, texts: list[str], ids: list[list[int]], virtual_tokens: int,

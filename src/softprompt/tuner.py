@@ -5,8 +5,9 @@
     tuner.fit(train_records, valid=valid_records)
     tuner.predict(["A joyless, plodding mess."])
 
-A thin layer over the library (`train.train`, `evaluate.label_scores`, `generate.generate`, `artifact`): the same
-settings give the same prompt as `softprompt train`, and the same predictions as `softprompt eval`.
+A thin layer over the library (`training.loop.train`, `scoring.evaluate.label_scores`, `scoring.generate.generate`,
+`artifact`), set up by the same steps as the CLI (prepare.py): the same settings give the same prompt as
+`softprompt train`, and the same predictions as `softprompt eval`.
 """
 
 from __future__ import annotations
@@ -15,28 +16,24 @@ import dataclasses
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
 import torch
 
 from . import artifact
-from .backbones import backbone_for
 from .config import PromptConfig, TaskConfig, TrainConfig, build_all
-from .data import Records, fill, read_records
+from .data import fill
 from .errors import SoftPromptError
-from .evaluate import label_scores
-from .generate import decode_new
-from .generate import generate as generate_ids
 from .methods import PromptMethod
-from .models import DEFAULT_MODEL, load_model
-from .prepare import check_generation_fits, fitted_task, template_init_text
-from .train import train
+from .models import DEFAULT_MODEL
+from .prepare import Data, check_generation_fits, load_backbone, task_data, template_init_text
+from .scoring.evaluate import label_scores
+from .scoring.generate import decode_new
+from .scoring.generate import generate as generate_ids
+from .training.loop import train
 
-Data = Union[str, os.PathLike, Iterable[Mapping]]
-"""Records: a list of dicts, a `datasets.Dataset` (or anything iterable of dicts with `column_names`), or a data
-file or folder as `--train` takes it (.jsonl, .csv, .tsv, .parquet, a save_to_disk folder)."""
 Inputs = Union[str, Mapping, Sequence[Union[str, Mapping]]]
 """One input or several: a text fills every `{field}` of the template (TaskConfig.fill_text); a dict fills each
 field by name (a template with several fields)."""
@@ -71,7 +68,7 @@ class PromptTuner:
             lambda: PromptConfig(method=method, num_tokens=num_tokens, **prompt),
             lambda: TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS}))
         self.progress, self._out = progress, Path(out) if out is not None else None
-        self.backbone = backbone_for(*load_model(str(model)))
+        self.backbone = load_backbone(model)
         self.method: PromptMethod | None = None
         """The trained prompt (None before `fit` or `load`)."""
         self.summary: dict = {}
@@ -84,10 +81,9 @@ class PromptTuner:
     def fit(self, data: Data, valid: Data | None = None, *, resume: bool = False) -> PromptTuner:
         """Train the prompt on `data`, keeping the one that scores best on `valid` (without it, the last one).
         Returns the tuner itself. resume: continue the run in `out` from its newest checkpoint."""
-        task = fitted_task(self.task_config, self.backbone, self.prompt_config.num_tokens,
-                           self.train_config.max_length, self.train_config.too_long)  # fmt: skip
-        train_examples = task.encode(*_training_records(data, "the training data"))
-        valid_examples = task.encode(*_training_records(valid, "the validation data")) if valid is not None else None
+        task, (train_examples, valid_examples) = task_data(
+            self.task_config, self.backbone, {"the training data": data, "the validation data": valid},
+            self.prompt_config.num_tokens, self.train_config)
         out = self._out or Path(tempfile.mkdtemp(prefix="softprompt-"))
         if self.progress:
             print(f"softprompt: training into {out}", file=sys.stderr)
@@ -187,41 +183,10 @@ class PromptTuner:
         read."""
         c = self.task_config
         records = [{**record, c.label_field: c.labels[0]} for record in self._inputs(texts)]
-        task = fitted_task(c, self.backbone, self.prompt_config.num_tokens)  # as `softprompt eval` builds it
-        return label_scores(self.backbone, task, task.encode(records, "the inputs"), self.prefix, batch_size,
-                            self.progress)  # fmt: skip
+        task, [examples] = task_data(c, self.backbone, {"the inputs": records}, self.prompt_config.num_tokens)
+        return label_scores(self.backbone, task, examples, self.prefix, batch_size, self.progress)
 
 
 def _as_list(texts: Inputs) -> list[str | Mapping]:
     return [texts] if isinstance(texts, (str, Mapping)) else list(texts)
 
-
-def _training_records(data: Data, what: str) -> tuple[list[dict], str]:
-    """Records from any of the accepted kinds, and the name problems in them go by."""
-    if isinstance(data, (str, os.PathLike)):
-        return read_records(data), str(data)
-    columns = getattr(data, "column_names", None)
-    if isinstance(columns, Mapping):  # a datasets.DatasetDict
-        raise SoftPromptError(f"{what} is a DatasetDict (splits: {', '.join(columns)}); pass one split, e.g. "
-                              f"data[{next(iter(columns), 'train')!r}].")  # fmt: skip
-    if isinstance(data, Mapping):  # e.g. columns as lists, or splits
-        raise SoftPromptError(f"{what} is one dict (keys: {', '.join(map(str, data))}); pass a list of dicts, one "
-                              "per record, a datasets.Dataset, or a data file path.")  # fmt: skip
-    try:
-        rows = list(data)  # a list of dicts; a datasets.Dataset yields one dict per row
-    except TypeError:
-        raise SoftPromptError(f"{what} is of type {type(data).__name__}: pass a list of dicts, a datasets.Dataset, "
-                              "or a data file path.") from None  # fmt: skip
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise SoftPromptError(
-                f"{what}: item {i + 1} is a {type(row).__name__}, not a record (a dict of fields); pass a list of "
-                "dicts, a datasets.Dataset or a data file path (a pandas DataFrame: df.to_dict('records'))."
-            )
-    rows = [dict(row) for row in rows]
-    features = getattr(data, "features", None)  # a datasets.Dataset's: its ClassLabel columns are checked as a file's
-    class_labels = {name: list(f.names) for name, f in features.items() if type(f).__name__ == "ClassLabel"} \
-        if isinstance(features, Mapping) else {}  # fmt: skip
-    if class_labels:
-        return Records(rows, what, list(range(1, len(rows) + 1)), unit="row", class_labels=class_labels), what
-    return rows, what

@@ -159,8 +159,9 @@ class Backbone(ABC):
         last column predicts each row's next token, and the mask of the cache's slots for the next call."""
 
     @abstractmethod
-    def target_hidden(self, batch, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher forcing over `data.collate`'s layout: the hidden states (K, hidden) that predict the loss tokens."""
+    def target_hidden(self, batch, prompt_input: torch.Tensor | None, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing over `data.collate`'s layout: the hidden states (K, hidden) that predict the loss tokens,
+        after `prompt_input` (a K/V prefix or soft tokens, as the method's `training_input` gives)."""
 
     @abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -180,7 +181,7 @@ class Backbone(ABC):
         """Refuse, before any work, a model whose rows cannot join a running batch (`merge_rows`)."""
         self._cannot("batch continuously")
 
-    def packed_forward(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def packed_forward(self, prompt_input: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        prefix_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         self._cannot("pack rows for training")
 

@@ -77,16 +77,16 @@ class CausalBackbone(Backbone):
                             f"({rows}, {prefix.shape[-2]})")  # fmt: skip
         return problems
 
-    def target_hidden(self, batch, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def target_hidden(self, batch, prompt_input: torch.Tensor | None, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: the final hidden states that predict the batch's loss tokens, (K, hidden), in their order.
         `batch` is `data.collate`'s layout (input then target per row) on this device. A shared prefix's rows are
         packed densely, so nothing is computed on pads (benchmarks/train_speed.py --padded shows the gain).
-        prefix: a K/V prefix, or a soft prompt's embeddings (n, hidden), which then run in the same pass as the rows
+        prompt_input: a K/V prefix, or soft tokens (n, hidden), which then run in the same pass as the rows
         (`packed_forward`)."""
-        if prefix is None:
+        if prompt_input is None:
             hidden, _ = self.forward(batch.input_ids, batch.attention_mask, self.new_cache(None, len(batch.input_ids)))
         else:
-            hidden = self.packed_forward(prefix, batch.input_ids, batch.attention_mask, prefix_mask)
+            hidden = self.packed_forward(prompt_input, batch.input_ids, batch.attention_mask, prefix_mask)
         return hidden[batch.loss_rows, batch.loss_positions]
 
     def forward(
@@ -141,7 +141,7 @@ class CausalBackbone(Backbone):
 
     def packed_forward(
         self,
-        prefix: torch.Tensor,
+        prompt_input: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         prefix_mask: torch.Tensor | None = None,
@@ -152,8 +152,8 @@ class CausalBackbone(Backbone):
         at the position it has in `forward`. Same numbers as `new_cache` + `forward` up to float rounding; a batch
         costs what its real tokens cost, not its padded width.
 
-        prefix: (num_layers, 2, kv_heads, n, head_dim); input_ids, attention_mask: (B, T), any padding side.
-        Or a soft prompt's embeddings (n, hidden) (prompt tuning): they run at the front of every
+        prompt_input: a prefix (num_layers, 2, kv_heads, n, head_dim), or soft tokens (n, hidden) (prompt tuning),
+        which run at the front of every
         packed row in this same pass, where a causal model computes exactly the K/V `prefix_from_embeddings` gives,
         without its separate pass at batch 1 (whose small matrix products run at half the speed of these).
         prefix_mask: (B, n), the slots each row sees (`side_by_side`; default all), or with a per-row prefix from
@@ -163,13 +163,13 @@ class CausalBackbone(Backbone):
         without dense masks, sliding windows shorter than a row).
         """
         batch, T = input_ids.shape
-        n = prefix.shape[-2]
-        soft = prefix.dim() == 2  # embeddings (n, hidden), not K/V
+        n = prompt_input.shape[-2]
+        soft = prompt_input.dim() == 2  # soft tokens (n, hidden), not K/V
         config = self.model.config.get_text_config(decoder=True)
         lengths = attention_mask.sum(-1).tolist()
-        if (prefix.dim() == 6 or config._attn_implementation not in ("sdpa", "eager")
+        if (prompt_input.dim() == 6 or config._attn_implementation not in ("sdpa", "eager")
                 or getattr(config, "attention_chunk_size", None) or n + max(lengths) > self.window):  # fmt: skip
-            prefix = self.as_kv(prefix)
+            prefix = self.as_kv(prompt_input)
             hidden, _ = self.forward(input_ids, attention_mask, self.new_cache(prefix, batch), prefix_mask)
             return hidden.masked_fill(~attention_mask.bool()[..., None], 0)
         # Longest rows first, each into the emptiest packed row: loads stay within one row's length of each other.
@@ -208,12 +208,12 @@ class CausalBackbone(Backbone):
             prompt_rows = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()  # (n, n)
             prompt_rows = torch.cat([prompt_rows, prompt_rows.new_zeros(n, width)], -1).expand(len(bins), -1, -1)
             allowed = torch.cat([prompt_rows, allowed], dim=1)  # (R, n + width, n + width)
-            embeds = torch.cat([prefix.expand(len(bins), -1, -1), self.embed(ids)], dim=1)  # (R, n + width, hidden)
+            embeds = torch.cat([prompt_input.expand(len(bins), -1, -1), self.embed(ids)], dim=1)  # (R, n + width, hidden)
             positions = torch.cat([torch.arange(n, device=ids.device).expand(len(bins), -1), positions], dim=1)
             inputs = {"inputs_embeds": embeds}
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=ids.device)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # (R, 1, queries, keys) additive
-        cache = self.new_cache(None if soft else prefix, len(bins))
+        cache = self.new_cache(None if soft else prompt_input, len(bins))
         with self._checkpointed(cache):
             out = self.decoder(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
                                **{self._cache_keyword: cache})  # fmt: skip

@@ -217,7 +217,7 @@ class Seq2SeqBackbone(Backbone):
         return self._decode(input_ids, attention_mask, cache, past_mask)
 
     def target_hidden(
-        self, batch, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None = None
+        self, batch, prompt_input: torch.Tensor | None, prefix_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Teacher forcing: the decoder's final hidden states that predict the batch's loss tokens, (K, d_model), in
         their order. `batch` is `data.collate`'s layout, on this device: each row is split where its loss begins."""
@@ -235,7 +235,7 @@ class Seq2SeqBackbone(Backbone):
         decoder_ids = ids.gather(1, (start[:, None] - 1 + j[None]).clamp(0, T - 1))  # (B, width)
         decoder_ids[:, 0] = self.start_id
         decoder_ids = decoder_ids.masked_fill(decoder_mask == 0, self.pad_id)
-        cache = self.new_cache(prefix, rows)
+        cache = self.new_cache(prompt_input, rows)
         past_mask = self._read_prompt(cache, ids, encoder_mask, prefix_mask)
         hidden, _ = self._decode(decoder_ids, decoder_mask, cache, past_mask)  # (B, width, d_model)
         return hidden[batch.loss_rows, batch.loss_positions + 1 - start[batch.loss_rows]]

@@ -37,13 +37,13 @@ class PromptMethod(nn.Module):
         encoder-decoder, what `Seq2SeqBackbone` takes as a prefix (soft tokens for prompt tuning; see seq2seq.py)."""
         raise NotImplementedError
 
-    def train_prefix(self, backbone) -> torch.Tensor:
+    def training_input(self, backbone) -> torch.Tensor:
         """What a training step hands `backbone.target_hidden`: `kv()`, unless the backbone can take something
         cheaper that means the same (prompt tuning's embeddings, see SoftPrompt)."""
         return self.kv(backbone)
 
     def forward(self, backbone) -> torch.Tensor:  # so DDP-style wrappers see a forward call
-        return self.train_prefix(backbone)
+        return self.training_input(backbone)
 
     def artifact_tensors(self) -> dict[str, torch.Tensor]:
         """What a saved artifact stores: plain tensors, any reparameterization folded away."""

@@ -41,7 +41,7 @@ class SoftPrompt(PromptMethod):
     def kv(self, backbone) -> torch.Tensor:
         return backbone.prefix_from_embeddings(self.prompt().to(backbone.dtype))
 
-    def train_prefix(self, backbone) -> torch.Tensor:
+    def training_input(self, backbone) -> torch.Tensor:
         """P itself, (n, hidden): every backbone's `target_hidden` reads it in the batch's own pass (a causal one
         puts it in front of each packed row), so its K/V need no separate pass at batch 1."""
         return self.prompt().to(backbone.dtype)

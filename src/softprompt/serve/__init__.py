@@ -1,5 +1,6 @@
-"""Serving many prompts on one frozen model: a registry of loaded prompts (K/V computed once), a continuous-batching
-engine, and an OpenAI-compatible HTTP app. `serve(ServeConfig(...))` runs it all (the `softprompt serve` command)."""
+"""Serving many prompts on one frozen model: a registry of loaded prompts (each one's input computed once), an engine
+(ours, continuous batching, or a running vLLM), and an OpenAI-compatible HTTP app. `serve(ServeConfig(...))` runs it
+all (the `softprompt serve` command)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ class ServeConfig:
     prompts: Path | None = None
     """Folder whose subfolders are prompt artifacts; each subfolder's name is its model id."""
     host: str = "127.0.0.1"
+    """Address to listen on (127.0.0.1: this machine only)."""
     port: int = 8000
+    """Port to listen on."""
     api_key: str | None = None
     """When set, every endpoint but /health and the playground page's files (/, /ui, /static/) needs
     `Authorization: Bearer <key>`."""
@@ -29,6 +32,7 @@ class ServeConfig:
     max_queue: int = 256
     """Rows that may wait; more are refused with 429."""
     max_prompt_tokens: int = 2048
+    """Longest prompt, in tokens; longer ones are refused with 400."""
     max_tokens: int = 512
     """Most new tokens per choice."""
     max_n: int = 16
@@ -59,30 +63,32 @@ class ServeConfig:
 
 
 def build(config: ServeConfig):
-    """(app, engine, registry) for `config`: the model loaded, every prompt's K/V computed, the engine started."""
+    """(app, engine, registry) for `config`: the model loaded, every prompt's input computed, the engine started."""
     from ..backbones import backbone_for
-    from ..models import context_size, load_model
-    from .app import Limits, create_app
-    from .engine import Engine, EngineConfig
+    from ..models import load_model
+    from .app import create_app
+    from .engines.base import EngineConfig
+    from .jobs import Limits
     from .registry import Registry
 
     engine_config = EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue)
     if config.vllm_url:  # a front: the tokenizer and the input embeddings only; vLLM runs the model
-        from ..vllm import InputEmbeddings
-        from .vllm_engine import VllmEngine
+        from .engines.vllm import VllmEngine
+        from .vllm_embeds import InputEmbeddings
 
-        backbone = InputEmbeddings.load(config.model)
-        context = context_size(backbone.config)
-        engine = VllmEngine(backbone, config.vllm_url, engine_config, config.vllm_timeout)
+        model = InputEmbeddings.load(config.model)
+        engine = VllmEngine(model, config.vllm_url, engine_config, config.vllm_timeout)
     else:
+        from .engines.local import LocalEngine
+        from .served import LocalModel
+
         backbone = backbone_for(*load_model(config.model))
         backbone.check_joinable()  # before loading any prompt: an unservable model fails fast
-        context = context_size(backbone.model)
-        engine = Engine(backbone, engine_config)
-    registry = Registry(backbone, config.model, config.prompts)
+        model, engine = LocalModel(backbone), LocalEngine(backbone, engine_config)
+    registry = Registry(model, config.model, config.prompts)
     registry.reload(strict=True)  # a broken artifact at startup is an error, not a silent gap
     engine.start()
-    limits = Limits(config.max_prompt_tokens, config.max_tokens, config.max_n, context)
+    limits = Limits(config.max_prompt_tokens, config.max_tokens, config.max_n, model.context)
     return create_app(registry, engine, limits, config.api_key), engine, registry
 
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible request bodies and response objects (the subset this server implements)."""
+"""The OpenAI-compatible request bodies, response objects and errors (the subset this server implements)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,15 @@ class ChatRequest(Common):
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:  # fmt: skip
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class ApiError(Exception):
+    """A request answered with an error: its HTTP status and OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, kind, param, code)
 
 
 def new_id(prefix: str) -> str:

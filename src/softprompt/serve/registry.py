@@ -1,6 +1,7 @@
 """The prompts a server offers: each artifact directory under the prompts folder is one model id (its directory
-name), next to the bare base model. Each prompt's per-layer K/V is computed once when it is loaded, so a request
-never re-runs its soft prompt; `reload` picks up new, changed and removed directories without a restart."""
+name), next to the bare base model. Each prompt's input (its per-layer K/V for our engine, its soft tokens in front
+of vLLM: `ServedModel.prompt_input`) is computed once when it is loaded, so a request never re-runs its soft prompt;
+`reload` picks up new, changed and removed directories without a restart."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 from .. import artifact
 from ..backbones import Backbone
 from ..config import TaskConfig
-from ..data import Task
+from ..data import TaskEncoder
 from ..errors import SoftPromptError
-from ..vllm import InputEmbeddings
+from .served import ServedModel, as_served
 
 
 @dataclass
@@ -23,9 +24,9 @@ class Prompt:
     """One servable model id."""
 
     name: str
-    prefix: torch.Tensor | None
-    """(num_layers, 2, kv_heads, n, head_dim), computed once (in front of vLLM: the soft tokens (n, hidden)); None
-    for the bare base model."""
+    prompt_input: torch.Tensor | None
+    """What the served model made of the artifact, computed once: the K/V prefix (num_layers, 2, kv_heads, n,
+    head_dim) for our engine, the soft tokens (n, hidden) in front of vLLM; None for the bare base model."""
     task: TaskConfig | None = None
     """The artifact's template and labels; None for the bare base model."""
     label_ids: list[list[int]] = field(default_factory=list)
@@ -39,7 +40,7 @@ class Prompt:
 
     @property
     def num_tokens(self) -> int:
-        return 0 if self.prefix is None else self.prefix.shape[-2]
+        return 0 if self.prompt_input is None else self.prompt_input.shape[-2]
 
     @property
     def is_classification(self) -> bool:
@@ -65,10 +66,9 @@ def _signature(folder: Path) -> tuple:
 class Registry:
     """Model id -> Prompt. Reads may come from any thread: `reload` swaps in a new dict in one assignment."""
 
-    def __init__(self, backbone: Backbone | InputEmbeddings, base_name: str, prompts_dir: str | Path | None = None):
-        """`backbone`: the model our engine runs, or, in front of vLLM, its input embeddings (prompts are then their
-        soft tokens P, and prefix-tuning artifacts are refused)."""
-        self.backbone = backbone
+    def __init__(self, model: ServedModel | Backbone, base_name: str, prompts_dir: str | Path | None = None):
+        """`model`: what turns an artifact into its prompt input (a bare backbone: our engine's)."""
+        self.model = as_served(model)
         self.base = Prompt(base_id(base_name), None)
         self.prompts_dir = Path(prompts_dir) if prompts_dir else None  # ServeConfig checks that it is a folder
         self.prompts: dict[str, Prompt] = {self.base.name: self.base}
@@ -82,12 +82,9 @@ class Registry:
     def _load(self, folder: Path) -> Prompt:
         saved = artifact.load(folder)
         with torch.no_grad():
-            if isinstance(self.backbone, InputEmbeddings):
-                prefix = self.backbone.soft_tokens(saved, str(folder))  # (n, hidden), for vLLM's prompt_embeds
-            else:
-                prefix = artifact.prefix_of(saved, self.backbone, str(folder))
-        labels = Task(saved.task, self.backbone.tokenizer).label_ids if saved.task.task == "classification" else []
-        return Prompt(folder.name, prefix, saved.task, labels, saved.prompt.method, signature=_signature(folder),
+            prompt_input = self.model.prompt_input(saved, str(folder))
+        labels = TaskEncoder(saved.task, self.model.tokenizer).label_ids if saved.task.task == "classification" else []
+        return Prompt(folder.name, prompt_input, saved.task, labels, saved.prompt.method, signature=_signature(folder),
                       folder=folder)  # fmt: skip
 
     def unchanged(self, prompt: Prompt) -> bool:

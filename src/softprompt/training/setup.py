@@ -1,0 +1,135 @@
+"""The set-up steps of a training run, in the order `loop.train_prompts` takes them: the accelerator, the data
+checks, the frozen model on its device(s), the starting prompts, the optimizer and its schedule. Each refuses what it
+cannot do before anything costly happens after it."""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import get_scheduler
+from transformers.optimization import Adafactor
+
+from .. import methods
+from ..backbones import Backbone
+from ..config import PromptConfig, TrainConfig
+from ..data import Example, TaskEncoder
+from ..errors import SoftPromptError
+from . import trackers
+
+
+@dataclass
+class TrainingTask:
+    """One task of a run: how records become examples, its data, and optionally a prompt to start from."""
+
+    task: TaskEncoder
+    train: list[Example]
+    valid: list[Example] = field(default_factory=list)
+    init: methods.PromptMethod | None = None
+    """Start from this prompt (e.g. a trained one: transfer) instead of building one from the prompt config."""
+
+
+class PromptSet(nn.Module):
+    """The prompts of a run, one per name; one module, so one optimizer and one DDP wrapper cover them all."""
+
+    def __init__(self, prompts: dict[str, methods.PromptMethod]):
+        super().__init__()
+        self.prompts = nn.ModuleDict(prompts)
+
+    def forward(self, backbone: Backbone, names: set[str]) -> dict[str, torch.Tensor]:
+        """What each named prompt hands the backbone in a training step (`training_input`: its prefix, or its soft
+        tokens for prompt tuning); only those named."""
+        return {name: self.prompts[name].training_input(backbone) for name in names}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adafactor":
+        return Adafactor(
+            params, lr=config.lr, weight_decay=config.weight_decay,
+            scale_parameter=False, relative_step=False, warmup_init=False,
+        )
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def accelerator_for(find_unused: bool, report_to: str, out_dir: Path) -> Accelerator:
+    """The accelerator, with the experiment trackers `report_to` names (checked here, so a missing package stops
+    the run before anything else; `trackers.start` starts them)."""
+    # Without CUDA, processes started by `accelerate launch`/torchrun train on the CPU and synchronise over gloo.
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+                       log_with=trackers.resolve(report_to) or None,
+                       project_config=ProjectConfiguration(project_dir=str(out_dir),
+                                                           logging_dir=str(trackers.tensorboard_dir(out_dir))))
+
+
+def check_data(tasks: dict[str, TrainingTask], cfg: TrainConfig, world: int) -> None:
+    """Refuse what cannot make one global batch, split evenly over processes and accumulation steps."""
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise SoftPromptError(
+            f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world} x {cfg.grad_accum}."
+        )
+    empty = [name for name, data in tasks.items() if not data.train]
+    if empty:
+        raise SoftPromptError(f"no training examples for {', '.join(empty)}: the training data is empty.")
+    available = sum(len(data.train) for data in tasks.values())
+    if available < cfg.batch_size:
+        raise SoftPromptError(f"the training data has {available} examples, fewer than one batch of "
+                              f"{cfg.batch_size}; lower --batch-size or add data.")  # fmt: skip
+
+
+def place_model(backbone: Backbone, cfg: TrainConfig, accelerator: Accelerator) -> tuple[bool, int]:
+    """Put the frozen model on this process's device, whole or sharded; returns whether it is sharded and how many
+    of its parameters this process holds."""
+    # Sharding the frozen layers (FSDP2) starts from the CPU copy, so no device ever holds the whole model.
+    sharded = accelerator.num_processes > 1 and (
+        cfg.shard_model or accelerator.distributed_type == DistributedType.FSDP)  # fmt: skip
+    if sharded:
+        frozen_held = backbone.shard_layers(accelerator.device)
+    else:
+        backbone.model.to(accelerator.device)
+        frozen_held = sum(p.numel() for p in backbone.model.parameters())
+    backbone.gradient_checkpointing(cfg.gradient_checkpointing)
+    return sharded, frozen_held
+
+
+def build_prompts(backbone: Backbone, tasks: dict[str, TrainingTask], prompt_config: PromptConfig, seed: int,
+                  device: torch.device) -> PromptSet:  # fmt: skip
+    """Each task's starting prompt: a copy of its `init`, or a new one drawn from one seeded generator in task
+    order."""
+    generator = torch.Generator().manual_seed(seed)
+    return PromptSet({
+        name: copy.deepcopy(data.init) if data.init else methods.build(prompt_config, backbone,
+                                                                      data.task.config.labels, generator)
+        for name, data in tasks.items()
+    }).to(device)  # fmt: skip
+
+
+def optimizer_for(prompts: PromptSet, params, cfg: TrainConfig, accelerator: Accelerator, sharded: bool,
+                  find_unused: bool) -> tuple[nn.Module, torch.optim.Optimizer, LRScheduler]:  # fmt: skip
+    """The optimizer over `params` (the prompts' parameters or parameter groups: `TrainingPolicy.param_groups`; the
+    schedule scales every group alike), its learning-rate schedule, and the prompts as the model to run (replicated
+    across processes)."""
+    optimizer = make_optimizer(params, cfg)
+    # Not prepared by accelerate: its wrapper would step once per process; `steps` counts global optimizer steps.
+    scheduler = get_scheduler(
+        cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
+        optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps,
+    )
+    if sharded:  # only the prompt module is replicated: our DDP over it, never accelerate's FSDP wrapping of it
+        model = DistributedDataParallel(prompts, find_unused_parameters=find_unused)
+    else:  # accelerate: DDP across processes, or the module as it is
+        model, optimizer = accelerator.prepare(prompts, optimizer)
+    return model, optimizer, scheduler
