@@ -84,8 +84,9 @@ def matmul_peak(model, tokens: int, repeats: int = 3) -> float:
     forward (X W^T), then every layer backward to the input (dY W), best of `repeats` such sweeps."""
     weights = [m.weight.detach() for layer in model.base_model.layers for m in layer.modules()
                if isinstance(m, torch.nn.Linear)]  # fmt: skip
-    xs = {w.shape[1]: torch.randn(tokens, w.shape[1], dtype=w.dtype) for w in weights}  # inputs, by width
-    dys = {w.shape[0]: torch.randn(tokens, w.shape[0], dtype=w.dtype) for w in weights}  # output gradients
+    xs = {w.shape[1]: torch.randn(tokens, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}  # by width
+    dys = {w.shape[0]: torch.randn(tokens, w.shape[0], dtype=w.dtype, device=w.device) for w in weights}  # dY
+    wait = torch.cuda.synchronize if weights[0].is_cuda else (lambda: None)  # GPU kernels run asynchronously
     flops = 2 * 2 * tokens * sum(w.numel() for w in weights)
 
     def sweep() -> None:
@@ -97,8 +98,10 @@ def matmul_peak(model, tokens: int, repeats: int = 3) -> float:
     sweep()  # warm-up: first-call allocation and dispatch stay out
     best = float("inf")
     for _ in range(repeats):
+        wait()
         began = time.perf_counter()
         sweep()
+        wait()
         best = min(best, time.perf_counter() - began)
     return flops / best
 

@@ -89,7 +89,7 @@ def peft_model_with(backbone, prompts: list, names: list[str]):
 
 
 def peft_generate(model, tokenizer, texts: list[str], new_tokens: int) -> list[list[int]]:
-    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
     out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
     return out[:, -new_tokens:].tolist()
@@ -136,7 +136,7 @@ class Workload:
 
 
 def build_workload(args) -> Workload:
-    backbone = embedded_backbone()
+    backbone = embedded_backbone(dtype=args.dtype, device=args.device)
     lengths = [10 + (i * 2) % 31 for i in range(args.prompts)]  # 10 ... 40
     prompts = [vocab_prompt(backbone, "prompt", n, seed) for seed, n in enumerate(lengths)]
     names = [f"p{i}" for i in range(args.prompts)]
@@ -393,6 +393,9 @@ def parse() -> argparse.Namespace:
                         help="Requests (one per prompt) whose outputs are checked against uncached [P; E] decoding.")
     parser.add_argument("--no-vllm", action="store_true",
                         help="Leave out the vLLM columns (vLLM direct, and our front to it; need .venv-vllm).")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="The model's dtype for our engine and PEFT (vLLM takes its own).")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (our engine and PEFT).")
     parser.add_argument("--json", action="store_true", help="Print only the JSON summary (one line).")
     return parser.parse_args()
 

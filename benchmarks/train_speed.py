@@ -67,7 +67,7 @@ if __package__ in (None, ""):  # `python benchmarks/train_speed.py`: the reposit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common.machine import print_facts, quiet_process  # noqa: E402
-from benchmarks.common.model import embedded_backbone  # noqa: E402
+from benchmarks.common.model import embedded_backbone, vocab_prompt  # noqa: E402
 from benchmarks.common.training import (BATCH_SIZE, CORRECT_REL, MB, MEMORY_METHODS, PairSettings,  # noqa: E402
                                         RunResult, batch_tokens, default_memory_method, draw_batches, is_correct,
                                         make_task, model_state, reference_loss, rel_diff, side_by_side)  # fmt: skip
@@ -84,12 +84,12 @@ TARGETS = {"prompt-20": 1.2, "prompt-100": 1.6, "prefix-20": 1.15}
 
 # ---------------------------------------------------------------------------------------------------- report
 def summarize(ours: list[RunResult], theirs: list[RunResult], reference: float, flops_per_token: float,
-              peaks: list[float]) -> dict:
+              peaks: list[float], dtype: str = "float32") -> dict:
     """Ratios are taken within each repetition (the two runs of a repetition ran step for step together), then the
     median over repetitions; throughput and memory columns are each library's own median. No ratio is reported
     against a peer whose step-0 loss is not the reference's: a speed ratio against a wrong answer means nothing."""
     med = statistics.median
-    peer_correct = is_correct(theirs[0].loss_step0, reference)
+    peer_correct = is_correct(theirs[0].loss_step0, reference, dtype)
     speedups = [round(o.tokens_per_s / p.tokens_per_s, 3) for o, p in zip(ours, theirs)] if peer_correct else []
     memory_ratios = [round(o.peak_bytes / p.peak_bytes, 3) for o, p in zip(ours, theirs)] if peer_correct else []
 
@@ -99,7 +99,7 @@ def summarize(ours: list[RunResult], theirs: list[RunResult], reference: float, 
 
     return {
         "peer_correct": peer_correct,
-        "ours_correct": is_correct(ours[0].loss_step0, reference),
+        "ours_correct": is_correct(ours[0].loss_step0, reference, dtype),
         "speedup": round(med(speedups), 3) if peer_correct else None,
         "memory_ratio": round(med(memory_ratios), 3) if peer_correct else None,
         "reference_loss_step0": round(reference, 6),
@@ -131,19 +131,20 @@ def verdict(name: str, row: dict) -> str:
         return "WRONG: ours differs from the reference loss"
     if not row["peer_correct"]:
         return "no ratio: PEFT's loss differs from the reference"
-    misses = []
+    misses, name = [], name.split("/")[0]  # "prompt-20-cls/bfloat16": the configuration, then the dtype
     target = TARGETS[name.rsplit("-", 1)[0]]
     if row["speedup"] < target:
         misses.append(f"speed<{target}")
     if name.endswith("-cls") and row["memory_ratio"] > 0.7:
         misses.append("mem>0.7")
-    if row["loss_rel_diff_step0"] > 1e-3:
+    if row["loss_rel_diff_step0"] > max(1e-3, 2 * CORRECT_REL[row["dtype"]]):  # each within the reference's
         misses.append("loss")
     return "ok" if not misses else "MISS " + ",".join(misses)
 
 
 def print_table(results: dict, args, seconds: float) -> None:
-    print(f"softprompt vs PEFT: training steps on SmolLM2-135M (float32, CPU), batch {BATCH_SIZE}, AdamW lr {args.lr}")
+    print(f"softprompt vs PEFT: training steps on SmolLM2-135M ({args.dtype}, {args.device}), batch {BATCH_SIZE}, "
+          f"AdamW lr {args.lr}")
     print_facts()
     print(f"runs     : {args.repeats} repetition(s) x ({args.steps} timed steps after 1 warm-up step), the libraries "
           "alternating step by step; ratios per repetition, then medians; "
@@ -182,7 +183,13 @@ def print_table(results: dict, args, seconds: float) -> None:
           + "; ".join(f"{k} {v['speedup_per_repeat']}" for k, v in results.items()))  # fmt: skip
     print("Targets (issue 3): speedup prompt-100 >= 1.6, prompt-20 >= 1.2, prefix-20 >= 1.15; cls memory ratio "
           "<= 0.7; step-0 loss rel diff <= 1e-3.")  # fmt: skip
-    print(f"Correct: each library's step-0 loss within {CORRECT_REL:g} (relative) of transformers' own loss over full "
+    across = {k: v for k, v in results.items() if any(key.startswith("ours_vs_") for key in v)}
+    if across:
+        key = next(key for key in next(iter(across.values())) if key.startswith("ours_vs_"))
+        print(f"\nours in each dtype against ours in {key.removeprefix('ours_vs_')} (tokens/s ratio, same batches, "
+              "interleaved, median over repetitions): " + "; ".join(f"{k} {v[key]:.2f}x" for k, v in across.items()))
+    tolerances = ", ".join(f"{CORRECT_REL[r['dtype']]:g} in {r['dtype']}" for r in {r["dtype"]: r for r in results.values()}.values())
+    print(f"Correct: each library's step-0 loss within {tolerances} (relative) of transformers' own float32 loss over full "
           "logits of [P; E] (prompt) or with the prefix as its past (prefix); ratios only where PEFT's is.")
     print("\nJSON (--json prints all fields):")
 
@@ -199,15 +206,23 @@ def main(argv=None) -> None:
                         help="ours computes on the padded batch instead of packing real tokens (shows packing's gain)")
     parser.add_argument("--memory", choices=list(MEMORY_METHODS), default=None,
                         help="how peak memory is measured (default: vmhwm where the kernel allows it, else sample)")
+    parser.add_argument("--dtype", default="float32",
+                        help="the frozen model's dtype for both libraries: float32, bfloat16, float16, or several "
+                             "comma-separated (each configuration then runs in each, interleaved, and ours is "
+                             "compared across them)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both libraries on it)")
     parser.add_argument("--json", action="store_true", help="print one JSON object keyed by configuration")
     args = parser.parse_args(argv)
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    if not dtypes or any(d not in CORRECT_REL for d in dtypes):
+        parser.error(f"--dtype takes {', '.join(CORRECT_REL)} (comma-separated), got {args.dtype!r}")
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
     if unknown or not names:
         parser.error(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
     if args.steps < 1 or args.repeats < 1 or args.threads < 1:
         parser.error("--steps, --repeats and --threads must be at least 1")
-    args.memory = args.memory or default_memory_method()
+    args.memory = args.memory or default_memory_method(args.device)
 
     from tqdm.auto import tqdm
 
@@ -215,39 +230,49 @@ def main(argv=None) -> None:
 
     quiet_process(args.threads)
     started = time.perf_counter()
-    backbone = embedded_backbone(page_in=True)  # or the first run's peak would hold the weights
-    model = backbone.model
+    backbones = {d: embedded_backbone(page_in=True, dtype=d, device=args.device) for d in dtypes}  # paged in: or a
+    # first peak would hold the weights; the reference is float32
+    reference_model = backbones.get("float32") or embedded_backbone(dtype="float32", device=args.device)
+    tokenizer = reference_model.tokenizer
     records = sentiment_splits()["train"]
-    work = {task: draw_batches(make_task(backbone.tokenizer, task), records, args.steps + 1, args.seed)
+    work = {task: draw_batches(make_task(tokenizer, task), records, args.steps + 1, args.seed)
             for task in ("cls", "gen")}  # fmt: skip
-    before = model_state(model)
+    before = {d: model_state(b.model) for d, b in backbones.items()}
     settings = PairSettings(args.lr, args.seed, args.memory, args.padded)
+    runs = [(name, d) for name in names for d in dtypes]  # each configuration in each dtype
 
-    def run(name: str, batches, flip: bool) -> dict[str, RunResult]:
+    def run(name: str, dtype: str, batches, flip: bool) -> dict[str, RunResult]:
         method, n, _ = CONFIGS[name]
-        return side_by_side(backbone, method, n, batches, settings, flip, before)
+        return side_by_side(backbones[dtype], method, n, batches, settings, flip, before[dtype])
 
     for task, batches in work.items():  # a step of each first: one-time allocations stay out of the measurements
-        run(f"prefix-20-{task}", batches[:1], flip=False)
-    ours: dict[str, list[RunResult]] = {name: [] for name in names}
-    theirs: dict[str, list[RunResult]] = {name: [] for name in names}
-    references = {name: reference_loss(backbone, *CONFIGS[name][:2], args.seed, work[CONFIGS[name][2]][0])
-                  for name in names}  # fmt: skip
+        for d in dtypes:
+            run(f"prefix-20-{task}", d, batches[:1], flip=False)
+    ours: dict[tuple, list[RunResult]] = {key: [] for key in runs}
+    theirs: dict[tuple, list[RunResult]] = {key: [] for key in runs}
+    references = {(name, d): reference_loss(reference_model, *CONFIGS[name][:2], args.seed, work[CONFIGS[name][2]][0],
+                                            start=vocab_prompt(backbones[d], *CONFIGS[name][:2], args.seed))
+                  for name, d in runs}  # fmt: skip
+    model = reference_model.model
     flops_per_token = {name: useful_flops(model, work[CONFIGS[name][2]][1:], *CONFIGS[name][:2])  # timed batches
                        for name in names}  # fmt: skip
     step_tokens = {task: round(statistics.mean(map(batch_tokens, batches))) for task, batches in work.items()}
-    peaks: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[tuple, list[float]] = {key: [] for key in runs}
     for rep in tqdm(range(args.repeats), desc="repetitions", file=sys.stderr):
-        for name in tqdm(names, desc=f"repetition {rep + 1}", file=sys.stderr, leave=False):
-            peaks[name].append(matmul_peak(model, step_tokens[CONFIGS[name][2]]))
-            runs = run(name, work[CONFIGS[name][2]], flip=bool(rep % 2))
-            ours[name].append(runs["ours"])
-            theirs[name].append(runs["peft"])
-    results = {name: summarize(ours[name], theirs[name], references[name], flops_per_token[name], peaks[name])
-               for name in names}  # fmt: skip
-    for row in results.values():
-        row.update(steps=args.steps, repeats=args.repeats, threads=args.threads, padded=args.padded,
+        for name, d in tqdm(runs, desc=f"repetition {rep + 1}", file=sys.stderr, leave=False):
+            peaks[name, d].append(matmul_peak(backbones[d].model, step_tokens[CONFIGS[name][2]]))
+            pair = run(name, d, work[CONFIGS[name][2]], flip=bool(rep % 2))
+            ours[name, d].append(pair["ours"])
+            theirs[name, d].append(pair["peft"])
+    results = {}
+    for name, d in runs:
+        row = summarize(ours[name, d], theirs[name, d], references[name, d], flops_per_token[name], peaks[name, d], d)
+        row.update(dtype=d, steps=args.steps, repeats=args.repeats, threads=args.threads, padded=args.padded,
                    memory=args.memory)  # fmt: skip
+        if d != dtypes[0]:  # ours in this dtype against ours in the first, repetition by repetition
+            row[f"ours_vs_{dtypes[0]}"] = round(statistics.median(
+                [a.tokens_per_s / b.tokens_per_s for a, b in zip(ours[name, d], ours[name, dtypes[0]])]), 3)
+        results[name if len(dtypes) == 1 else f"{name}/{d}"] = row
     if not args.json:
         print_table(results, args, time.perf_counter() - started)
     print(json.dumps(results))  # one object on the last line, as in --json mode

@@ -207,8 +207,8 @@ def count_layer_runs(monkeypatch) -> list[list[int]]:
     returns)."""
     loads, load = [], cli_module._backbone
 
-    def counted(name):
-        backbone, runs = load(name), []
+    def counted(name, *args, **kwargs):
+        backbone, runs = load(name, *args, **kwargs), []
         for layer in backbone.model.model.layers:
             layer.mlp.register_forward_pre_hook(lambda *_: runs.append(1) if torch.is_grad_enabled() else None)
         loads.append(runs)
@@ -397,18 +397,23 @@ def test_generate_samples_with_temperature_top_p_and_seed(files, reference, monk
 def test_every_setting_is_an_option_and_every_option_says_what_it_does():
     """The settings' options are made from the config dataclasses: every field of PromptConfig and TrainConfig is an
     option of `train` (but the one the CLI leaves out), of DistillConfig one of `distill`, of ServeConfig one of
-    `serve` (but its log level); and every option of every command has a help text."""
+    `serve` (but its log level, and `load`, whose fields are options themselves); every field of LoadConfig one of
+    every command that loads a model; and every option of every command has a help text."""
     import dataclasses
 
     import typer
 
     from softprompt.config import PromptConfig, TrainConfig
+    from softprompt.models import LoadConfig
     from softprompt.serve import ServeConfig
     from softprompt.training.distill import DistillConfig
 
     commands = typer.main.get_command(cli_module.app).commands
+    loading = [(name, LoadConfig, ()) for name in ("train", "distill", "eval", "generate", "inspect", "import",
+                                                   "serve", "demo")]  # fmt: skip
     for name, config, left_out in (("train", PromptConfig, cli_module.TRAIN_LEAVES_OUT), ("train", TrainConfig, ()),
-                                   ("distill", DistillConfig, ()), ("serve", ServeConfig, ("log_level",))):
+                                   ("distill", DistillConfig, ()), ("serve", ServeConfig, ("log_level", "load")),
+                                   *loading):  # fmt: skip
         options = {p.name for p in commands[name].params}
         assert {f.name for f in dataclasses.fields(config)} - set(left_out) <= options, name
     assert [f"{name} {p.opts[0]}" for name, c in commands.items() for p in c.params if not p.help] == []

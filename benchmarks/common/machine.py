@@ -22,7 +22,9 @@ def machine() -> str:
     except (OSError, AttributeError):
         pass
     load = ", load average %.1f %.1f %.1f at the end" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    return f"{os.cpu_count()} cores ({cpu}), torch threads {torch.get_num_threads()}{load}"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    gpu = f"; GPU: {', '.join(gpus)} (CUDA {torch.version.cuda})" if gpus else ""
+    return f"{os.cpu_count()} cores ({cpu}), torch threads {torch.get_num_threads()}{load}{gpu}"
 
 
 def now() -> str:

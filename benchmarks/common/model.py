@@ -7,13 +7,14 @@ import torch
 EMBEDDED = "smollm2-135m"
 
 
-def embedded_backbone(page_in: bool = False):
-    """The embedded SmolLM2-135M (float32, CPU) as a frozen backbone. `page_in` reads every weight once: they are
-    memory-mapped from disk, and a first measured step would otherwise count them in its peak memory."""
+def embedded_backbone(page_in: bool = False, dtype: str = "float32", device: str = "cpu"):
+    """The embedded SmolLM2-135M (float32 on the CPU unless told) as a frozen backbone. `page_in` reads every weight
+    once: they are memory-mapped from disk, and a first measured step would otherwise count them in its peak
+    memory."""
     from softprompt.backbones import backbone_for
-    from softprompt.models import load_model
+    from softprompt.models import LoadConfig, load_model
 
-    backbone = backbone_for(*load_model(EMBEDDED))
+    backbone = backbone_for(*load_model(EMBEDDED, LoadConfig(dtype=dtype, device=device)))
     if page_in:
         with torch.no_grad():
             sum(float(p.sum()) for p in backbone.model.parameters())

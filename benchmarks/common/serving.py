@@ -111,7 +111,8 @@ def reference_generate(backbone, embeddings: torch.Tensor, ids: list[int], new_t
     model, tokens = backbone.model, list(ids)
     with torch.no_grad():
         for _ in range(new_tokens):
-            embeds = torch.cat([embeddings, model.get_input_embeddings()(torch.tensor(tokens))])[None]  # (1, n + T, d)
+            so_far = torch.tensor(tokens, device=model.device)
+            embeds = torch.cat([embeddings.to(model.device, model.dtype), model.get_input_embeddings()(so_far)])[None]
             tokens.append(int(model(inputs_embeds=embeds, use_cache=False).logits[0, -1].argmax()))
     return tokens[len(ids) :]
 

@@ -22,7 +22,7 @@ import typer
 
 from .config import PromptConfig, TaskConfig, TrainConfig, build_all, field_docs
 from .errors import SoftPromptError
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, LoadConfig
 from .serve import ServeConfig
 from .training.distill import DistillConfig
 
@@ -111,10 +111,12 @@ def _launched_with_fsdp() -> bool:
     return os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true"  # accelerate's own test of it
 
 
-def _backbone(model_name: str):
+def _backbone(model_name: str, settings: Settings, training: bool = False, **changes: Any):
+    """The frozen model, loaded as the command's --dtype/--device/... say, with `changes` made (`training`: refusing
+    what training cannot use, before any weight is read)."""
     from .prepare import load_backbone
 
-    return load_backbone(model_name)
+    return load_backbone(model_name, LoadConfig(**settings.of(LoadConfig, **changes)), training)
 
 
 def _init_text(settings: Settings, template: str) -> str | None:
@@ -139,7 +141,8 @@ TRAIN_LEAVES_OUT = ("vocab_size_for_init",)
 
 
 @app.command()
-@with_options(options(TaskConfig, INFERRED, template=None), options(PromptConfig, TRAIN_LEAVES_OUT), TrainConfig)
+@with_options(options(TaskConfig, INFERRED, template=None), options(PromptConfig, TRAIN_LEAVES_OUT), TrainConfig,
+              LoadConfig)
 def train(
     out: Annotated[Path, Opt(help="Output directory: the artifact (best prompt), log, plot, checkpoints.")],
     train_file: Annotated[Optional[Path], Opt("--train", help="Training data: .jsonl, .csv, .tsv, .parquet, or a "
@@ -163,7 +166,7 @@ def train(
     """Train a soft prompt or prefix on a frozen model; --out becomes the artifact (with --tasks, one per task;
     with --search, the best candidate's)."""
     from .data import read_records
-    from .prepare import task_data, transfer_source
+    from .prepare import check_memory, task_data, transfer_source
     from .training.loop import TrainingTask
     from .training.trackers import resolve as resolve_trackers
 
@@ -178,7 +181,11 @@ def train(
     resolve_trackers(train_config.report_to)  # a missing tracker package fails before the model loads
     records = {name: (read_records(spec.train), read_records(spec.valid) if spec.valid else None)
                for name, spec in specs.items()}  # fmt: skip
-    backbone = _backbone(model)
+    candidates = _candidates(prompt_config, train_config, grid, specs["prompt"].config) if search else None
+    check_memory(model, LoadConfig(**settings.of(LoadConfig)), prompt_config, train_config,
+                 len(candidates) if search else 1)  # fmt: skip
+    # a model to shard loads on the CPU: no device ever holds it whole
+    backbone = _backbone(model, settings, training=True, **({"device": "cpu"} if shard_model else {}))
     init_method = None
     if init_from:  # the source prompt's method and length replace --method/--num-tokens/--init
         init_method = transfer_source(init_from, backbone, f"--init-from {init_from}")
@@ -190,7 +197,7 @@ def train(
             "train": train_records, "valid": valid_records}, prompt_config.num_tokens, train_config)  # fmt: skip
         data[name] = TrainingTask(task, train_examples, valid_examples or [], init_method)
     if search:
-        return _search(backbone, data["prompt"], prompt_config, train_config, grid, out, progress, resume)
+        return _search(backbone, data["prompt"], candidates, train_config, out, progress, resume)
     runs = _train_tasks(backbone, data, prompt_config, train_config, out, progress, resume, multitask=bool(tasks))
     from accelerate import PartialState
 
@@ -238,18 +245,24 @@ def _train_tasks(backbone, data: dict, prompt_config: PromptConfig, train_config
         raise stopped from None
 
 
-def _search(backbone, data, prompt_config: PromptConfig, train_config: TrainConfig, grid: str | None, out: Path,
-            progress: bool, resume: bool) -> None:  # fmt: skip
-    """`train --search`: the candidates side by side, then their table and what the search cost."""
-    from .training.search import cost, default_candidates, format_table, parse_grid
-    from .training.search import search as run_search
+def _candidates(prompt_config: PromptConfig, train_config: TrainConfig, grid: str | None, task: TaskConfig) -> list:
+    """The candidates of `train --search`: the default ones for the task, or --grid's."""
+    from .training.search import default_candidates, parse_grid
 
     if grid is None:
-        candidates = default_candidates(prompt_config, data.task.is_classification)
-    else:
-        candidates, skipped = parse_grid(grid, prompt_config, train_config.lr)
-        for reason in skipped:
-            typer.echo(f"left out of the grid: {reason}", err=True)
+        return default_candidates(prompt_config, task.task == "classification")
+    candidates, skipped = parse_grid(grid, prompt_config, train_config.lr)
+    for reason in skipped:
+        typer.echo(f"left out of the grid: {reason}", err=True)
+    return candidates
+
+
+def _search(backbone, data, candidates: list, train_config: TrainConfig, out: Path, progress: bool,
+            resume: bool) -> None:  # fmt: skip
+    """`train --search`: the candidates side by side, then their table and what the search cost."""
+    from .training.search import cost, format_table
+    from .training.search import search as run_search
+
     typer.echo(f"Searching {len(candidates)} candidates: {', '.join(c.name for c in candidates)}", err=True)
     result = run_search(backbone, data.task, candidates, train_config, data.train, data.valid, out, progress, resume)
     typer.echo(format_table(result.table))
@@ -266,7 +279,7 @@ DISTILL_LEAVES_OUT = ("init_range", "vocab_size_for_init", "prefix_mlp", "mlp_hi
 
 @app.command()
 @with_options(options(TaskConfig, INFERRED, template=REQUIRED), options(PromptConfig, DISTILL_LEAVES_OUT),
-              options(TrainConfig, DISTILL_LEAVES_OUT), DistillConfig)  # fmt: skip
+              options(TrainConfig, DISTILL_LEAVES_OUT), DistillConfig, LoadConfig)  # fmt: skip
 def distill(
     out: Annotated[Path, Opt(help="Output directory: the artifact (an ordinary prompt), log, plot, checkpoints.")],
     train_file: Annotated[Path, Opt("--train", help="Training records (.jsonl or .csv); labels are not needed.")],
@@ -286,7 +299,7 @@ def distill(
     from accelerate import PartialState
 
     from .data import read_records
-    from .prepare import task_data
+    from .prepare import check_memory, task_data
     from .training.distill import distill as run_distillation
 
     init_text = _init_text(settings, settings["template"])
@@ -299,8 +312,9 @@ def distill(
     )
     records = read_records(train_file)
     valid_records = read_records(valid_file) if valid_file else None
-    backbone = _backbone(model)
-    teacher = _backbone(distill_config.teacher_model) if distill_config.teacher_model else None
+    check_memory(model, LoadConfig(**settings.of(LoadConfig)), prompt_config, train_config)
+    backbone = _backbone(model, settings, training=True)
+    teacher = _backbone(distill_config.teacher_model, settings) if distill_config.teacher_model else None
     task, [valid] = task_data(task_config, backbone, {"valid": valid_records}, prompt_config.num_tokens, train_config)
     run = run_distillation(backbone, task, distill_config, prompt_config, train_config, records, out, valid,
                            teacher, progress, resume)  # fmt: skip
@@ -310,7 +324,7 @@ def distill(
 
 # ------------------------------------------------------------------------------------ scoring and generating
 @app.command("eval")
-@with_options(options(TaskConfig, INFERRED, template=None))
+@with_options(options(TaskConfig, INFERRED, template=None), LoadConfig)
 def evaluate_command(
     data: Annotated[Path, Opt(help="Data to score (a format --train takes).")],
     prompt: Annotated[Optional[list[Path]], Opt(help="A trained prompt directory; repeat for an ensemble.")] = None,
@@ -342,7 +356,7 @@ def evaluate_command(
     if prompt and len(prompt) > 1:
         if plot:
             raise SoftPromptError("--plot draws the confusion matrix of one prompt; give a single --prompt.")
-        return _evaluate_ensemble(data, records, prompt, combine, model, batch_size, as_json, progress)
+        return _evaluate_ensemble(data, records, prompt, combine, model, batch_size, as_json, progress, settings)
     prompt = prompt[0] if prompt else None
     if prompt:
         saved = artifact.load(prompt)
@@ -356,10 +370,10 @@ def evaluate_command(
         raise SoftPromptError(f"--plot draws a confusion matrix of label words, and {prompt or 'this task'} is a "
                               "generation task (its metrics are exact match, chrF and BLEU); drop --plot.")  # fmt: skip
     if prompt:
-        backbone = _backbone(model or saved.base_model)
+        backbone = _backbone(model or saved.base_model, settings)
         prefix = artifact.prefix_of(saved, backbone, str(prompt))
     else:
-        backbone, prefix = _backbone(model or DEFAULT_MODEL), None
+        backbone, prefix = _backbone(model or DEFAULT_MODEL, settings), None
     task, [examples] = task_data(task_config, backbone, {str(data): records}, saved.prompt.num_tokens if prompt else 0)
     progress = progress and not as_json
     if plot:
@@ -391,7 +405,7 @@ def _evaluate_with_plot(backbone, task, examples, prefix, batch_size, progress, 
     return result
 
 
-def _evaluate_ensemble(data, records, prompts, combine, model, batch_size, as_json, progress):
+def _evaluate_ensemble(data, records, prompts, combine, model, batch_size, as_json, progress, settings):
     """`eval` with several prompts: all members in one mixed batch, then the ensemble."""
     from . import artifact
     from .prepare import task_data
@@ -402,7 +416,7 @@ def _evaluate_ensemble(data, records, prompts, combine, model, batch_size, as_js
     if differ:
         raise SoftPromptError(f"an ensemble needs prompts of one task; {prompts[0]} has {saved[0].task}, but\n  - "
                               + "\n  - ".join(differ))  # fmt: skip
-    backbone = _backbone(model or saved[0].base_model)
+    backbone = _backbone(model or saved[0].base_model, settings)
     prefixes = [artifact.prefix_of(s, backbone, str(p)) for p, s in zip(prompts, saved)]
     task, [examples] = task_data(saved[0].task, backbone, {str(data): records}, max(s.prompt.num_tokens for s in saved))
     result = evaluate_ensemble(backbone, task, examples, prefixes, combine, batch_size, progress and not as_json)
@@ -414,6 +428,7 @@ def _evaluate_ensemble(data, records, prompts, combine, model, batch_size, as_js
 
 
 @app.command()
+@with_options(LoadConfig)
 def generate(
     texts: Annotated[list[str], typer.Argument(help="Inputs; each fills the template's field (see --raw).")],
     prompt: Annotated[Optional[Path], Opt(help="A trained prompt directory (none: the bare base model).")] = None,
@@ -425,6 +440,8 @@ def generate(
     stop: Annotated[Optional[list[str]], Opt(help="Stop string (repeatable).")] = None,
     seed: Annotated[Optional[int], Opt(help="Seed of the sampling: the same seed, the same texts.")] = None,
     raw: Annotated[bool, Opt(help="Use the texts as they are, without the prompt's template.")] = False,
+    *,
+    settings: Settings,
 ):
     """Generate with a trained prompt; left-padded batches give each text its unbatched result."""
     from . import artifact
@@ -433,7 +450,7 @@ def generate(
     from .prepare import check_generation_fits
 
     saved = artifact.load(prompt) if prompt else None
-    backbone = _backbone(model or (saved.base_model if saved else DEFAULT_MODEL))
+    backbone = _backbone(model or (saved.base_model if saved else DEFAULT_MODEL), settings)
     prefix = artifact.prefix_of(saved, backbone, str(prompt)) if saved else None
     fields = saved.task.fields if saved and not raw else []
     inputs = [saved.task.fill_text(text) if fields else text for text in texts]
@@ -446,6 +463,7 @@ def generate(
 
 
 @app.command()
+@with_options(LoadConfig)
 def inspect(
     prompt: Annotated[Path, Opt(help="A trained prompt directory.")],
     top_k: Annotated[int, Opt(help="Nearest tokens per vector.")] = 5,
@@ -453,6 +471,8 @@ def inspect(
     as_json: AsJson = False,
     out: Annotated[Optional[Path], Opt(help="Folder for similarity.png and nearest_tokens.tsv (default: the "
                                             "prompt directory).")] = None,
+    *,
+    settings: Settings,
 ):
     """Shapes, size, vector norms, cosine between the soft tokens (PNG heatmap) and the nearest vocabulary tokens of
     each soft token (TSV table)."""
@@ -461,7 +481,7 @@ def inspect(
 
     saved = artifact.load(prompt)
     needs_model = methods.REGISTRY[saved.prompt.method].in_embedding_space  # for the nearest vocabulary tokens
-    backbone = _backbone(model or saved.base_model) if needs_model else None
+    backbone = _backbone(model or saved.base_model, settings) if needs_model else None
     if backbone is not None:
         artifact.check_base(saved, backbone, str(prompt))
     report = describe(saved, prompt, backbone, top_k)
@@ -507,7 +527,7 @@ def export(
 
 
 @app.command("import")
-@with_options(options(TaskConfig, INFERRED, target_field="target"))
+@with_options(options(TaskConfig, INFERRED, target_field="target"), LoadConfig)
 def import_command(
     peft_dir: Annotated[Path, typer.Argument(help="A PEFT prompt-tuning, P-tuning or prefix-tuning adapter folder.")],
     out: Annotated[Path, Opt(help="The artifact directory to write.")],
@@ -525,31 +545,34 @@ def import_command(
     model = model or config.get("base_model_name_or_path")
     if not model:
         raise SoftPromptError(f"{peft_dir} names no base model; pass --model.")
-    import_peft(peft_dir, out, _backbone(model), task_config)
+    import_peft(peft_dir, out, _backbone(model, settings), task_config)
     typer.echo(f"Imported the {config['peft_type']} adapter in {peft_dir} into {out} (base model {model}).")
 
 
 @app.command()
+@with_options(LoadConfig)
 def demo(
     out: Annotated[Path, Opt(help="Where the demo writes its data splits, run and artifact.")] = Path("runs/demo"),
     steps: Annotated[int, Opt(help="Training steps.")] = 150,
     method: Annotated[str, Opt(help="prompt or prefix.")] = PromptConfig.method,
     progress: Progress = True,
+    *,
+    settings: Settings,
 ):
     """Movie-review sentiment on the embedded SmolLM2-135M: baseline, train, evaluate, inspect, generate."""
     from .demo import run_demo
 
-    run_demo(out, steps=steps, method=method, progress=progress)
+    run_demo(out, steps=steps, method=method, progress=progress, load=LoadConfig(**settings.of(LoadConfig)))
 
 
 @app.command()
-@with_options(options(ServeConfig, ("log_level",)))
+@with_options(options(ServeConfig, ("log_level", "load")), LoadConfig)
 def serve(*, settings: Settings):
     """OpenAI-compatible server: every prompt in --prompts, and the bare model, in mixed continuous batches (or
     through vLLM, with --vllm-url)."""
     from .serve import serve as run_server
 
-    run_server(ServeConfig(**settings))
+    run_server(ServeConfig(**settings.of(ServeConfig), load=LoadConfig(**settings.of(LoadConfig))))
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

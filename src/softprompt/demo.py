@@ -14,7 +14,7 @@ from .atomic import write_atomic
 from .config import PromptConfig, TaskConfig, TrainConfig
 from .data import TaskEncoder, fill
 from .data.corpora import sentiment_splits
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, LoadConfig
 from .prepare import load_backbone, task_data
 from .scoring.evaluate import evaluate
 from .scoring.generate import decode_new, generate
@@ -40,12 +40,13 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def run_demo(out: Path, steps: int = 150, method: str = PromptConfig.method, test_size: int = 600,
-             progress: bool = True) -> dict:
+             progress: bool = True, load: LoadConfig | None = None) -> dict:
     started = time.perf_counter()
     out = Path(out)
     say = lambda text: print(text, flush=True)  # noqa: E731
     say(f"Loading the embedded model {DEFAULT_MODEL} (SmolLM2-135M-Instruct)...")
-    backbone = load_backbone(DEFAULT_MODEL)
+    backbone = load_backbone(DEFAULT_MODEL, load, training=True)
+    say(f"  ({backbone.dtype} on {backbone.device})")
     splits = sentiment_splits(test_size=test_size, valid_size=DEMO_TRAINING["eval_size"])
     for name, records in splits.items():
         write_jsonl(out / "data" / f"{name}.jsonl", records)

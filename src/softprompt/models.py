@@ -7,14 +7,19 @@
 
 from __future__ import annotations
 
+import base64
 import difflib
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import torch
@@ -150,24 +155,136 @@ def locate(name_or_path: str) -> tuple[str, bool]:
 
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadConfig:
+    """How the frozen model is loaded: its precision, its device, and how it is placed or quantized."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Precision of the frozen weights; prompts, optimizer state and losses stay float32 whatever it is. auto:
+    bfloat16 on a GPU that runs it (else float16), float32 on a CPU (see README, Precision)."""
+    device: str = "auto"
+    """Where the model runs: auto (this process's CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or
+    mps. Training under `accelerate launch` takes each process's own device."""
+    device_map: Literal["none", "auto"] = "none"
+    """auto: a model too big for one device is spread over every GPU, then the CPU and disk (Accelerate's big-model
+    placement); each layer's prefix follows its layer. For eval, generate and serve; training uses --shard-model."""
+    load_in_8bit: bool = False
+    """Quantize the frozen weights to 8 bits with bitsandbytes (CUDA GPUs; CPUs too, slower than bfloat16 there)."""
+    load_in_4bit: bool = False
+    """Quantize the frozen weights to 4 bits (NF4) with bitsandbytes, computing in --dtype (CUDA GPUs; CPUs too)."""
+
+    @property
+    def bits(self) -> int | None:
+        return 8 if self.load_in_8bit else 4 if self.load_in_4bit else None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dtype not in ("auto", *DTYPES):
+            problems.append(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
+            problems.append(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if self.device_map not in ("none", "auto"):
+            problems.append(f"device_map {self.device_map!r} is not one of none, auto")
+        if self.device_map == "auto" and self.device != "auto":
+            problems.append("device_map=auto places the model itself; drop --device")
+        if self.load_in_8bit and self.load_in_4bit:
+            problems.append("load_in_8bit and load_in_4bit exclude each other; choose one")
+        if problems:
+            raise SoftPromptError("Invalid model loading settings:\n  - " + "\n  - ".join(problems))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto`: this process's CUDA GPU (LOCAL_RANK under a launcher), else Apple's MPS, else the CPU. A named
+    device that this machine lacks is refused here, before any weight is read."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(device)  # LoadConfig checked its form
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SoftPromptError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU here "
+                              "(torch.cuda.is_available() is False); use --device cpu or auto.")  # fmt: skip
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SoftPromptError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")  # fmt: skip
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SoftPromptError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto.")
+    return device
+
+
+HALF_UNITS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
+"""The CPU flags of hardware matrix units for each half precision (Linux /proc/cpuinfo)."""
+
+
+def cpu_multiplies(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` matrices in hardware (AMX, AVX-512 BF16/FP16). Without such units torch
+    emulates them: on an AVX2 CPU a bfloat16 or float16 matrix product ran about 40x slower than float32 (README,
+    Precision), so a half-precision model there is smaller but far slower."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: no cheap way to ask; assume the units are there and say nothing
+        return True
+    return dtype not in HALF_UNITS or bool(flags & set(HALF_UNITS[dtype]))
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that runs it (float16 on an older one), float16 on Apple's MPS, float32 on a CPU
+    (the CPUs measured so far emulate half precision, far slower). Prompts train in float32 whatever the frozen
+    weights' dtype (ARCHITECTURE.md, "Precision and devices")."""
+    if dtype != "auto":
+        chosen = DTYPES[dtype]
+        if device.type == "cpu" and not cpu_multiplies(chosen):
+            warnings.warn(f"this CPU has no {dtype} matrix units (no AMX or AVX-512 {dtype}): torch emulates its "
+                          f"{dtype} products, far slower than float32 (about 40x on an AVX2 CPU); --dtype float32 "
+                          "runs faster here, at twice the memory.")  # fmt: skip
+        return chosen
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+def quantization(bits: int | None, dtype: torch.dtype):
+    """bitsandbytes' config for an 8- or 4-bit frozen base (None: full weights), refused where it cannot run."""
+    if bits is None:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SoftPromptError(f"--load-in-{bits}bit needs the bitsandbytes package: `pip install "
+                              "'softprompt[quantize]'` (bitsandbytes 0.50, which runs on CUDA GPUs and on CPUs).")
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+
+
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name_or_path: str = DEFAULT_MODEL, load: LoadConfig | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen causal LM (or an encoder-decoder such as T5, by its config) and its tokenizer from the embedded
-    short name, a local folder or a hub name."""
+    short name, a local folder or a hub name, as `load` says: straight to its device in its dtype (resolve_device,
+    resolve_dtype), or with device_map="auto" over every GPU, the CPU and disk, quantized if asked."""
+    load = load or LoadConfig()
+    target = resolve_device(load.device)
+    dtype = resolve_dtype(load.dtype, target)
+    placement = "auto" if load.device_map == "auto" else {"": target}
+    quantization_config = quantization(load.bits, dtype)
     path, local_only = locate(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         config = AutoConfig.from_pretrained(path, local_files_only=local_only)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+        model = auto.from_pretrained(path, dtype=dtype, device_map=placement, local_files_only=local_only,
+                                     quantization_config=quantization_config)  # fmt: skip
     except (OSError, ValueError) as error:
         first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
         if Path(path).is_dir():
             raise SoftPromptError(f"Could not load the model folder {path}: {first_line}") from None
         raise _unknown(name_or_path, f"the hub could not provide it ({first_line})") from None
     model.config.name_or_path = name_or_path
-    model.to(device).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -181,19 +298,118 @@ def context_size(model: PreTrainedModel | PretrainedConfig) -> int | None:
     return int(size) if size else None
 
 
-def fingerprint(model: PreTrainedModel) -> str:
-    """A short hash of the input embeddings and the last few parameters: cheap on large models, and it changes
-    when the weights do (a fine-tune of the same architecture is caught, not only a different shape)."""
-    return fingerprint_of([model.get_input_embeddings().weight, *list(model.parameters())[-3:]])
+FINGERPRINT_VERSION = "v2:"
+"""What starts a fingerprint of this scheme; an older version's is 16 hex digits alone."""
+_HASHED = 1_000_000
+"""Values hashed per tensor at most (every k-th), so a 70 B model costs as little as a small one."""
+_SAMPLED = 64
+"""Values per tensor kept for the tolerant comparison (evenly spread over the hashed ones)."""
+_FP16_MAX, _FP16_TINY = 65504.0, 2.0**-14
+"""float16's largest finite value and its smallest normal one."""
 
 
-def fingerprint_of(tensors: list[torch.Tensor]) -> str:
-    """`fingerprint` over given tensors (the input embeddings, then the model's last three parameters): a front
-    that reads only those from the weight files computes the same value."""
-    digest = hashlib.sha256()
+class Fingerprint(str):
+    """A base model's identity, which artifacts record: this string ("v2:" and 16 hex digits of a hash), with what
+    `matches` needs where it cannot be equal. It reads as that string wherever one is expected.
+
+    The weights are stored in one dtype and loaded in float32, bfloat16 or float16, on any device, so a process sees
+    the stored values rounded to its dtype. Every value is hashed as bfloat16 sees it: clamped to float16's range
+    (float16 turns larger ones into inf, and NaN counts as 0), rounded to bfloat16, and flushed to zero below
+    float16's smallest normal (2^-14). Rounding to bfloat16 twice is rounding once, so float32 and bfloat16 copies
+    of any model hash alike; float16 copies do too for a model stored in bfloat16 or float16, as released models
+    are (every bfloat16 value from 2^-14 to 65504 is a float16 value, and the others are flushed or clamped on both
+    sides). Only a float16 copy of a model stored in float32 can hash otherwise: float16 rounds at 11 bits, and
+    rounding again to bfloat16's 8 moves up to one value in sixteen by one bfloat16 step (no coarser grid avoids
+    that: rounding twice differs from rounding once wherever the first rounding lands on the second's midpoint).
+    For that case a fingerprint also keeps `_SAMPLED` values of each tensor, and two that differ still match when a
+    side holds float16 values and every sampled value agrees within one bfloat16 step (plus 2^-14, the flushed
+    edge): a float16 copy always does, another model or a fine-tune of these tensors does not.
+
+    Which values: the input embeddings and the model's last three parameters (the final norms, and the output head
+    where it is not tied), as older versions chose; their fingerprint (16 hex digits, the float32 values as loaded)
+    is `legacy`, still compared exactly."""
+
+    sample: str
+    """The sampled values, bfloat16, base64."""
+    half: bool
+    """Some of the hashed values are float16."""
+    legacy: str
+    """An older version's fingerprint of the same tensors."""
+    narrowed: bool
+    """The values may have been rounded when loaded (a dtype below float32), so `legacy` may not be the stored
+    model's: an older artifact then cannot be checked exactly."""
+
+    def __new__(cls, digest: str, sample: str, half: bool, legacy: str, narrowed: bool) -> Fingerprint:
+        self = super().__new__(cls, digest)
+        self.sample, self.half, self.legacy, self.narrowed = sample, half, legacy, narrowed
+        return self
+
+    def matches(self, recorded: str, sample: str = "", recorded_dtype: str = "") -> bool | None:
+        """Whether an artifact's recorded fingerprint (with the sample and dtype it recorded) is this model's; None
+        where no exact check is possible (an older version's fingerprint, this model loaded below float32)."""
+        if recorded == self:
+            return True
+        if recorded.startswith(FINGERPRINT_VERSION):
+            return bool((self.half or recorded_dtype == "float16") and sample and _close(sample, self.sample))
+        if recorded == self.legacy:
+            return True
+        return None if self.narrowed else False
+
+
+def fingerprint(model: PreTrainedModel) -> Fingerprint:
+    """The fingerprint of a loaded model: the same for a copy in float32, bfloat16 or float16, on any device or
+    spread over several (weights Accelerate offloaded to the CPU or disk are read from there); another model's, or
+    a fine-tune's, differs."""
+    embedding = model.get_input_embeddings().weight
+    named = list(model.named_parameters())
+    chosen = [next(item for item in named if item[1] is embedding), *named[-3:]]
+    return fingerprint_of([_values(model, name, tensor) for name, tensor in chosen])
+
+
+def _values(model: PreTrainedModel, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter's values, also where Accelerate offloaded it (a meta tensor, its values kept on the CPU or disk)."""
+    if tensor.device.type != "meta":
+        return tensor
+    from transformers.integrations.accelerate import load_offloaded_parameter
+
+    try:
+        return load_offloaded_parameter(model, name)
+    except (ValueError, KeyError) as error:
+        raise SoftPromptError(f"Cannot fingerprint the base model: its parameter {name} has no values here (on the "
+                              f"meta device, and not offloaded by Accelerate: {error}).") from None  # fmt: skip
+
+
+def fingerprint_of(tensors: list[torch.Tensor], as_stored: bool = False) -> Fingerprint:
+    """`fingerprint` over given tensors (the input embeddings, then the model's last three parameters), in whatever
+    dtype and on whatever device they are: a front that reads only those from the weight files (`as_stored`: as the
+    files hold them) computes the same."""
+    digest, legacy, samples = hashlib.sha256(), hashlib.sha256(), []
     for tensor in tensors:
-        flat = tensor.detach().float().flatten()
-        stride = max(1, flat.numel() // 1_000_000)  # hash at most ~1M values per tensor
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(flat[::stride].cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+        flat = tensor.detach().flatten()
+        values = flat[:: max(1, flat.numel() // _HASHED)].cpu()
+        shape = str(tuple(tensor.shape)).encode()
+        legacy.update(shape + values.float().numpy().tobytes())
+        canonical = _as_bfloat16_sees(values)
+        digest.update(shape + canonical.view(torch.int16).numpy().tobytes())
+        samples.append(canonical[[i * len(canonical) // _SAMPLED for i in range(min(_SAMPLED, len(canonical)))]])
+    sample = base64.b64encode(torch.cat(samples).view(torch.int16).numpy().tobytes()).decode("ascii")
+    return Fingerprint(FINGERPRINT_VERSION + digest.hexdigest()[:16], sample,
+                       half=any(t.dtype == torch.float16 for t in tensors), legacy=legacy.hexdigest()[:16],
+                       narrowed=not as_stored and any(t.dtype != torch.float32 for t in tensors))  # fmt: skip
+
+
+def _as_bfloat16_sees(values: torch.Tensor) -> torch.Tensor:
+    """Values as the fingerprint hashes them (`Fingerprint`): clamped to float16's range, rounded to bfloat16,
+    flushed to +0 below float16's smallest normal."""
+    rounded = values.float().nan_to_num(0.0, _FP16_MAX, -_FP16_MAX).clamp(-_FP16_MAX, _FP16_MAX).bfloat16()
+    return rounded.masked_fill(rounded.abs() < _FP16_TINY, 0.0)
+
+
+def _close(a: str, b: str) -> bool:
+    """Two samples agree within one bfloat16 step of the larger value, plus 2^-14 (a value flushed on one side)."""
+    x, y = (torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.int16).view(torch.bfloat16).float()
+            for s in (a, b))  # fmt: skip
+    if x.shape != y.shape:
+        return False
+    step = torch.exp2(torch.floor(torch.log2(torch.maximum(x.abs(), y.abs()))) - 7)
+    return bool(((x - y).abs() <= step + _FP16_TINY).all())

@@ -4,15 +4,18 @@ examples share (read the data, load the model, fit the task to it, encode), so e
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from . import artifact
-from .config import PLACEHOLDER, TaskConfig, TrainConfig
+from .config import PLACEHOLDER, PromptConfig, TaskConfig, TrainConfig
 from .data import Example, Records, TaskEncoder, read_records
 from .errors import SoftPromptError
-from .models import context_size
+from .models import LoadConfig, context_size
+from .training.setup import FLOAT16_REFUSED
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -23,12 +26,52 @@ Data = Union[str, os.PathLike, Iterable[Mapping]]
 file or folder as `--train` takes it (.jsonl, .csv, .tsv, .parquet, a save_to_disk folder)."""
 
 
-def load_backbone(model: str | os.PathLike) -> Backbone:
-    """The frozen model behind every command: the embedded short name, a local folder or a hub name."""
+def load_backbone(model: str | os.PathLike, load: LoadConfig | None = None, training: bool = False) -> Backbone:
+    """The frozen model behind every command (the embedded short name, a local folder or a hub name), loaded as
+    `load` says. `training`: what a training run cannot use is refused before any weight is read."""
     from .backbones import backbone_for
     from .models import load_model
 
-    return backbone_for(*load_model(str(model)))
+    load = load or LoadConfig()
+    if training:
+        check_trainable(load)
+    return backbone_for(*load_model(str(model), load))
+
+
+def check_trainable(load: LoadConfig) -> None:
+    """Refuse the loading settings a training run cannot use, each with what to use instead."""
+    if load.device_map == "auto":
+        raise SoftPromptError("--device-map auto is for eval, generate and serve; to train a model larger than one "
+                              "GPU, shard it over several with `accelerate launch ... train --shard-model`.")
+    if load.dtype == "float16":
+        raise SoftPromptError(FLOAT16_REFUSED)
+
+
+def check_memory(model: str | os.PathLike, load: LoadConfig, prompt_config: PromptConfig,
+                 train_config: TrainConfig, candidates: int = 1) -> None:  # fmt: skip
+    """Print a training run's estimated peak memory (training/memory.py: from the model's config alone) and refuse
+    the run, before any weight is read, where the device cannot hold it. A sharded run splits the weights over its
+    processes, and is only printed."""
+    from transformers import AutoConfig
+
+    from .models import locate, resolve_device, resolve_dtype
+    from .training.memory import check_fits, estimate_run
+
+    check_trainable(load)
+    path, local_only = locate(str(model))
+    device = resolve_device(load.device)
+    config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+    try:
+        estimate = estimate_run(config, prompt_config, train_config, dtype=resolve_dtype(load.dtype, device),
+                                bits=load.bits, processes=int(os.environ.get("WORLD_SIZE", 1)),
+                                candidates=candidates)  # fmt: skip
+    except Exception as error:  # a config shape the estimate does not know: train without it rather than refuse
+        warnings.warn(f"no memory estimate for {config.model_type} models ({type(error).__name__}: {error}); "
+                      "training starts without one.")  # fmt: skip
+        return
+    print(f"softprompt: estimated peak memory {estimate.text} on {device}", file=sys.stderr, flush=True)
+    if not train_config.shard_model:
+        check_fits(estimate, device)
 
 
 def template_init_text(template: str) -> str:

@@ -27,8 +27,8 @@ from .config import PromptConfig, TaskConfig, TrainConfig, build_all
 from .data import fill
 from .errors import SoftPromptError
 from .methods import PromptMethod
-from .models import DEFAULT_MODEL
-from .prepare import Data, check_generation_fits, load_backbone, task_data, template_init_text
+from .models import DEFAULT_MODEL, LoadConfig
+from .prepare import Data, check_generation_fits, check_trainable, load_backbone, task_data, template_init_text
 from .scoring.evaluate import label_scores
 from .scoring.generate import decode_new
 from .scoring.generate import generate as generate_ids
@@ -40,6 +40,7 @@ field by name (a template with several fields)."""
 
 PROMPT_SETTINGS = [f.name for f in dataclasses.fields(PromptConfig) if f.name not in ("method", "num_tokens")]
 TRAIN_SETTINGS = [f.name for f in dataclasses.fields(TrainConfig)]
+LOAD_SETTINGS = [f.name for f in dataclasses.fields(LoadConfig)]
 
 
 class PromptTuner:
@@ -53,22 +54,25 @@ class PromptTuner:
                  progress: bool = True, **settings) -> None:  # fmt: skip
         """model: the embedded short name, a local Hugging Face folder or a hub name. Label words make the task
         classification (with `label_field`); a `target_field` without them, generation. `settings`: any other
-        field of PromptConfig (init, init_text, prefix_mlp, ...) or TrainConfig (steps, lr, batch_size, seed,
-        report_to, ...), with the same defaults as `softprompt train`. out: where `fit` writes the artifact, log and
+        field of PromptConfig (init, init_text, prefix_mlp, ...), TrainConfig (steps, lr, batch_size, seed,
+        report_to, ...) or LoadConfig (dtype, device, ...: how the model loads; it stays there through `fit`), with
+        the same defaults as `softprompt train`. out: where `fit` writes the artifact, log and
         checkpoints (default: a new temporary folder per fit, kept; `self.out` says where)."""
-        unknown = sorted(set(settings) - set(PROMPT_SETTINGS) - set(TRAIN_SETTINGS))
+        unknown = sorted(set(settings) - set(PROMPT_SETTINGS) - set(TRAIN_SETTINGS) - set(LOAD_SETTINGS))
         if unknown:
             raise SoftPromptError(f"PromptTuner: unknown setting(s) {', '.join(unknown)}. Prompt settings: "
-                                  f"{', '.join(PROMPT_SETTINGS)}; training settings: {', '.join(TRAIN_SETTINGS)}.")
+                                  f"{', '.join(PROMPT_SETTINGS)}; training settings: {', '.join(TRAIN_SETTINGS)}; "
+                                  f"model loading settings: {', '.join(LOAD_SETTINGS)}.")  # fmt: skip
         prompt = {k: v for k, v in settings.items() if k in PROMPT_SETTINGS}
         if prompt.get("init", PromptConfig.init) == "text" and not prompt.get("init_text"):
             prompt["init_text"] = template_init_text(template)  # as `softprompt train` does
-        self.task_config, self.prompt_config, self.train_config = build_all(
+        self.task_config, self.prompt_config, self.train_config, self.load_config = build_all(
             lambda: TaskConfig.infer(template, labels, label_field, target_field),
             lambda: PromptConfig(method=method, num_tokens=num_tokens, **prompt),
-            lambda: TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS}))
+            lambda: TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS}),
+            lambda: LoadConfig(**{k: v for k, v in settings.items() if k in LOAD_SETTINGS}))
         self.progress, self._out = progress, Path(out) if out is not None else None
-        self.backbone = load_backbone(model)
+        self.backbone = load_backbone(model, self.load_config)
         self.method: PromptMethod | None = None
         """The trained prompt (None before `fit` or `load`)."""
         self.summary: dict = {}
@@ -81,6 +85,7 @@ class PromptTuner:
     def fit(self, data: Data, valid: Data | None = None, *, resume: bool = False) -> PromptTuner:
         """Train the prompt on `data`, keeping the one that scores best on `valid` (without it, the last one).
         Returns the tuner itself. resume: continue the run in `out` from its newest checkpoint."""
+        check_trainable(self.load_config)
         task, (train_examples, valid_examples) = task_data(
             self.task_config, self.backbone, {"the training data": data, "the validation data": valid},
             self.prompt_config.num_tokens, self.train_config)
@@ -141,10 +146,11 @@ class PromptTuner:
         return artifact.save(folder, self.method, self.task_config, self.backbone, training=self.summary)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, model: str | os.PathLike | None = None, *,
-             progress: bool = True) -> PromptTuner:  # fmt: skip
+    def load(cls, folder: str | os.PathLike, model: str | os.PathLike | None = None, *, progress: bool = True,
+             **load_settings) -> PromptTuner:  # fmt: skip
         """A tuner holding the prompt saved in `folder` (by `save`, `softprompt train` or `import`), on its base
-        model (or `model`, which must be the same one). A later `fit` trains anew with the saved settings."""
+        model (or `model`, which must be the same one), loaded as `load_settings` (LoadConfig's fields: dtype,
+        device, ...) say. A later `fit` trains anew with the saved settings."""
         saved = artifact.load(folder)
         training = saved.extra.get("training") or {}
         prompt = {k: v for k, v in dataclasses.asdict(saved.prompt).items() if k in PROMPT_SETTINGS}
@@ -152,7 +158,7 @@ class PromptTuner:
         task = saved.task
         tuner = cls(model or saved.base_model, template=task.template, labels=task.labels,
                     label_field=task.label_field, target_field=task.target_field, method=saved.prompt.method,
-                    num_tokens=saved.prompt.num_tokens, progress=progress, **settings)  # fmt: skip
+                    num_tokens=saved.prompt.num_tokens, progress=progress, **settings, **load_settings)  # fmt: skip
         tuner.task_config = task
         tuner.method = artifact.attach(saved, tuner.backbone, str(folder))
         tuner.summary, tuner.out = training, Path(folder)

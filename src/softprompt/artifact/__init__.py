@@ -2,12 +2,17 @@
 
 prompt tuning stores `prompt_embeddings` (num_tokens, hidden_size); prefix tuning stores `prefix`
 (num_layers, 2, num_kv_heads, num_tokens, head_dim), keys then values, any MLP folded away.
+
+Each file is replaced atomically, but the two are two renames: the weights carry their sha256 in their own header,
+and config.json names it (`weights_sha256`), so a pair from two saves (a crash between the renames, files copied
+from two artifacts) is refused instead of loading a prompt under another one's settings.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from ..atomic import write_atomic, write_json
 from ..backbones import Backbone
 from ..config import PromptConfig, TaskConfig, from_dict, to_dict
 from ..errors import SoftPromptError
+from ..models import FINGERPRINT_VERSION
 
 WEIGHTS, CONFIG = "prompt.safetensors", "config.json"
 FORMAT = "softprompt/1"
@@ -40,20 +46,23 @@ def save(out_dir: str | Path, method, task: TaskConfig, backbone: Backbone, trai
     """Write the artifact into `out_dir` (created if needed); each file replaced atomically."""
     out_dir = Path(out_dir)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in method.artifact_tensors().items()}
-    model = backbone.model
+    model, sha256, base = backbone.model, digest(tensors), backbone.fingerprint
     config = {
         "format": FORMAT,
         **to_dict(method.config),
         **to_dict(task),
         "base_model": model.config.name_or_path,
-        "base_model_fingerprint": backbone.fingerprint,
+        "base_model_fingerprint": str(base),
+        "base_model_sample": base.sample,
+        "base_model_dtype": str(model.dtype).removeprefix("torch."),
         "base_model_type": model.config.model_type,
         "shapes": {**vars(backbone.shapes)},
         "tensor_shapes": {k: list(v.shape) for k, v in tensors.items()},
+        "weights_sha256": sha256,
         "softprompt_version": __version__,
         "training": training or {},
     }
-    metadata = {"format": FORMAT, "sha256": digest(tensors)}
+    metadata = {"format": FORMAT, "sha256": sha256}
     write_atomic(out_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_json(out_dir / CONFIG, config)
     return out_dir
@@ -70,7 +79,8 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors and their sha256 (`digest`), checked against the one in the file's header where it has one."""
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -79,12 +89,13 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise SoftPromptError(
             f"{path} is corrupted or truncated ({error}); retrain, or restore it from a checkpoint."
         ) from None
-    if "sha256" in metadata and metadata["sha256"] != digest(tensors):  # artifacts of older versions have none
+    sha256 = digest(tensors)
+    if "sha256" in metadata and metadata["sha256"] != sha256:  # artifacts of older versions have none
         raise SoftPromptError(
             f"{path} is corrupted: its tensors no longer match the checksum written with them; retrain, or "
             "restore it from a checkpoint."
         )
-    return tensors
+    return tensors, sha256
 
 
 def load(prompt_dir: str | Path) -> Artifact:
@@ -100,7 +111,14 @@ def load(prompt_dir: str | Path) -> Artifact:
         raise SoftPromptError(f"{config_path} is not valid JSON ({error}); the artifact is damaged.") from None
     if not isinstance(data, dict):
         raise SoftPromptError(f"{config_path} holds no JSON object; the artifact is damaged.")
-    tensors = _read_weights(weights_path)
+    tensors, sha256 = _read_weights(weights_path)
+    named = data.get("weights_sha256")  # artifacts of older versions name none
+    if named is not None and named != sha256:
+        raise SoftPromptError(
+            f"{config_path} belongs to other weights than {weights_path} (it names sha256 {str(named)[:12]}..., the "
+            f"file holds {sha256[:12]}...): the two files come from different saves, e.g. a save interrupted between "
+            "them or files copied from two artifacts. Save or copy the artifact again, both files together."
+        )
     try:
         prompt = from_dict(PromptConfig, data).folded()  # what is saved is always folded
         task = from_dict(TaskConfig, data)
@@ -125,14 +143,23 @@ def load(prompt_dir: str | Path) -> Artifact:
 
 
 def check_base(artifact: Artifact, backbone: Backbone, where: str = "the prompt") -> None:
-    """Refuse a prompt trained on another base model: it would load but produce nonsense."""
+    """Refuse a prompt trained on another base model: it would load but produce nonsense. The same model loaded in
+    another dtype, on another device or placement, is the same model (`models.Fingerprint`)."""
     actual = backbone.fingerprint
     expected_shapes = artifact.extra.get("shapes")
     shapes_differ = expected_shapes is not None and expected_shapes != vars(backbone.shapes)
-    if shapes_differ or (artifact.base_fingerprint and artifact.base_fingerprint != actual):
+    recorded = artifact.base_fingerprint  # "" in artifacts of the oldest versions: nothing to check
+    same = actual.matches(recorded, artifact.extra.get("base_model_sample", ""),
+                          artifact.extra.get("base_model_dtype", "")) if recorded else True  # fmt: skip
+    if same is None:
+        warnings.warn(f"{where} was saved by an older softprompt, whose fingerprint of the base model can only be "
+                      f"checked on the model loaded in float32; {backbone.name!r} is loaded in {backbone.dtype}, so "
+                      "only its shapes were checked.", stacklevel=2)  # fmt: skip
+    if shapes_differ or same is False:
+        older = recorded and not recorded.startswith(FINGERPRINT_VERSION)  # shown in its own scheme
         raise SoftPromptError(
             f"{where} was trained on base model {artifact.base_model!r} (fingerprint {artifact.base_fingerprint}), "
-            f"but the loaded model {backbone.name!r} has fingerprint {actual}"
+            f"but the loaded model {backbone.name!r} has fingerprint {actual.legacy if older else actual}"
             + (f" and shapes {vars(backbone.shapes)} instead of {expected_shapes}" if shapes_differ else "")
             + f". Load it onto {artifact.base_model!r} (--model {artifact.base_model})."
         )

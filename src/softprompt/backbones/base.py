@@ -55,6 +55,13 @@ def cache_keyword(module: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` runs: its Accelerate hook's execution device under a device map (offloaded weights sit on the
+    meta device or the CPU until used), else its weights' device."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else next(module.parameters()).device
+
+
 class Backbone(ABC):
     """A frozen model plus the operations the prompt methods need from it."""
 
@@ -73,7 +80,8 @@ class Backbone(ABC):
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        """Where logits and targets meet: the output head's device (under a device map, where it runs)."""
+        return execution_device(self.head)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,7 +112,8 @@ class Backbone(ABC):
 
     @cached_property
     def fingerprint(self) -> str:
-        """The base model's weight fingerprint (artifacts record it), taken once: sharding later hides the weights."""
+        """The base model's fingerprint (artifacts record it; a `models.Fingerprint`), the same in any dtype, on any
+        device or placement; taken once: sharding later hides the weights."""
         from ..models import fingerprint
 
         return fingerprint(self.model)

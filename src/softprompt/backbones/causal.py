@@ -8,13 +8,16 @@ masks and positions for such models; `cache_rows.py` reshapes a running batch's 
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..errors import SoftPromptError
 from . import cache_rows
-from .base import Backbone, Shapes, cache_keyword
+from .base import Backbone, Shapes, cache_keyword, execution_device
 from .head import HeadTransform, check_head
 from .replay import replaying
 
@@ -40,6 +43,9 @@ class CausalBackbone(Backbone):
         """Per-layer K/V of the frozen model run over `embeddings` (n, hidden) at batch 1: exactly what every row of
         `[P; E]` sees at those positions, since in a causal model P attends only to itself. Differentiable."""
         cache = DynamicCache(config=self.model.config)  # the one the model would make, passed so layers can replay
+        # whose sliding-window layers would keep only their last window - 1 slots: the prefix needs all n (a cache
+        # made from it by `new_cache` keeps what its layers see, and counts every slot's position)
+        cache.layers = [DynamicLayer() if getattr(layer, "is_sliding", False) else layer for layer in cache.layers]
         with self._checkpointed(cache):
             self.decoder(inputs_embeds=embeddings[None], use_cache=True, **{self._cache_keyword: cache})
         layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
@@ -59,7 +65,20 @@ class CausalBackbone(Backbone):
         # unbind, not indexing per layer: its backward is one stack, where 2 x layers index backwards would each
         # zero-fill and add a prefix-sized gradient
         layers = [tuple(layer.unbind(1)) for layer in prefix.unbind(1)]  # per layer: keys, values (B, kv, n, hd)
+        if self.layer_devices:  # a device map: each layer's prefix on its layer's device, where its keys meet it
+            layers = [(k.to(device), v.to(device)) for (k, v), device in zip(layers, self.layer_devices)]
         return DynamicCache(layers, config=self.model.config)
+
+    @cached_property
+    def layer_devices(self) -> list[torch.device] | None:
+        """Each attention layer's device when a device map spreads the model over several (None on one device)."""
+        if len(set(getattr(self.model, "hf_device_map", {}).values())) < 2:
+            return None
+        layers = [m for m in self.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if len(layers) != self.shapes.num_layers:
+            raise SoftPromptError(f"{type(self.model).__name__}: {len(layers)} decoder layers for "
+                                  f"{self.shapes.num_layers} attention layers; it cannot be spread over devices.")
+        return [execution_device(layer) for layer in layers]
 
     def prefix_problems(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None, rows: int) -> list[str]:
         """What is wrong with a prefix for `rows` rows (empty when nothing): the checks callers run first."""

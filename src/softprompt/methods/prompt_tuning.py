@@ -82,8 +82,8 @@ class SoftPrompt(PromptMethod):
         if config.init == "random":
             embeddings = (torch.rand(n, hidden, generator=generator) * 2 - 1) * config.init_range
         else:
-            ids = torch.tensor(initial_token_ids(config, backbone.tokenizer, labels, generator))
-            embeddings = backbone.embed(ids.to(backbone.device)).detach().cpu()
+            ids = torch.tensor(initial_token_ids(config, backbone.tokenizer, labels, generator), device=backbone.device)
+            embeddings = backbone.embed(ids).detach().cpu()
         return cls(config, backbone.shapes, embeddings).to(backbone.device)
 
     @classmethod

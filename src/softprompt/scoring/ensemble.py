@@ -79,7 +79,7 @@ def combine(scores: torch.Tensor, how: Literal["vote", "mean"]) -> torch.Tensor:
     if how == "mean":
         return mean.argmax(-1)
     votes = torch.zeros_like(mean).scatter_add_(  # (N, labels) how many members chose each label
-        -1, scores.argmax(-1).T, torch.ones(scores.shape[1], scores.shape[0], dtype=mean.dtype)
+        -1, scores.argmax(-1).T, torch.ones(scores.shape[1], scores.shape[0], dtype=mean.dtype, device=mean.device)
     )
     tied = votes == votes.max(-1, keepdim=True).values
     return mean.masked_fill(~tied, -1.0).argmax(-1)
@@ -103,7 +103,7 @@ def evaluate_ensemble(
 def summarize(scores: torch.Tensor, golds: list[int], how: Literal["vote", "mean"]) -> EnsembleResult:
     """Metrics of each member and of the ensemble from (members, N, labels) scores; one scoring pass can be
     summarized under several combination rules."""
-    gold_index = torch.arange(len(golds)), torch.tensor(golds)
+    gold_index = torch.arange(len(golds), device=scores.device), torch.tensor(golds, device=scores.device)
     members = [label_metrics(golds, member) for member in scores]
     ensemble = metrics.classification(golds, combine(scores, how).tolist(), scores.shape[-1])
     ensemble["gold_prob"] = float(label_probabilities(scores).mean(0)[gold_index].mean())

@@ -82,7 +82,7 @@ def label_metrics(golds: list[int], scores: torch.Tensor) -> dict:
     """Accuracy, macro-F1 and the gold label's mean log-probability from label scores (N, num_labels)."""
     result = metrics.classification(golds, scores.argmax(-1).tolist(), scores.shape[-1])
     # mean log-probability of the gold label: a smooth tie-breaker for model selection
-    result["gold_logprob"] = float(scores[torch.arange(len(golds)), golds].mean())
+    result["gold_logprob"] = float(scores[torch.arange(len(golds), device=scores.device), golds].mean())
     return result
 
 

@@ -30,7 +30,7 @@ from .. import artifact as artifacts
 from .. import methods
 from ..backbones import Shapes
 from ..errors import SoftPromptError
-from ..models import context_size, fingerprint_of, load_model, locate
+from ..models import Fingerprint, LoadConfig, context_size, fingerprint_of, load_model, locate
 from .served import ServedModel
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -48,8 +48,9 @@ class InputEmbeddings(ServedModel):
     tokenizer: PreTrainedTokenizerBase
     config: PretrainedConfig
     table: torch.Tensor
-    fingerprint: str
-    """The base model's fingerprint (`models.fingerprint`), which artifacts record."""
+    fingerprint: Fingerprint
+    """The base model's fingerprint, which artifacts record: of the values as the files hold them, whatever their
+    dtype, so it matches the model loaded in any dtype (`models.Fingerprint`)."""
 
     @property
     def shapes(self) -> Shapes:
@@ -71,9 +72,9 @@ class InputEmbeddings(ServedModel):
             tokenizer.pad_token = tokenizer.eos_token  # as `load_model` does: the same ids either way
         tensors = _read_fingerprinted(Path(path), config) if Path(path).is_dir() else None
         if tensors is None:  # a hub name, or weights under other names than the model's: load it once
-            model, _ = load_model(name_or_path)
+            model, _ = load_model(name_or_path, LoadConfig(dtype="float32", device="cpu"))  # vLLM runs it
             tensors = [model.get_input_embeddings().weight.detach(), *list(model.parameters())[-3:]]
-        return cls(name_or_path, path, tokenizer, config, tensors[0].float(), fingerprint_of(tensors))
+        return cls(name_or_path, path, tokenizer, config, tensors[0].float(), fingerprint_of(tensors, as_stored=True))
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         """(T, hidden) input embeddings of token ids."""

@@ -1,12 +1,19 @@
 """Training checkpoints, the one place their format lives: what a run's progress is (`RunState`), everything needed
 to continue it exactly (the prompts with any MLP, optimizer, scheduler, random states, data position, best prompt so
 far) written as one atomic file per checkpoint, the newest few kept; restoring a run from one; and the checks that a
-checkpoint belongs to the run asked to resume from it."""
+checkpoint belongs to the run asked to resume from it.
+
+A checkpoint holds tensors, numbers, strings and the containers of them only, so it is read with torch's
+`weights_only` unpickler, which builds nothing else: a planted or shared file that would run code when unpickled
+(`--resume` picks the newest one up by itself) is refused, its code never run. Every checkpoint this code ever
+wrote is of that kind (optimizer and schedule states are plain dicts; Python's random state a tuple of ints), so
+none needs allow-listing."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +48,20 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """The checkpoint at `path`, read without building any object but tensors and plain Python data."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a file damaged outside our atomic writes (disk full, copied half-way)
-        raise SoftPromptError(
-            f"{path} cannot be read ({type(error).__name__}: {error}); delete it to resume from the one before."
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        unsafe = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), None)
+        if isinstance(error, pickle.UnpicklingError) and unsafe:  # refused before anything was built or called
+            raise SoftPromptError(
+                f"{path} was refused: it holds Python objects that are no checkpoint's data ({unsafe}), so it was "
+                "not written by softprompt, or was changed since. Loading it could run code; nothing of it was run. "
+                "Delete it (or move it away) to resume from the checkpoint before, or train into a new --out."
+            ) from None
+        raise SoftPromptError(  # a file damaged outside our atomic writes (disk full, copied half-way)
+            f"{path} cannot be read ({type(error).__name__}: {str(error).strip()[:300]}); delete it to resume from "
+            "the one before."
         ) from None
 
 
@@ -149,6 +165,8 @@ def save_run(out_dir: Path, state: RunState, identity: RunIdentity, prompts: nn.
     modules = {"prompts": {k: v.detach().clone() for k, v in prompts.state_dict().items()},
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}  # fmt: skip
+    if torch.cuda.is_initialized():  # each GPU's generator too (a run that never used a GPU drew nothing there)
+        modules["cuda_rng"] = torch.cuda.get_rng_state_all()
     return save_checkpoint(out_dir, state.step, state.to_checkpoint(modules, identity, finished))
 
 
@@ -161,4 +179,6 @@ def restore_run(saved: dict, prompts: nn.Module, optimizer: torch.optim.Optimize
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
     random.setstate(saved["python_rng"])
+    if "cuda_rng" in saved and torch.cuda.is_available():  # a GPU run resumed where there are GPUs
+        torch.cuda.set_rng_state_all(saved["cuda_rng"][: torch.cuda.device_count()])
     return RunState.from_checkpoint(saved)

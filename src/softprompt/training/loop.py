@@ -182,7 +182,8 @@ def train_prompts(
     written as its artifact."""
     policy = policy or TrainingPolicy()
     several = len(tasks) > 1  # a batch may leave some prompts unused: DDP must not wait for their gradients
-    accelerator = setup.accelerator_for(several, cfg.report_to, layout.out_dir)
+    accelerator = setup.accelerator_for(several, cfg.report_to, layout.out_dir, backbone.device)
+    setup.check_model(backbone)
     setup.check_data(tasks, cfg, accelerator.num_processes)
     identity = RunIdentity.of(prompt_config, cfg, tasks)
     saved = saved_state(layout.out_dir, identity, resume)

@@ -4,9 +4,13 @@ metrics log and its loss plot."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from ..atomic import append_whole, write_text
+from ..errors import SoftPromptError
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,8 @@ class Layout:
 class MetricsLog:
     """The run's records (training steps, validations): kept in memory by every process for the summaries and the
     plot, and appended to metrics.jsonl by the main process only, which also hands each new one to `forward` (the
-    experiment trackers)."""
+    experiment trackers). The file is only ever whole lines: a rewrite is atomic, an append that fails (a full disk)
+    is cut back off, and a line torn by a kill or a power loss is dropped, with a warning, on resume."""
 
     def __init__(self, path: Path, main: bool, forward: Callable[[dict], None] | None = None):
         self.path, self.main, self.records, self.forward = path, main, [], forward
@@ -47,20 +52,17 @@ class MetricsLog:
     def reload(self, until_step: int) -> None:
         """On resume, the main process's log as it was at the checkpoint: later records were never checkpointed."""
         if self.main and self.path.is_file():
-            records = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
-            self.records = [r for r in records if r["step"] <= until_step]
+            self.records = [r for r in read_records(self.path) if r["step"] <= until_step]
 
     def start(self) -> None:
         """(Re)write the file with the records so far, so it never holds steps this run will take again."""
         if self.main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict) -> None:
         self.records.append(record)
         if self.main:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_whole(self.path, (json.dumps(record) + "\n").encode("utf-8"))
             if self.forward:
                 self.forward(record)
 
@@ -68,6 +70,30 @@ class MetricsLog:
         """Task `name`'s validation result at `step` ({} when there is none, as on the other processes)."""
         return next((r["valid"] for r in self.records if r["step"] == step and "valid" in r
                      and named(r, name) == name), {})  # fmt: skip
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A last line that is not a whole record (the run was killed, or the disk filled,
+    while writing it) is dropped with a warning: it was never checkpointed, and resuming rewrites the file. A bad
+    line anywhere else was not torn by us, and is refused with its number."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with a step")
+        except ValueError as error:
+            if number == len(lines):
+                warnings.warn(f"{path}:{number}: dropped a torn last line ({line[:60]!r}...): the run stopped while "
+                              "writing it; the file is rewritten without it.", stacklevel=2)  # fmt: skip
+                break
+            raise SoftPromptError(f"{path}:{number} is not a metrics record ({error}): the file was changed by hand "
+                                  "or by another program; delete that line and resume again.") from None
+        records.append(record)
+    return records
 
 
 def named(record: dict, default: str | None = None) -> str | None:

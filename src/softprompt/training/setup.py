@@ -5,7 +5,9 @@ cannot do before anything costly happens after it."""
 from __future__ import annotations
 
 import copy
+import os
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,15 +66,33 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def accelerator_for(find_unused: bool, report_to: str, out_dir: Path) -> Accelerator:
-    """The accelerator, with the experiment trackers `report_to` names (checked here, so a missing package stops
-    the run before anything else; `trackers.start` starts them)."""
+def accelerator_for(find_unused: bool, report_to: str, out_dir: Path, device: torch.device) -> Accelerator:
+    """The accelerator on the frozen model's device (`device`: where it was loaded; a CPU copy to be sharded trains
+    on the GPUs when there are some), with the experiment trackers `report_to` names (checked here, so a missing
+    package stops the run before anything else; `trackers.start` starts them)."""
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision != "no":  # its autocast would run the float32 prompts in half precision: --dtype says what is half
+        warnings.warn(f"Accelerate's mixed precision ({precision}) is not used: the frozen weights are in the dtype "
+                      "they were loaded in (--dtype; auto is bfloat16 on GPUs) and the prompts train in float32.")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # a single process on cuda:N: the accelerator takes the current GPU
     # Without CUDA, processes started by `accelerate launch`/torchrun train on the CPU and synchronise over gloo.
-    return Accelerator(cpu=not torch.cuda.is_available(),
+    on_cpu = not torch.cuda.is_available() or (device.type == "cpu" and "LOCAL_RANK" not in os.environ)
+    return Accelerator(cpu=on_cpu, mixed_precision="no",
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
                        log_with=trackers.resolve(report_to) or None,
                        project_config=ProjectConfiguration(project_dir=str(out_dir),
                                                            logging_dir=str(trackers.tensorboard_dir(out_dir))))
+
+
+FLOAT16_REFUSED = ("training on a float16 model is refused: gradients through float16 activations underflow "
+                   "without loss scaling, which softprompt does not do; use --dtype bfloat16 (or float32).")
+
+
+def check_model(backbone: Backbone) -> None:
+    """Refuse a frozen model that a training run cannot use, however it was loaded (a library caller's too)."""
+    if backbone.dtype == torch.float16:
+        raise SoftPromptError(FLOAT16_REFUSED)
 
 
 def check_data(tasks: dict[str, TrainingTask], cfg: TrainConfig, world: int) -> None:
@@ -99,7 +119,8 @@ def place_model(backbone: Backbone, cfg: TrainConfig, accelerator: Accelerator) 
     if sharded:
         frozen_held = backbone.shard_layers(accelerator.device)
     else:
-        backbone.model.to(accelerator.device)
+        if backbone.device != accelerator.device:  # loaded elsewhere (a library caller's model); a quantized model
+            backbone.model.to(accelerator.device)  # cannot move, and was loaded on its device already
         frozen_held = sum(p.numel() for p in backbone.model.parameters())
     backbone.gradient_checkpointing(cfg.gradient_checkpointing)
     return sharded, frozen_held
