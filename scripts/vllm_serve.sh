@@ -5,8 +5,11 @@
 # the model's whole context (8,192 positions of SmolLM2: 0.35 GiB). Here the context and the KV space are fixed:
 #   VLLM_MAX_MODEL_LEN   positions per sequence (default 2048)
 #   VLLM_KV_CACHE_BYTES  KV cache size (default 1G = 1 GiB: about 23,000 positions of SmolLM2-135M in float32)
-# When vLLM cannot start it exits with its own reason. Usage (further arguments go to vLLM, and win over these):
-#   bash scripts/vllm_serve.sh MODEL_FOLDER --port 8001 [--served-model-name base ...]
+# It listens on 127.0.0.1 only. Set VLLM_API_KEY (vLLM reads it) and give the same key to `softprompt serve
+# --vllm-url` (SOFTPROMPT_VLLM_API_KEY or --vllm-api-key): without one, whoever reaches vLLM's port bypasses the
+# front's key. When vLLM cannot start it exits with its own reason. Usage (further arguments go to vLLM, and win
+# over these):
+#   VLLM_API_KEY=... bash scripts/vllm_serve.sh MODEL_FOLDER --port 8001 [--served-model-name base ...]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 [ $# -ge 1 ] || { echo "usage: $0 MODEL_FOLDER [vllm serve options...]" >&2; exit 2; }

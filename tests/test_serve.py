@@ -152,7 +152,7 @@ def test_prompt_kv_is_computed_once_per_prompt(tmp_path, monkeypatch):
     assert registry.reload()["unchanged"] == ["p0", "p1", "p2"] and len(calls) == 2
 
 
-def test_a_failure_while_rows_join_ends_those_rows_only(monkeypatch):
+def test_a_failure_while_rows_join_ends_those_rows_only(monkeypatch, caplog):
     backbone = tiny_backbone("qwen2", seed=2)
     prefix = build(backbone, "prefix", 4, 1).kv(backbone).detach()
     prompts = [[5, 6, 7], [10]]
@@ -165,7 +165,8 @@ def test_a_failure_while_rows_join_ends_those_rows_only(monkeypatch):
     # a seed torch cannot take: creating the row's generator raises
     engine.submit([Sequence([8, 9], prefix, Sampling(max_tokens=5, temperature=1.0, seed=2**64), sink("seed"))])
     engine.step()
-    assert finals["seed"].finish_reason == "error" and "Overflow" in finals["seed"].error
+    assert finals["seed"].finish_reason == "error" and "generation failed (ValueError)" in finals["seed"].error
+    assert "Overflow" in caplog.records[-1].getMessage()  # the exception's text is logged, not sent
 
     def out_of_memory(*args):
         raise RuntimeError("out of memory")
@@ -174,7 +175,8 @@ def test_a_failure_while_rows_join_ends_those_rows_only(monkeypatch):
     engine.submit([Sequence([11], None, Sampling(max_tokens=5), sink("merge"))])
     engine.step()
     monkeypatch.undo()
-    assert finals["merge"].finish_reason == "error" and "out of memory" in finals["merge"].error
+    assert finals["merge"].finish_reason == "error" and "(RuntimeError)" in finals["merge"].error
+    assert "out of memory" in caplog.records[-1].getMessage()
     assert engine.running == 2  # the running rows went on
     while engine.running:
         engine.step()
@@ -583,7 +585,9 @@ def test_limits_and_mistakes_answer_4xx_and_the_server_stays_up(server, client):
         (openai.BadRequestError, "temperature must be between 0 and 2", dict(model="task0", prompt="a", temperature=3)),
         (openai.BadRequestError, "logprobs is not supported", dict(model="task0", prompt="a", logprobs=2)),
         (openai.NotFoundError, "The model 'nope' does not exist", dict(model="nope", prompt="a")),
-        (openai.RateLimitError, "the server is busy", dict(model="task0", prompt=["good"] * 31, n=4)),  # 124 rows
+        # 124 rows could never fit the queue (--max-queue 120): too large (400), not busy (429, retry later)
+        (openai.BadRequestError, r"needs 124 rows \(31 prompt\(s\) x n=4\), more than this server takes in one "
+         r"request \(120\)", dict(model="task0", prompt=["good"] * 31, n=4)),
         (openai.BadRequestError, r"seed must be between 0 and 9223372036854775803, got 18446744073709551616",
          dict(model="task0", prompt="a", seed=2**64)),
         (openai.BadRequestError, "seed must be between 0", dict(model="task0", prompt="a", seed=-1)),

@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 VLLM_SERVE = ROOT / "scripts" / "vllm_serve.sh"
 KEY = "front-key"
+VLLM_KEY = "vllm-key"
+"""vLLM's own key (VLLM_API_KEY, as the README's recipe sets it): the front sends it, nobody else has it."""
 GEN_TEMPLATE = "Review: {text}\nIn other words:"
 CLS_TEMPLATE = "Review: {text}\nSentiment:"
 
@@ -80,7 +82,7 @@ class Vllm:
         and 2,048 positions per sequence for the embedded model, which the long-prompt test exceeds on purpose."""
         command = ["bash", str(VLLM_SERVE), str(self.model), "--served-model-name", "base", "--max-logprobs", "20",
                    "--max-model-len", str(self.max_model_len), "--port", str(self.port)]  # fmt: skip
-        env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
+        env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_API_KEY": VLLM_KEY}
         self.process = subprocess.Popen(command, env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT,
                                         start_new_session=True)  # fmt: skip
         if wait:
@@ -117,7 +119,7 @@ def running_vllm(model: Path, log: Path, max_model_len: int):
 def greedy_ids(server: Vllm, embeds: torch.Tensor, max_tokens: int, eos: int) -> list[int]:
     """vLLM's greedy token ids after `embeds`, cut at the first EOS (as `generate` ends a row); asked with the
     official openai client, as the README's recipe does."""
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=VLLM_KEY, max_retries=0, timeout=120)
     reply = client.completions.create(model="base", prompt=None, max_tokens=max_tokens, temperature=0,
                                       extra_body={"prompt_embeds": encode(embeds), "return_token_ids": True,
                                                   "ignore_eos": True})  # fmt: skip
@@ -210,7 +212,7 @@ def site(real_backbone, tmp_path_factory):
           task.encode(records[:8]), root / "prefix" / "kv", progress=False)  # fmt: skip
     app, engine, _ = build(ServeConfig(prompts=root / "prompts"))
     try:
-        yield dict(root=root, ours=TestClient(app))
+        yield dict(root=root, ours=TestClient(app, base_url="http://127.0.0.1"))  # keyless: addressed to loopback
     finally:
         engine.stop()
 
@@ -234,7 +236,8 @@ def front(site, vllm):
                "--api-key", KEY, "--max-tokens", "1024", "--max-n", "4"]  # fmt: skip
     log = (site["root"] / "front.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})  # fmt: skip
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                    "SOFTPROMPT_VLLM_API_KEY": VLLM_KEY})  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while not healthy(url):
@@ -329,7 +332,7 @@ def test_classification_answers_equal_our_engine(site, front):
 def test_prefix_artifacts_are_refused_at_load(site, vllm):
     with pytest.raises(SoftPromptError, match="kv is a prefix-tuning artifact.*vLLM takes input embeddings only.*"
                                               "without --vllm-url"):
-        build(ServeConfig(prompts=site["root"] / "prefix", vllm_url=vllm.url))
+        build(ServeConfig(prompts=site["root"] / "prefix", vllm_url=vllm.url, vllm_api_key=VLLM_KEY))
 
 
 @pytest.mark.real_model
@@ -349,7 +352,9 @@ def test_a_dead_backend_gives_503_and_service_returns_by_itself(site, vllm, fron
     code, answer = status_of(url, "/v1/completions", {"model": "gen1", "prompt": "Fine.", "max_tokens": 4})
     assert code == 503 and "unreachable" in answer["error"]["message"]
     code, health = status_of(url, "/health", key=None)
-    assert code == 503 and health["backend"]["status"] == "unavailable"
+    assert code == 503 and health["backend"] == {"engine": "vllm", "status": "unavailable"}  # no address, no detail
+    code, health = status_of(url, "/health")  # with our key: where vLLM is, and what is wrong
+    assert code == 503 and health["backend"]["url"] == vllm.url and "unreachable" in health["backend"]["detail"]
     assert front["process"].poll() is None  # the front is still up
     vllm.start()  # the same port; nothing is done to the front
     reply = client.completions.create(model="gen1", prompt="Fine.", max_tokens=4, temperature=0).choices[0]
@@ -371,12 +376,13 @@ def test_a_request_vllm_refuses_gives_400_with_its_reason(front):
 @pytest.mark.real_model
 def test_a_silent_backend_gives_504(site, vllm):
     """vLLM stopped (SIGSTOP: its port still accepts connections, nothing answers) past --vllm-timeout: 504."""
-    app, engine, _ = build(ServeConfig(prompts=site["root"] / "prompts", vllm_url=vllm.url, vllm_timeout=2))
+    app, engine, _ = build(ServeConfig(prompts=site["root"] / "prompts", vllm_url=vllm.url, vllm_timeout=2,
+                                       vllm_api_key=VLLM_KEY))  # fmt: skip
     try:
         os.killpg(vllm.process.pid, signal.SIGSTOP)
         try:
-            response = TestClient(app).post("/v1/completions", json={"model": "gen0", "prompt": "Fine.",
-                                                                     "max_tokens": 4})  # fmt: skip
+            response = TestClient(app, base_url="http://127.0.0.1").post(
+                "/v1/completions", json={"model": "gen0", "prompt": "Fine.", "max_tokens": 4})
         finally:
             os.killpg(vllm.process.pid, signal.SIGCONT)
         assert response.status_code == 504, response.text

@@ -1,20 +1,24 @@
 """The HTTP side's router: an OpenAI-compatible FastAPI app in front of an engine.
 
-Each route is one `Api` method; what they share lives beside: `jobs` turns a request body into a checked job,
-`answers` runs it on the engine and answers (whole or as server-sent events). This module keeps the routes, the API
-key and the request counting. Every user mistake is a 4xx with an OpenAI-style error body; unknown model ids are
-404. `GET /` (and `/ui`) is the playground, a static page (static/) that speaks to the API above like any client.
+Each route is one `Api` method; what they share lives beside: `guard` checks every request before its route (Host,
+API key, cross-site writes, body size) and counts it, `jobs` turns a request body into a checked job (in a worker
+thread: tokenizing never runs on the event loop), `answers` runs it on the engine and answers (whole or as
+server-sent events). Every mistake is a 4xx, every failure a 5xx, all with an OpenAI-style error body that names no
+exception text nor folder of the server's (the log has them); unknown model ids are 404. `GET /` (and `/ui`) is the
+playground, a static page (static/) that speaks to the API above like any client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.staticfiles import StaticFiles
 
@@ -24,6 +28,7 @@ from ..errors import SoftPromptError
 from . import prometheus, protocol
 from .answers import Answers
 from .engines.base import Engine
+from .guard import Guard, Rules
 from .jobs import Intake, Limits
 from .protocol import ApiError
 from .registry import Registry
@@ -72,8 +77,10 @@ async def http_error(_, error: HTTPException):
 
 
 async def server_error(_, error: Exception):
-    message = f"internal error: {type(error).__name__}: {error}"
-    return JSONResponse(protocol.error_body(message, "server_error"), status_code=500)
+    """A bug of ours: 500 without the exception's text (Starlette re-raises it after this answer, so the server logs
+    it with its traceback). Outside the guard, so the header it adds to every answer is added here."""
+    body = protocol.error_body("internal error: the server's log has the details", "server_error")
+    return JSONResponse(body, status_code=500, headers={"X-Content-Type-Options": "nosniff"})
 
 
 class Api:
@@ -82,46 +89,31 @@ class Api:
 
     def __init__(self, registry: Registry, engine: Engine, limits: Limits, api_key: str | None):
         self.registry, self.engine, self.api_key = registry, engine, api_key
+        self.limits = replace(limits, max_rows=min(limits.max_rows, engine.capacity))  # a larger one never fits
         self.counters = prometheus.Counters()
-        self.intake = Intake(registry, registry.model, limits)
-        self.answers = Answers(engine, registry.model.tokenizer, self.counters)
+        self.intake = Intake(registry, registry.model, self.limits)
+        self.answers = Answers(engine, registry.model.tokenizer, self.counters, limits.request_timeout)
         self.details: dict[str, tuple[tuple, dict]] = {}
         """Prompt id -> (its files' signature, its description), computed on its first request."""
         auth = "required" if api_key else "none"
         self.page_html = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{auth}}", auth)
 
-    # ---- auth and counting (the middleware) ----
-
-    async def auth_and_count(self, request: Request, call_next):
-        """Refuse a wrong or missing key (all but /health and the page's files) and count every request by route and
-        status."""
-        path = request.url.path
-        if self.api_key and not _open(path):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                response = JSONResponse(protocol.error_body(
-                    "Invalid or missing API key: send the header 'Authorization: Bearer <key>' with the server's "
-                    "--api-key.", "authentication_error", code="invalid_api_key"), status_code=401)  # fmt: skip
-                self.counters.requests[(_route(path), 401)] += 1
-                return response
-        response = await call_next(request)
-        response.body_iterator = self.counted(response.body_iterator, request, response.status_code, path)
-        return response
-
-    async def counted(self, body, request: Request, status: int, path: str):
-        """`body`, the request counted once it is sent: a stream whose client left midway set its status to 499."""
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            self.counters.requests[(_route(path), getattr(request.state, "status", status))] += 1
+    def deadline(self) -> float:
+        """The `time.monotonic()` by which a request that starts now must be answered."""
+        return time.monotonic() + self.limits.request_timeout
 
     # ---- routes ----
 
-    async def health(self):
-        """The server's state and its engine's; 503 while the engine's backend (vLLM) cannot be reached."""
+    async def health(self, request: Request):
+        """The server's state and its engine's (503 while it cannot serve: its worker gone, vLLM unreachable); what
+        the engine says of its backend's address and of what went wrong only to a request with the API key."""
         engine = self.engine
-        backend = await engine.health()
+        try:
+            backend = await asyncio.wait_for(engine.health(), 10)
+        except asyncio.TimeoutError:
+            backend = {"status": "unavailable", "detail": "the engine did not say how it is within 10 s"}
+        if not getattr(request.state, "key_given", False):
+            backend = {k: v for k, v in backend.items() if k not in ("url", "detail")}
         body = {"status": backend["status"], "prompts": len(self.registry), "running": engine.running,
                 "waiting": engine.queue_depth, "backend": backend}  # fmt: skip
         return JSONResponse(body, status_code=200 if backend["status"] == "ok" else 503)
@@ -143,14 +135,23 @@ class Api:
         return {"object": "list", "data": data}
 
     async def completions(self, body: protocol.CompletionRequest, request: Request):
-        return await self.answers.respond(self.intake.completion(body), False, request)
+        deadline = self.deadline()
+        job = await run_in_threadpool(self.intake.completion, body)
+        return await self.answers.respond(job, False, request, deadline)
 
     async def chat_completions(self, body: protocol.ChatRequest, request: Request):
-        return await self.answers.respond(self.intake.chat(body), True, request)
+        deadline = self.deadline()
+        job = await run_in_threadpool(self.intake.chat, body)
+        return await self.answers.respond(job, True, request, deadline)
 
     async def reload(self):
-        """Reload the prompt artifacts on the engine's thread, between batches."""
-        report = await asyncio.wrap_future(self.engine.call(self.registry.reload))
+        """Reload the prompt artifacts where the engine says (our engine: its thread, between batches), one reload at
+        a time (`Registry.reload` holds a lock)."""
+        try:
+            report = await asyncio.wait_for(asyncio.wrap_future(self.engine.call(self.registry.reload)),
+                                            self.limits.request_timeout)  # fmt: skip
+        except asyncio.TimeoutError:
+            raise self.answers.late() from None
         return {"prompts": sorted(p for p in self.registry.prompts if p != self.registry.base.name), **report}
 
     def prompt_details(self, name: str):
@@ -162,8 +163,8 @@ class Api:
         if prompt.folder is None:
             raise ApiError(404, f"{name!r} is the bare base model: it has no prompt artifact to describe.",
                            "not_found_error", "name", "model_not_found")  # fmt: skip
-        changed = (f"the files of {name!r} in {prompt.folder} changed on disk since it was loaded, and what is served "
-                   "is the version loaded: POST /admin/reload to serve (and describe) the files as they are now")
+        changed = (f"the files of {name!r} changed on disk since it was loaded, and what is served is the version "
+                   "loaded: POST /admin/reload to serve (and describe) the files as they are now")
         if not self.registry.unchanged(prompt):
             raise ApiError(409, changed, param="name")
         cached = self.details.get(name)
@@ -182,15 +183,18 @@ class Api:
                                                      "Cache-Control": "no-cache"})  # fmt: skip
 
 
-def create_app(registry: Registry, engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app: the error handlers, the auth-and-count middleware and the routes, all on one `Api`."""
+def create_app(registry: Registry, engine: Engine, limits: Limits | None = None, api_key: str | None = None,
+               host: str | None = None) -> FastAPI:  # fmt: skip
+    """The FastAPI app: the error handlers, the guard and the routes, all on one `Api`. `host`: the address the
+    server listens on (a keyless loopback one refuses requests addressed to other names); None: not checked."""
     api = Api(registry, engine, limits or Limits(), api_key)
     app = FastAPI(title="softprompt", docs_url=None, redoc_url=None, openapi_url=None)
     app.exception_handler(ApiError)(api_error)
     app.exception_handler(RequestValidationError)(invalid_body)
     app.exception_handler(HTTPException)(http_error)
     app.exception_handler(Exception)(server_error)
-    app.middleware("http")(api.auth_and_count)
+    rules = Rules(api_key, host, api.limits.max_body_bytes, _open, _route)
+    app.add_middleware(Guard, rules=rules, counters=api.counters)
     app.get("/health")(api.health)
     app.get("/metrics")(api.metrics)
     app.get("/v1/models")(api.models)

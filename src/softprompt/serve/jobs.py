@@ -1,5 +1,7 @@
 """Request bodies into jobs: the model id looked up, the text put into the prompt's template (or the chat template)
-and tokenized, and everything checked against the server's limits, every problem in one 400."""
+and tokenized, and everything checked against the server's limits, every problem in one 400. What bounds the work
+of reading a request (how many prompts, how many characters, the stop strings) is checked before any tokenizing;
+the routes run this module in a worker thread, off the event loop."""
 
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ from .protocol import ApiError
 from .registry import Prompt, Registry
 from .served import ServedModel
 
-MAX_STOPS = 4
 MAX_SEED = 2**63
 """Seeds (plus the choice index) must stay below this: a torch generator takes a signed 64-bit seed."""
+GREEDY_BELOW = 1e-5
+"""Temperatures under this decode greedily, as they mean to: dividing the logits by one (5e-324, say) overflows to
+infinities, whose probabilities are NaN."""
 
 
 @dataclass
 class Limits:
+    """What one request may ask (ServeConfig's fields of the same names say each one's why)."""
+
     max_prompt_tokens: int = 2048
     """Longest prompt in tokens (after the template)."""
     max_tokens: int = 512
@@ -26,6 +32,19 @@ class Limits:
     """Most choices per prompt."""
     context: int | None = None
     """The model's context (soft prompt + prompt + new tokens); None: unknown, unchecked."""
+    max_body_bytes: int = 1 << 20
+    max_prompts: int = 64
+    max_prompt_chars: int = 65536
+    max_stops: int = 4
+    max_stop_chars: int = 256
+    max_rows: int = 256
+    request_timeout: float = 600.0
+
+
+def shown(value, limit: int = 80) -> str:
+    """`value` as an error message quotes it: its repr, cut to `limit` characters (a client's text can be long)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass
@@ -52,8 +71,8 @@ class Intake:
         prompt = self.registry.get(model)
         if prompt is None:
             known = ", ".join(sorted(self.registry.prompts)[:20])
-            raise ApiError(404, f"The model {model!r} does not exist. Loaded: {known}.", "not_found_error", "model",
-                           "model_not_found")  # fmt: skip
+            raise ApiError(404, f"The model {shown(model)} does not exist. Loaded: {known}.", "not_found_error",
+                           "model", "model_not_found")  # fmt: skip
         return prompt
 
     def completion(self, body: protocol.CompletionRequest) -> Job:
@@ -61,15 +80,39 @@ class Intake:
         raw = body.prompt
         if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
             raw = [raw]  # one prompt: a text or a list of token ids
+        self.check_size(body, [len(p) for p in raw if isinstance(p, str)], len(raw), "prompt")
         inputs = [list(p) if isinstance(p, list) else self.tokenize(p if body.raw else self.fill(prompt, p))
                   for p in raw]  # fmt: skip
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         return self.job_for(body, prompt, inputs, max_tokens)
 
+    def check_size(self, body: protocol.Common, chars: list[int], prompts: int, param: str) -> None:
+        """Refuse at once (400) what would be costly to read: too many prompts, a text too long, stop strings too
+        many or too long. `chars`: the length of each text to tokenize; `param`: the field that holds them."""
+        limits, problems = self.limits, []
+        if prompts > limits.max_prompts:
+            problems.append((param, f"{param} holds {prompts} prompts, more than this server's limit of "
+                                    f"{limits.max_prompts} per request; send them in several requests"))  # fmt: skip
+        long = [(i, n) for i, n in enumerate(chars) if n > limits.max_prompt_chars]
+        if long:
+            where = "the messages have" if param == "messages" else f"prompt {long[0][0]} has"
+            problems.append((param, f"{where} {long[0][1]} characters, more than this server's limit of "
+                                    f"{limits.max_prompt_chars}; shorten it"))  # fmt: skip
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > limits.max_stops or not all(stop):
+            problems.append(("stop", f"stop takes up to {limits.max_stops} non-empty strings, got {len(stop)}: "
+                                     f"{shown(stop)}"))  # fmt: skip
+        elif any(len(s) > limits.max_stop_chars for s in stop):
+            problems.append(("stop", f"a stop string has {max(map(len, stop))} characters, more than this server's "
+                                     f"limit of {limits.max_stop_chars}"))  # fmt: skip
+        if problems:
+            raise ApiError(400, "; ".join(message for _, message in problems), param=problems[0][0])
+
     def chat(self, body: protocol.ChatRequest) -> Job:
         prompt = self.lookup(body.model)
         if not body.messages:
             raise ApiError(400, "messages is empty: send at least one message", param="messages")
+        self.check_size(body, [sum(len(m.text()) + len(m.role) for m in body.messages)], 1, "messages")
         if prompt.is_classification:
             # A classification prompt reads its template filled with the last user message, as in training.
             users = [m.text() for m in body.messages if m.role == "user"]
@@ -100,6 +143,10 @@ class Intake:
         sampling, n, problems = self.sampling(body, max_tokens)
         if not inputs:
             problems.append("the prompt is empty")
+        rows = len(inputs) * (1 if prompt.is_classification else n)  # a label is scored once, whatever n
+        if rows > self.limits.max_rows:
+            problems.append(f"this request needs {rows} rows ({len(inputs)} prompt(s) x n={n}), more than this server "
+                            f"takes in one request ({self.limits.max_rows}); send fewer prompts or a smaller n")
         completion = max((len(w) for w in prompt.label_ids), default=0) if prompt.is_classification else max_tokens
         for i, ids in enumerate(inputs):
             problems += self.input_problems(f"prompt {i}" if len(inputs) > 1 else "the prompt", ids, prompt,
@@ -125,10 +172,9 @@ class Intake:
             problems.append(f"temperature must be between 0 and 2, got {temperature}")
         if not 0 < top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {top_p}")
-        if len(stop) > MAX_STOPS or not all(stop):
-            problems.append(f"stop takes up to {MAX_STOPS} non-empty strings, got {stop}")
         if body.seed is not None and not 0 <= body.seed < MAX_SEED - limits.max_n:
             problems.append(f"seed must be between 0 and {MAX_SEED - limits.max_n - 1}, got {body.seed}")
+        temperature = 0.0 if 0 <= temperature < GREEDY_BELOW else temperature
         sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=body.seed,
                             ignore_eos=body.ignore_eos)  # fmt: skip
         return sampling, n, problems

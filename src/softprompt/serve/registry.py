@@ -5,6 +5,7 @@ of vLLM: `ServedModel.prompt_input`) is computed once when it is loaded, so a re
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,9 @@ class Registry:
         self.base = Prompt(base_id(base_name), None)
         self.prompts_dir = Path(prompts_dir) if prompts_dir else None  # ServeConfig checks that it is a folder
         self.prompts: dict[str, Prompt] = {self.base.name: self.base}
+        self.reloading = threading.Lock()
+        """Held by a reload: one at a time, whichever thread runs it (the engine's worker, or a thread of the vLLM
+        front's), so two never load the same folders side by side nor swap in each other's half."""
 
     def get(self, name: str) -> Prompt | None:
         return self.prompts.get(name)
@@ -99,7 +103,11 @@ class Registry:
 
     def reload(self, strict: bool = False) -> dict:
         """Load new and changed prompt directories, drop removed ones. A broken directory keeps its previous version
-        (if any) and is reported; with `strict` (at startup) it is an error instead."""
+        (if any) and is reported; with `strict` (at startup) it is an error instead. One reload at a time."""
+        with self.reloading:
+            return self._reload(strict)
+
+    def _reload(self, strict: bool) -> dict:
         report = {"loaded": [], "unloaded": [], "unchanged": [], "errors": {}}
         if self.prompts_dir is None:
             return report

@@ -3,11 +3,13 @@
 The app builds `Sequence`s (one generated choice each) and `ScoreRequest`s (one classified input each), hands them
 to an `Engine`, and hears back through each one's `sink`, called on the engine's own thread. Every engine refuses
 work it cannot queue (`QueueFull`, answered 429) or takes no more (`Stopped`, 503), and ends every accepted request
-with an update, an error included, so no caller waits forever.
+with an update, an error included, so no caller waits forever. An error's text for the client names what failed,
+never the exception's own words (`failure`): those go to the server's log.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -19,6 +21,14 @@ from ...errors import SoftPromptError
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STOPPED = "the server is shutting down: the request was not completed"
+log = logging.getLogger("softprompt.serve")
+
+
+def failure(what: str, error: BaseException) -> str:
+    """What a client is told of a failure of ours: `what` failed, and the exception's kind; its text (which may name
+    files, addresses or data) and traceback go to the server's log only."""
+    log.error("%s failed: %s: %s", what, type(error).__name__, error, exc_info=error)
+    return f"{what} failed ({type(error).__name__}); the server's log has the details"
 
 
 class QueueFull(SoftPromptError):
@@ -82,7 +92,9 @@ class Sequence:
         self.sink, self.stream = sink, stream
         self.tokens: list[int] = []
         self.cancelled = False
-        """Set by the caller (client gone): the row leaves at the next step."""
+        """Set by the caller (client gone, deadline passed): the row leaves at the next step."""
+        self.deadline: float | None = None
+        """`time.monotonic()` past which nobody waits for the row (an engine that waits on others gives up then)."""
         self.generator: torch.Generator | None = None
         """A seeded row's own random numbers (made on the model's device when the row joins)."""
 
@@ -95,6 +107,8 @@ class ScoreRequest:
                  sink: Callable[..., None]):  # fmt: skip
         self.input_ids, self.label_ids, self.prompt_input, self.sink = input_ids, label_ids, prompt_input, sink
         self.cancelled = False
+        self.deadline: float | None = None
+        """As `Sequence.deadline`."""
 
 
 @dataclass
@@ -141,6 +155,12 @@ class Engine(ABC):
     def queue_depth(self) -> int:
         """Rows and scoring requests waiting for their turn."""
 
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """The most rows (or scoring requests) one submission may hold: a larger one could never be taken, so it is
+        refused as too large (400), not as busy (429)."""
+
     @abstractmethod
     def start(self) -> "Engine":
         """Start the engine's thread; returns the engine."""
@@ -163,4 +183,5 @@ class Engine(ABC):
 
     @abstractmethod
     async def health(self) -> dict:
-        """The engine's state for /health: at least `engine` (its kind) and `status` ("ok" when it can serve)."""
+        """The engine's state for /health: at least `engine` (its kind) and `status` ("ok" when it can serve); where
+        known, `detail` (why not) and `url` (its backend), which /health shows to holders of the API key only."""

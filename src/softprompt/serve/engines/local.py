@@ -4,8 +4,9 @@ Each running row (one generated choice) holds its own prompt's K/V prefix, its p
 all in one `RunningBatch` (backbones/running.py), which owns the cache. Between decode steps, rows that finished
 leave and waiting rows join: they are prefilled together (their prefixes stacked, shorter ones left-padded with masked
 slots) and merged into the running batch. Since positions count real slots only, a row's tokens do not depend on who
-shares its batch. This file keeps scheduling and sampling. Classification requests are scored between steps, all
-waiting ones in one mixed batch. Every torch call happens in the worker thread; other threads submit work and get
+shares its batch. This file keeps scheduling and sampling. Classification requests are scored between steps, up to
+`max_batch` of them in one mixed batch per step (a full queue of them is spread over steps, so decoding goes on).
+Every torch call happens in the worker thread; other threads submit work and get
 updates through callbacks (the HTTP side forwards them to asyncio queues).
 """
 
@@ -21,7 +22,10 @@ import torch
 from ...backbones import Backbone, RunningBatch
 from ...scoring.generate import advance, eos_ids, next_tokens
 from ...scoring.mixed import label_scores_mixed, stack
-from .base import STOPPED, Engine, EngineConfig, QueueFull, ScoreRequest, Sequence, Stats, Stopped, Update, emit
+from .base import (STOPPED, Engine, EngineConfig, QueueFull, ScoreRequest, Sequence, Stats, Stopped, Update, emit,
+                   failure)  # fmt: skip
+
+WORKER_GONE = "the server's engine has stopped working: the request was not completed; the server needs a restart"
 
 
 class LocalEngine(Engine):
@@ -40,6 +44,7 @@ class LocalEngine(Engine):
         self._batch = RunningBatch(backbone)  # their cache
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._gone = False  # the worker ended without a stop
 
     # ---- submitting (any thread) ----
 
@@ -51,10 +56,21 @@ class LocalEngine(Engine):
     def running(self) -> int:
         return len(self._rows)
 
+    @property
+    def capacity(self) -> int:
+        return self.config.max_queue
+
+    @property
+    def worker_gone(self) -> bool:
+        """Started, but its thread has ended without a stop (nothing would ever run what is queued)."""
+        return self._gone or (self._thread is not None and not self._thread.is_alive() and not self._stopping)
+
     def _enqueue(self, queue: collections.deque, items: list) -> None:
         with self._lock:
             if self._stopping:
                 raise Stopped(STOPPED)
+            if self.worker_gone:
+                raise Stopped(WORKER_GONE)
             if self.queue_depth + len(items) > self.config.max_queue:
                 raise QueueFull(
                     f"the server is busy: {self.queue_depth} requests are waiting (limit {self.config.max_queue}, "
@@ -64,8 +80,12 @@ class LocalEngine(Engine):
             self._lock.notify()
 
     async def health(self) -> dict:
-        """The engine's own state for /health: this one runs in-process, so it is ok while it runs."""
-        return {"engine": "softprompt", "status": "ok" if not self._stopping else "stopping"}
+        """The engine's own state for /health: ok while its worker thread runs (not only while nobody stopped it)."""
+        if self._stopping:
+            return {"engine": "softprompt", "status": "stopping"}
+        if self.worker_gone:
+            return {"engine": "softprompt", "status": "unavailable", "detail": "the engine's worker thread has ended"}
+        return {"engine": "softprompt", "status": "ok"}
 
     def submit(self, sequences: list[Sequence]) -> None:
         """Queue rows for generation, all or none (QueueFull)."""
@@ -78,8 +98,8 @@ class LocalEngine(Engine):
         """Run `fn()` in the worker thread between steps (torch work such as loading prompts)."""
         future: Future = Future()
         with self._lock:
-            if self._stopping:
-                future.set_exception(Stopped(STOPPED))
+            if self._stopping or self.worker_gone:
+                future.set_exception(Stopped(STOPPED if self._stopping else WORKER_GONE))
                 return future
             self._jobs.append((fn, future))
             self._lock.notify()
@@ -106,29 +126,36 @@ class LocalEngine(Engine):
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not (self._stopping or self._waiting or self._scoring or self._jobs or self._rows):
-                    self._lock.wait()
-                if self._stopping:
-                    break
-            self.step()
-        self._abandon()
+        try:
+            while True:
+                with self._lock:
+                    while not (self._stopping or self._waiting or self._scoring or self._jobs or self._rows):
+                        self._lock.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self.step()
+                except Exception as error:  # `step` ends what it touched; whatever escapes must not end the worker
+                    self._fail_running(failure("generation", error))
+        finally:  # a stop, or the thread ending otherwise: nothing queued may wait for it
+            self._abandon(STOPPED if self._stopping else WORKER_GONE)
 
-    def _abandon(self) -> None:
-        """On stop: end everything still queued or running with an error (submissions are refused by now)."""
+    def _abandon(self, message: str = STOPPED) -> None:
+        """On stop (or the worker's end): end everything still queued or running with an error; submissions are
+        refused from here on."""
         with self._lock:
+            self._gone = not self._stopping
             waiting, scoring, jobs = list(self._waiting), list(self._scoring), list(self._jobs)
             self._waiting.clear()
             self._scoring.clear()
             self._jobs.clear()
         for seq in waiting:
-            emit(seq, Update(list(seq.tokens), True, "error", STOPPED))
+            emit(seq, Update(list(seq.tokens), True, "error", message))
         for request in scoring:
-            emit(request, None, STOPPED)
+            emit(request, None, message)
         for _, future in jobs:
-            future.set_exception(Stopped(STOPPED))
-        self._fail_running(STOPPED)
+            future.set_exception(Stopped(message))
+        self._fail_running(message)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -143,7 +170,7 @@ class LocalEngine(Engine):
             if self._rows:
                 self._decode()
         except Exception as error:  # a failure ends the rows it touched, never the server
-            self._fail_running(f"generation failed: {type(error).__name__}: {error}")
+            self._fail_running(failure("generation", error))
 
     def _run_jobs(self) -> None:
         while self._jobs and not self._stopping:  # jobs left at a stop fail in `_abandon`
@@ -164,15 +191,16 @@ class LocalEngine(Engine):
             return taken
 
     def _score(self) -> None:
-        requests = self._take(self._scoring, self.config.max_queue)
+        requests = self._take(self._scoring, self.config.max_batch)  # the rest wait for the next steps
         if not requests:
             return
         try:
             scores = label_scores_mixed(self.backbone, [r.input_ids for r in requests], [r.label_ids for r in requests],
                                         [r.prompt_input for r in requests])  # fmt: skip
         except Exception as error:
+            message = failure("scoring", error)
             for r in requests:
-                emit(r, None, f"scoring failed: {type(error).__name__}: {error}")
+                emit(r, None, message)
             return
         self.stats.scored += len(requests)
         for r, s in zip(requests, scores):
@@ -194,7 +222,7 @@ class LocalEngine(Engine):
             prefix, prefix_mask = stack(self.backbone, [s.prompt_input for s in joining])
             logits = self._batch.join([s.prompt_ids for s in joining], prefix, prefix_mask)
         except Exception as error:
-            message = f"generation failed: {type(error).__name__}: {error}"
+            message = failure("generation", error)
             for seq in joining:
                 emit(seq, Update(list(seq.tokens), True, "error", message))
             return
@@ -240,8 +268,7 @@ class LocalEngine(Engine):
                     tokens[i] = int(next_tokens(logits[i : i + 1], p.temperature, p.top_p, seq.generator)[0])
                 except Exception as error:
                     tokens[i] = None
-                    emit(seq, Update(list(seq.tokens), True, "error",
-                                      f"generation failed: {type(error).__name__}: {error}"))  # fmt: skip
+                    emit(seq, Update(list(seq.tokens), True, "error", failure("generation", error)))
         return tokens
 
     def _advance(self, seq: Sequence, token: int | None) -> bool:

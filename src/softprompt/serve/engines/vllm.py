@@ -11,8 +11,10 @@ raw log-probabilities of the full vocabulary) after the input and the word's ear
 a beginning share a request.
 
 Faults become errors with a status, never hangs: vLLM unreachable -> 503, no byte within `timeout` seconds -> 504, a
-stream cut midway -> an error event. Connections are opened per request, so service resumes by itself once vLLM is
-back. Everything HTTP runs on this engine's own event loop thread; callbacks are called there.
+row past its deadline -> 504, a stream cut midway -> an error event; a line longer than `MAX_LINE` or an answer
+longer than `MAX_ANSWER` is refused, not held. What the client reads names neither vLLM's address nor its
+internals (the log does). Connections are opened per request, so service resumes by itself once vLLM is back.
+Everything HTTP runs on this engine's own event loop thread; callbacks are called there.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from typing import Callable
 
 import httpx2
@@ -31,7 +34,13 @@ from transformers import GenerationConfig
 from ...errors import SoftPromptError
 from ...scoring.generate import advance, eos_ids
 from ..vllm_embeds import InputEmbeddings, encode
-from .base import STOPPED, Engine, EngineConfig, QueueFull, ScoreRequest, Sequence, Stats, Stopped, Update, emit
+from .base import (STOPPED, Engine, EngineConfig, QueueFull, ScoreRequest, Sequence, Stats, Stopped, Update, emit,
+                   failure, log)  # fmt: skip
+
+MAX_LINE = 1 << 20
+"""Bytes in one line of vLLM's stream (one token's event is a few hundred): a longer one is a fault, not held."""
+MAX_ANSWER = 8 << 20
+"""Bytes of one whole (not streamed) answer of vLLM's."""
 
 
 class BackendError(SoftPromptError):
@@ -48,6 +57,8 @@ class VllmEngine(Engine):
     def __init__(self, front: InputEmbeddings, url: str, config: EngineConfig | None = None, timeout: float = 60.0,
                  api_key: str | None = None):  # fmt: skip
         self.front, self.url, self.timeout = front, url.rstrip("/"), timeout
+        self.shown_url = httpx2.URL(self.url).copy_with(username=None, password=None)
+        """The URL without any `user:pass@`, for /health (to holders of our key) and the log."""
         self.config = config or EngineConfig()
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         generation_config = _generation_config(front)
@@ -73,6 +84,10 @@ class VllmEngine(Engine):
     def queue_depth(self) -> int:
         """Always 0: vLLM holds the queue."""
         return 0
+
+    @property
+    def capacity(self) -> int:
+        return self.config.max_batch + self.config.max_queue
 
     def start(self) -> "VllmEngine":
         self._thread = threading.Thread(target=self._loop.run_forever, name="softprompt-vllm", daemon=True)
@@ -106,15 +121,19 @@ class VllmEngine(Engine):
         return asyncio.run_coroutine_threadsafe(asyncio.to_thread(fn), self._loop)
 
     async def health(self) -> dict:
-        """vLLM's own /health, asked now (a couple of seconds at most)."""
-        state = {"engine": "vllm", "url": self.url}
+        """vLLM's own /health, asked now (a few seconds at most), and whether this engine's loop still runs."""
+        state = {"engine": "vllm", "url": str(self.shown_url)}
+        if self._thread is None or not self._thread.is_alive():
+            return {**state, "status": "unavailable", "detail": "the front's event loop is not running"}
         try:
             asked = asyncio.run_coroutine_threadsafe(self._request("GET", "/health", 3.0), self._loop)
-            answer = await asyncio.wrap_future(asked)
+            answer = await asyncio.wait_for(asyncio.wrap_future(asked), 5.0)
             return {**state, "status": "ok" if answer.status_code == 200 else "unavailable",
                     **({} if answer.status_code == 200 else {"detail": f"vLLM answered {answer.status_code}"})}
         except BackendError as error:
             return {**state, "status": "unavailable", "detail": str(error)}
+        except asyncio.TimeoutError:
+            return {**state, "status": "unavailable", "detail": "vLLM's /health did not answer within 5 s"}
 
     # ---- on the loop ----
 
@@ -132,14 +151,18 @@ class VllmEngine(Engine):
         async def run():
             task = asyncio.current_task()
             self._tasks.add(task)
+            left = None if target.deadline is None else max(0.0, target.deadline - time.monotonic()) + 1.0
+            # (a second past it: the caller, who waits until the deadline, answers first; this ends the work)
             try:
-                await work
+                await asyncio.wait_for(work, left)
+            except asyncio.TimeoutError:
+                _fail(target, "the request passed its deadline while vLLM worked on it", 504)
             except asyncio.CancelledError:
                 _fail(target, STOPPED, 503)
             except BackendError as error:
                 _fail(target, str(error), error.status)
-            except Exception as error:  # a bug of ours must end the request, not leave it waiting
-                _fail(target, f"generation failed: {type(error).__name__}: {error}", 500)
+            except Exception as error:  # a bug of ours (or nonsense from vLLM) must end the request, not hang it
+                _fail(target, failure("generation", error), 500)
             finally:
                 self._tasks.discard(task)
                 with self._count:
@@ -163,27 +186,37 @@ class VllmEngine(Engine):
 
     @contextmanager
     def _transport_errors(self, timeout: float):
-        """httpx2's failures as BackendError: 504 when vLLM sent nothing for `timeout` seconds, else 503."""
+        """httpx2's failures as BackendError: 504 when vLLM sent nothing for `timeout` seconds, else 503 (the address
+        goes to the log, not to the client)."""
         try:
             yield
         except httpx2.TimeoutException:
-            raise BackendError(f"the vLLM backend at {self.url} sent nothing for {timeout} s", 504) from None
+            raise self._fault(f"the vLLM backend sent nothing for {timeout} s", 504) from None
         except httpx2.ConnectError:
-            raise BackendError(f"the vLLM backend at {self.url} is unreachable", 503) from None
+            raise self._fault("the vLLM backend is unreachable", 503) from None
         except httpx2.HTTPError as error:
-            raise BackendError(f"the vLLM backend at {self.url} failed mid-answer ({type(error).__name__})",
-                               503) from None  # fmt: skip
+            raise self._fault(f"the vLLM backend failed mid-answer ({type(error).__name__})", 503) from None
+
+    def _fault(self, message: str, status: int) -> BackendError:
+        log.warning("%s (%s)", message, self.shown_url)
+        return BackendError(message, status)
 
     async def _request(self, method: str, path: str, timeout: float | None = None, **kwargs) -> httpx2.Response:
-        """One whole (not streamed) request."""
+        """One whole (not streamed) request, its body read up to MAX_ANSWER bytes."""
         timeout = timeout or self.timeout
         with self._transport_errors(timeout):
-            return await self._http().request(method, path, timeout=timeout, **kwargs)
+            async with self._http().stream(method, path, timeout=timeout, **kwargs) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ANSWER:
+                        raise self._fault(f"the vLLM backend sent an answer over {MAX_ANSWER} bytes", 503)
+                return httpx2.Response(response.status_code, headers=response.headers, content=bytes(body))
 
     async def _model_id(self) -> str:
         if self._model is None:
             answer = await self._request("GET", "/v1/models")
-            _check(answer.status_code, answer.text, self.url)
+            _check(answer.status_code, answer.text)
             self._model = answer.json()["data"][0]["id"]
         return self._model
 
@@ -203,27 +236,31 @@ class VllmEngine(Engine):
         with self._transport_errors(self.timeout):
             async with self._http().stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
-                    _check(response.status_code, (await response.aread()).decode(errors="replace"), self.url)
-                async for line in response.aiter_lines():
-                    if seq.cancelled:
-                        return  # the client left: closing the stream drops the request in vLLM
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    choice = json.loads(line[6:])["choices"][0]
-                    for token in choice.get("token_ids") or []:
-                        reason = advance(self.front.tokenizer, self.eos, seq.tokens, token, max_tokens=p.max_tokens,
-                                         stop=p.stop, ignore_eos=p.ignore_eos)  # fmt: skip
-                        self.stats.generated_tokens += not (token in self.eos and not p.ignore_eos)
+                    _check(response.status_code, (await _head(response)).decode(errors="replace"))
+                async with aclosing(_lines(response)) as lines:
+                    async for line in lines:
+                        if seq.cancelled:
+                            return  # the client left: closing the stream drops the request in vLLM
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            reason = self._take(seq, json.loads(line[6:])["choices"][0])
                         if reason:
                             break
-                        if seq.stream:
-                            emit(seq, Update(list(seq.tokens)))
-                    reason = reason or _reason(choice.get("finish_reason"))
-                    if reason:
-                        break
         if reason is None:
-            raise BackendError(f"the vLLM backend at {self.url} ended the stream without finishing the row", 503)
+            raise self._fault("the vLLM backend ended the stream without finishing the row", 503)
         emit(seq, Update(list(seq.tokens), True, reason))
+
+    def _take(self, seq: Sequence, choice: dict) -> str | None:
+        """One event's tokens through `generate.advance`; why the row ends, or None."""
+        p = seq.sampling
+        for token in choice.get("token_ids") or []:
+            reason = advance(self.front.tokenizer, self.eos, seq.tokens, token, max_tokens=p.max_tokens, stop=p.stop,
+                             ignore_eos=p.ignore_eos)  # fmt: skip
+            self.stats.generated_tokens += not (token in self.eos and not p.ignore_eos)
+            if reason:
+                return reason
+            if seq.stream:
+                emit(seq, Update(list(seq.tokens)))
+        return _reason(choice.get("finish_reason"))
 
     async def _score(self, request: ScoreRequest) -> None:
         """Each label word's summed log-probability: label words that share their first k tokens share the request
@@ -241,7 +278,7 @@ class VllmEngine(Engine):
                     "max_tokens": 1, "temperature": 0, "logprobs": 1, "logprob_token_ids": sorted(tokens),
                     "return_tokens_as_token_ids": True}  # fmt: skip
             answer = await self._request("POST", "/v1/completions", json=body)
-            _check(answer.status_code, answer.text, self.url)
+            _check(answer.status_code, answer.text)
             top = answer.json()["choices"][0]["logprobs"]["top_logprobs"][0]  # {"token_id:ID": logprob}
             for token in tokens:
                 logprobs[head, token] = top[f"token_id:{token}"]
@@ -255,16 +292,46 @@ def _reason(finish_reason: str | None) -> str | None:
     return {"stop": "stop", "length": "length"}.get(finish_reason) if finish_reason else None
 
 
-def _check(status: int, text: str, url: str) -> None:
-    """vLLM's non-200 answers as errors: its 4xx (a request it refuses) as 400, anything else as 503."""
+async def _lines(response: httpx2.Response):
+    """The lines of a streamed answer, each at most MAX_LINE bytes (a longer one ends the row: 503)."""
+    pending = b""
+    async for chunk in response.aiter_bytes():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode(errors="replace")
+        if len(pending) > MAX_LINE:
+            raise BackendError(f"the vLLM backend sent a line over {MAX_LINE} bytes", 503)
+    if pending:
+        yield pending.decode(errors="replace")
+
+
+async def _head(response: httpx2.Response, limit: int = 1 << 16) -> bytes:
+    """The first `limit` bytes of an answer (an error's reason), the rest left unread."""
+    body = b""
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) >= limit:
+            break
+    return body[:limit]
+
+
+def _check(status: int, text: str) -> None:
+    """vLLM's non-200 answers as errors: its 4xx (a request it refuses) as 400 with its reason; a refused key
+    (401/403) and anything else as 503, its text to the log only."""
     if status == 200:
         return
+    if status in (401, 403):
+        raise BackendError(f"the vLLM backend refused this server's key (answered {status}): check --vllm-api-key "
+                           "against vLLM's --api-key", 503)  # fmt: skip
+    if not 400 <= status < 500:
+        log.warning("the vLLM backend answered %s: %s", status, text[:2000])
+        raise BackendError(f"the vLLM backend answered {status}", 503)
     try:
         message = json.loads(text).get("error", {}).get("message") or text
     except (ValueError, AttributeError):
         message = text
-    raise BackendError(f"the vLLM backend at {url} answered {status}: {str(message)[:300]}",
-                       400 if 400 <= status < 500 else 503)  # fmt: skip
+    raise BackendError(f"the vLLM backend answered {status}: {str(message)[:300]}", 400)
 
 
 def _fail(target, message: str, status: int) -> None:
