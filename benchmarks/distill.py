@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/distill.py`: the repository root, for `benchmarks.` imports
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.completions import stream_completions  # noqa: E402
+from benchmarks.common.completions import free_port, stream_completions  # noqa: E402
 from benchmarks.common.machine import machine  # noqa: E402
 from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
@@ -73,12 +72,6 @@ def predictions(scores: torch.Tensor) -> list[int]:
 
 def accuracy(predicted: list[int], gold: list[int]) -> float:
     return sum(p == g for p, g in zip(predicted, gold)) / len(gold)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def first_event(url: str, body: dict) -> tuple[float, str]:

@@ -45,19 +45,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/soak.py`: the repository root, for `benchmarks.` imports
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.completions import ROOT, wait_healthy  # noqa: E402
+from benchmarks.common.completions import ROOT, free_port, wait_healthy  # noqa: E402
 from benchmarks.common.machine import log, print_facts, quiet_process  # noqa: E402
 from benchmarks.common.serving import percentile, request_text  # noqa: E402
 
 KEY = "soak-key"
 VLLM_KEY = "soak-vllm-key"
 TEMPLATE = "Review: {text}\nIn other words:"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ the setting

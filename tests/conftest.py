@@ -4,6 +4,7 @@ a tiny offline word-level tokenizer, and the embedded real model for the few tes
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -184,6 +185,13 @@ def real_backbone() -> Backbone:
     if os.environ.get(SKIP_REAL_MODEL) == "1":
         pytest.skip(f"reason: {SKIP_REAL_MODEL}=1 (the embedded model is not installed here)")
     return backbone_for(*load_model("smollm2-135m"))
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server a test starts, or a backend that is down)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_main(monkeypatch, capsys, args) -> tuple[int, str, str]:

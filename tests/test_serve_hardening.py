@@ -41,7 +41,7 @@ from softprompt.serve.jobs import Limits
 from softprompt.serve.registry import Registry
 from softprompt.serve.vllm_embeds import InputEmbeddings
 
-from conftest import run_main, tiny_backbone, tiny_tokenizer
+from conftest import free_port, run_main, tiny_backbone, tiny_tokenizer
 from conftest import random_prompt as build
 from test_serve import CLS_TEMPLATE, GEN_TEMPLATE, LABELS, asgi_request
 
@@ -407,12 +407,6 @@ def front_model(tmp_path_factory) -> InputEmbeddings:
     tiny_backbone("llama", seed=4).model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return InputEmbeddings.load(str(folder))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_health_shows_the_backends_address_and_trouble_to_key_holders_only(front_model):

@@ -12,7 +12,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from softprompt.serve import ServeConfig, build
 from softprompt.training.loop import train
 from softprompt.serve.vllm_embeds import InputEmbeddings, encode, prompt_embeds
 
-from conftest import random_prompt, tiny_config, tiny_model, tiny_tokenizer
+from conftest import free_port, random_prompt, tiny_config, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -50,12 +49,6 @@ VLLM_KEY = "vllm-key"
 """vLLM's own key (VLLM_API_KEY, as the README's recipe sets it): the front sends it, nobody else has it."""
 GEN_TEMPLATE = "Review: {text}\nIn other words:"
 CLS_TEMPLATE = "Review: {text}\nSentiment:"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def healthy(url: str) -> bool:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -96,6 +97,13 @@ def embeds_body(front, soft: torch.Tensor, ids: list[int], **sampling) -> dict:
 class VllmServer:
     url: str
     version: str
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server a benchmark starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager
