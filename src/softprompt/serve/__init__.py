@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import SoftPromptError
@@ -145,9 +145,8 @@ def build(config: ServeConfig):
     registry = Registry(model, config.model, config.prompts)
     registry.reload(strict=True)  # a broken artifact at startup is an error, not a silent gap
     engine.start()
-    limits = Limits(config.max_prompt_tokens, config.max_tokens, config.max_n, model.context, config.max_body_bytes,
-                    config.max_prompts, config.max_prompt_chars, config.max_stops, config.max_stop_chars,
-                    config.max_rows, config.request_timeout)  # fmt: skip
+    limits = Limits(context=model.context, **{f.name: getattr(config, f.name) for f in fields(Limits)
+                                               if f.name != "context"})  # ServeConfig's fields of the same names
     return create_app(registry, engine, limits, config.api_key, config.host), engine, registry
 
 
