@@ -290,9 +290,10 @@ def test_a_stalled_task_trains_on_while_another_improves(tmp_path):
                            TrainConfig(steps=12, lr=0.05, eval_every=2, patience=2, warmup_steps=0), tmp_path / "run",
                            progress=False)  # fmt: skip
     log = read_log(tmp_path / "run")
-    stalled_log = [r for r in log if r.get("task") == "stalled"]
+    stalled_log = [r for r in log if r.get("task") == "stalled" and "valid" in r]
     assert best_record(log, "stalled")["step"] == 0 and len(stalled_log) == 7  # past its patience many times over
     assert best_record(log, "colors")["step"] == 12
+    assert [(r["task"], r["step"]) for r in log if "warning" in r] == [("stalled", 4)]  # 30 % of 12: the first eval
     assert stop_step(log, patience=2) is None
     # so nothing stops: every task trains to the last step, each artifact is its own best
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 13))

@@ -132,7 +132,10 @@ def _saved(what: str, run, where: Path) -> str:
     """The line that closes a training: which step was kept, its validation result, and where it went."""
     best = run.summary.get("valid") or {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float))
-    return f"Saved the {what} (step {run.summary['best_step']}{': ' + shown if shown else ''}) to {where}"
+    line = f"Saved the {what} (step {run.summary['best_step']}{': ' + shown if shown else ''}) to {where}"
+    if run.summary.get("beat_template") is False:
+        line += "; it is no better than the template alone on the validation data"
+    return line
 
 
 # ------------------------------------------------------------------------------------------------- train

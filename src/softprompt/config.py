@@ -167,6 +167,10 @@ class TrainConfig:
     """Validation examples used per evaluation (the first ones of the file)."""
     patience: int = 6
     """Stop after this many evaluations without improvement (0: never stop early)."""
+    no_learning_after: float = 0.3
+    """Share of the steps after which a run that has not learned says so, once, with what to try: its validation no
+    better than the starting prompt's, or without validation data its training loss not 2 % lower than at the start
+    (0: never check)."""
     seed: int = 0
     """Seed of the prompt's initialization and of the order of the training examples."""
     max_length: int = 512
@@ -206,6 +210,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "patience", "weight_decay", "max_grad_norm", "checkpoint_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.no_learning_after <= 1:
+            problems.append(f"no_learning_after is a share of the steps, from 0 to 1; got {self.no_learning_after}")
         if self.eval_size < 1 or self.max_length < 2:
             problems.append("eval_size must be at least 1 and max_length at least 2")
         _check(problems, "training settings")

@@ -66,7 +66,7 @@ def load_checkpoint(path: Path) -> dict:
 
 
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_size", "patience", "checkpoint_every", "gradient_checkpointing",
-                     "shard_model", "report_to"}
+                     "shard_model", "report_to", "no_learning_after"}
 """Settings a resumed run may change: they do not alter the steps already taken (a new `steps` stretches or
 shortens the learning-rate schedule from here on)."""
 

@@ -95,6 +95,9 @@ def loss_on(
     return total / (normalizer or len(batch.loss_tokens)), batch.num_input_tokens
 
 
+MIN_LOSS_STEPS = 8
+"""Steps a run without validation data takes before its loss is judged (a quarter of them against another)."""
+
 Objective = Callable[..., tuple[torch.Tensor, int]]
 """A batch's loss with `loss_on`'s signature: (backbone, prompt_input, examples, normalizer, prefix_mask) -> (loss,
 tokens)."""
@@ -275,6 +278,8 @@ class _Trainer:
                     evaluating = self.valid and (step == cfg.steps or self.policy.validates_at(step)
                                                  or (cfg.eval_every and step % cfg.eval_every == 0))  # fmt: skip
                     state.stopped_early = bool(evaluating) and self.validate(step)
+                    if self.main and cfg.no_learning_after and self.policy.says_when_not_learning:
+                        self.check_learning(step, bool(evaluating))
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                         self.checkpoint()
                     # Several processes decide together (a signal that reached one stops them all), one alone at once.
@@ -334,28 +339,43 @@ class _Trainer:
     def validate(self, step: int) -> bool:
         """Validate each prompt still training on the main process (on every process when the layers are sharded:
         their forwards gather weights together), keeping each one's best; then the policy's turn. True when
-        training should stop early: none improved for `patience` evaluations (the main process decides for all)."""
+        training should stop early: none improved for `patience` evaluations (the main process decides for all).
+        Step 0 also scores the template alone (`template_results`)."""
         state, cfg = self.state, self.cfg
-        stop, results = [False], {}
+        stop, results, template = [False], {}, {}
         if self.main or self.sharded:
             with torch.no_grad(), self.accelerator.autocast():
                 results = {name: evaluate(self.backbone, self.tasks[name].task, self.valid[name],
                                           self.prompts.prompts[name].kv(self.backbone))
                            for name in self.live if name in self.valid}  # fmt: skip
+                template = self.template_results() if step == 0 else {}
         if self.main:
             for name, result in results.items():
-                self.keep_best(name, step, result)
+                self.keep_best(name, step, result, template.get(name))
             self.policy.after_validation(self, step, results)
             stop = [bool(cfg.patience) and all(state.evals_without_gain[n] >= cfg.patience
                                                for n in self.live if n in self.valid)]  # fmt: skip
         stop, state.dropped = broadcast_object_list([stop[0], state.dropped])
         return stop
 
-    def keep_best(self, name: str, step: int, result: dict) -> None:
-        """Log prompt `name`'s validation `result`; when it improves on its best, it is the new best and its
-        artifact is written (main process)."""
+    def template_results(self) -> dict[str, dict]:
+        """Each prompt's validation result with the template alone (no prompt), scored once per task and data
+        (a search's candidates share theirs): what a prompt must beat to have learned anything."""
+        scored, results = {}, {}
+        for name in self.valid:
+            data = self.tasks[name]
+            key = (id(data.task), id(data.valid))
+            if key not in scored:
+                scored[key] = evaluate(self.backbone, data.task, self.valid[name])
+            results[name] = scored[key]
+        return results
+
+    def keep_best(self, name: str, step: int, result: dict, template: dict | None = None) -> None:
+        """Log prompt `name`'s validation `result` (at step 0 beside the `template`'s alone); when it improves on
+        its best, it is the new best and its artifact is written (main process)."""
         state, prompt = self.state, self.prompts.prompts[name]
-        self.log.append({"step": step, **self.layout.record_tag(name), "valid": result})
+        beside = {"template": template} if template else {}
+        self.log.append({"step": step, **self.layout.record_tag(name), "valid": result, **beside})
         key = selection_key(result)
         if name not in state.best or improves(key, state.best[name][0]):
             state.best[name], state.evals_without_gain[name] = (key, step, prompt.artifact_tensors()), 0
@@ -364,11 +384,44 @@ class _Trainer:
         else:
             state.evals_without_gain[name] += 1
 
+    def check_learning(self, step: int, evaluated: bool) -> None:
+        """Say once of each prompt whose best validation is still its starting one at the first validation from
+        `no_learning_after` of the steps on (or when the run ends before) that it did not learn; without validation
+        data, of the run when its training loss has not fallen by then (and at least `MIN_LOSS_STEPS`). Printed and
+        logged with what to try."""
+        cfg, state = self.cfg, self.state
+        due = math.ceil(cfg.no_learning_after * cfg.steps)
+        if not self.valid:
+            losses = [r["loss"] for r in self.log.records if "loss" in r]
+            quarter = max(1, len(losses) // 4)
+            start, now = sum(losses[:quarter]) / quarter, sum(losses[-quarter:]) / quarter
+            if step == max(due, MIN_LOSS_STEPS) and now > 0.98 * start:
+                self.warn(None, f"its training loss has not fallen in {step} steps ({start:.4g} over the first "
+                                f"{quarter}, {now:.4g} over the last {quarter})")  # fmt: skip
+            return
+        if not evaluated or (step < due and step < cfg.steps and not state.stopped_early):
+            return
+        for name in [n for n in self.live if n in self.valid and state.best[n][1] == 0 and not self.log.warned(n)]:
+            start = ", ".join(f"{k} {v:.4g}" for k, v in self.log.valid_result(name, 0).items() if isinstance(v, float))
+            self.warn(name, f"its validation has not beaten the starting prompt's ({start}) in {step} steps")
+
+    def warn(self, name: str | None, why: str) -> None:
+        """The warning that a prompt (None: the run) did not learn, with what to try, on the console and in the log."""
+        layout = self.layout
+        who = f"{layout.word} {name!r}" if name and layout.names else "the prompt" + "s" * bool(layout.names)
+        text = (f"{who} did not learn: {why}. Try a larger --lr (now {self.cfg.lr:g}), another --init (vocab, text "
+                "or labels), more --num-tokens or --method prefix; the best prompt is saved all the same.")  # fmt: skip
+        tqdm.write(f"warning: {text}", file=sys.stderr)
+        self.log.append({"step": self.state.step, **(layout.record_tag(name) if name else {}), "warning": text})
+
     def summary(self, name: str) -> dict:
-        """Prompt `name`'s training summary so far: its best step and result, the settings, how the run was spread."""
+        """Prompt `name`'s training summary so far: its best step and result, the template's alone beside it and
+        whether the prompt beat it, the settings, how the run was spread."""
         step = self.state.best[name][1] if name in self.state.best else None
-        return {"best_step": step, "valid": self.log.valid_result(name, step), **to_dict(self.cfg),
-                "processes": self.world, "model_sharded": self.sharded,
+        valid, template = self.log.valid_result(name, step), self.log.valid_result(name, 0, "template")
+        beat = improves(selection_key(valid), selection_key(template)) if valid and template else None
+        return {"best_step": step, "valid": valid, "template_valid": template or None, "beat_template": beat,
+                **to_dict(self.cfg), "processes": self.world, "model_sharded": self.sharded,
                 "frozen_parameters_per_process": self.frozen_held, **self.layout.summary_tag(name)}  # fmt: skip
 
     def checkpoint(self, finished: bool = False) -> Path | None:

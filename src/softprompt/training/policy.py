@@ -43,6 +43,9 @@ class TrainingPolicy:
     task's prompt; one learning rate; the gradients of all prompts clipped together; a non-finite loss or gradient
     ends the run; a validation only decides which prompt is best. Subclass it to change any of these."""
 
+    says_when_not_learning = True
+    """Whether the loop warns of a prompt that has not learned (`TrainConfig.no_learning_after`)."""
+
     def pool(self, tasks: dict[str, TrainingTask]) -> list[tuple[str | None, Example]]:
         """What global batches are drawn from, as (prompt name, example) pairs (the name may be left to `rows`)."""
         return [(name, e) for name, data in tasks.items() for e in data.train]

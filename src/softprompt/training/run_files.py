@@ -66,10 +66,15 @@ class MetricsLog:
             if self.forward:
                 self.forward(record)
 
-    def valid_result(self, name: str, step: int | None) -> dict:
-        """Task `name`'s validation result at `step` ({} when there is none, as on the other processes)."""
-        return next((r["valid"] for r in self.records if r["step"] == step and "valid" in r
+    def valid_result(self, name: str, step: int | None, key: str = "valid") -> dict:
+        """Task `name`'s validation result at `step` ({} when there is none, as on the other processes); `key`
+        "template": the template's alone, scored beside the starting prompt's at step 0."""
+        return next((r[key] for r in self.records if r["step"] == step and key in r
                      and named(r, name) == name), {})  # fmt: skip
+
+    def warned(self, name: str | None) -> bool:
+        """Whether the run already said that prompt `name` (None: the run as a whole) did not learn."""
+        return any("warning" in r and named(r, name) == name for r in self.records)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -96,10 +101,14 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+RECORD_KEYS = ("step", "valid", "template", "warning")
+"""What a validation or warning record holds besides the key naming its prompt (`Layout.record_tag`)."""
+
+
 def named(record: dict, default: str | None = None) -> str | None:
-    """The name of the prompt a validation record belongs to: its one key besides "step" and "valid" holds it
-    (`Layout.record_tag`), else `default` (a run of one prompt names none)."""
-    return next((value for key, value in record.items() if key not in ("step", "valid")), default)
+    """The name of the prompt a validation or warning record belongs to: its one key besides `RECORD_KEYS` holds
+    it (`Layout.record_tag`), else `default` (a run of one prompt names none)."""
+    return next((value for key, value in record.items() if key not in RECORD_KEYS), default)
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

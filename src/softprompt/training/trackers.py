@@ -65,8 +65,9 @@ def hparams(prompt_config: PromptConfig, cfg: TrainConfig) -> dict[str, str | in
 def values_of(record: dict) -> dict[str, float]:
     """A metrics.jsonl record as tracker values: a training step's numbers under `train/`, a validation's under
     `valid/` (and the name of the prompt it belongs to); the example count `n` is left out."""
-    if "valid" not in record:
-        return {f"train/{key}": value for key, value in record.items() if key != "step"}
+    if "valid" not in record:  # a training step (a warning's text is metrics.jsonl's and the console's)
+        return {f"train/{key}": value for key, value in record.items()
+                if key != "step" and isinstance(value, (int, float))}  # fmt: skip
     name = named(record)
     prefix = f"valid/{name}/" if name else "valid/"
     return {prefix + key: value for key, value in record["valid"].items()
