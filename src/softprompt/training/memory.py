@@ -14,18 +14,22 @@ The estimate follows what a training step keeps (ARCHITECTURE.md, "From a record
   values (repeated to every head: the packed mask rules out grouped-query kernels), the gated MLP's three
   intermediates; the cache's own keys and values where they are fewer heads. With gradient checkpointing a layer
   keeps only its input and its cache entry, and one layer is recomputed at a time;
-- workspace: what lives for a moment on top: the packed attention mask, then the largest of the logits and loss at
-  the loss positions only (float32, the head never runs elsewhere), the cache of a grouped-query model during the
-  forward, and one layer's backward.
+- workspace: what lives for a moment on top: the packed attention mask, then the largest of the end of the forward
+  (the rows gathered back, the boolean masks, a grouped-query model's cache), the logits and loss at the loss
+  positions only (float32; the head never runs elsewhere), and one layer's backward (with checkpointing, on top of
+  that layer's replayed activations).
 
-Checked against measured peaks of random-weight Llama models of 0.5-1.5 B parameters in bfloat16
-(benchmarks/memory_estimate.py; README, "Memory"). Other decoder shapes are counted the same way from their config
-(LayerNorm and ungated MLPs keep less); encoder-decoders are counted as one stack of both stacks' layers.
+What tensors hold, not what an allocator keeps besides: glibc's malloc on a CPU can keep much more (`needed`).
+Checked op by op against the live tensor bytes of real steps (tests/test_memory_estimate.py) and against the peak
+resident memory of random-weight Llama models of 0.5-1.5 B parameters in bfloat16 (benchmarks/memory_estimate.py;
+README, "Memory"). Other decoder shapes are counted the same way from their config (LayerNorm and ungated MLPs keep
+less); encoder-decoders as one stack of both stacks' layers, roughly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -49,8 +53,10 @@ per block of 64 (transformers' default, no double quantization)."""
 class ModelShape:
     """What the estimate needs of a model, from its config alone."""
 
+    parameters: int
+    """Its parameters, tied ones once."""
     weights: int
-    """Bytes of its parameters (tied ones once) and buffers, built in `dtype`."""
+    """Bytes of its parameters and buffers, built in `dtype`."""
     dtype: torch.dtype
     quantizable: int
     """Weights of the decoder layers' linear layers (what bitsandbytes quantizes)."""
@@ -93,7 +99,8 @@ class ModelShape:
         into_mlp = [m.out_features for m in layers[0].modules()
                     if isinstance(m, torch.nn.Linear) and m.in_features == shapes.hidden_size]  # fmt: skip
         return cls(
-            weights=sum(_nbytes(t) for t in (*model.parameters(), *model.buffers())), dtype=dtype,
+            parameters=sum(p.numel() for p in model.parameters()), dtype=dtype,
+            weights=sum(_nbytes(t) for t in (*model.parameters(), *model.buffers())),
             quantizable=sum(m.weight.numel() for m in linears), quantizable_rows=sum(m.out_features for m in linears),
             layers=len(layers), hidden=shapes.hidden_size, heads=heads, kv_heads=shapes.num_kv_heads,
             head_dim=shapes.head_dim, intermediate=intermediate, vocab=shapes.vocab_size,
@@ -241,10 +248,12 @@ def _estimate(model: ModelShape, prompt: PromptShape, run: RunShape) -> MemoryEs
 
 
 def _activations(model: ModelShape, prompt: PromptShape, run: RunShape) -> tuple[int, int]:
-    """(kept for the backward, the largest transient on top) of one training step. The transient is the largest of
-    three moments: the end of the forward (the rows gathered back from the packed ones, the boolean masks, a
-    grouped-query cache's own K/V), the loss (logits), and a layer's backward (a norm's float32 gradients, the
-    MLP's gradients; with checkpointing on top of the replayed layer's activations)."""
+    """(kept for the backward, the largest transient on top) of one training step. Kept besides the layers': the
+    final norm's input, the rows gathered back from the packed ones, the packed mask and the rotary tables (every
+    layer's attention keeps the same ones). The transient is the largest of three moments: the end of the forward
+    (the packed rows' copies, the boolean masks, a grouped-query model's cache), the loss (logits), and a layer's
+    backward (a norm's float32 gradients, the MLP's gradients; with checkpointing on top of the replayed layer's
+    activations)."""
     b, h = _element_size(run.dtype), model.hidden
     rows = run.batch_size * run.candidates
     packed, width = packed_rows(rows, run.max_length)
@@ -253,20 +262,24 @@ def _activations(model: ModelShape, prompt: PromptShape, run: RunShape) -> tuple
     queries, keys = packed * (width + (n if soft else 0)), packed * (width + n)
     kept, cache = layer_bytes(model, b, queries, keys)
     norm = 4 if model.rms_norm else b  # RMSNorm computes in float32
-    mask = queries * (keys // packed)  # (packed rows, queries, keys), additive in the dtype
-    own = prompt.activations if soft or run.candidates == 1 else run.candidates * prompt.activations
+    mask, tokens = queries * (keys // packed), rows * run.max_length  # (packed rows, queries, keys) in the dtype
+    # the final norm's input; behind a prefix the first layer's first norm keeps none (its input needs no gradient)
+    shared = (queries * h * norm if soft else 0) + tokens * h * b + mask * b + 2 * queries * model.head_dim * b
+    shared += prompt.activations if soft or run.candidates == 1 else run.candidates * prompt.activations
     if prompt.soft_tokens and not soft:  # each soft prompt's K/V: the model run over it alone
-        own += model.layers * layer_bytes(model, b, n, n)[0]
+        shared += model.layers * layer_bytes(model, b, n, n)[0]
     backward = max(5 * queries * h * norm,
                    queries * model.intermediate * b * (3 if model.gated_mlp else 1) + 2 * queries * h * norm)
-    gathered = rows * run.max_length * h * b * 4 + queries * h * b + 2 * mask  # and the boolean masks
+    gathered = 3 * tokens * h * b + queries * h * b + 2 * mask  # the packed rows' copies, the boolean masks
     logits = rows * run.target_length * (model.vocab * (8 + b + (4 if b < 4 else 0)) + h * b)  # and a float32 copy
     if run.gradient_checkpointing:  # each layer keeps its input and its cache entry (held by its replay)
-        per_layer = queries * h * b + keys * 2 * model.kv_heads * model.head_dim * b
-        transient = max(kept + backward, logits, gathered)  # one layer replayed at a time
+        entry = keys * 2 * model.kv_heads * model.head_dim * b
+        per_layer = queries * h * b + entry
+        replayed = kept - (entry if model.kv_heads == model.heads else 0)  # attention keeps the entry's own K/V
+        transient = max(replayed + backward, logits, gathered)  # one layer replayed at a time
     else:
         per_layer, transient = kept, max(model.layers * cache + gathered, logits, backward)
-    return model.layers * per_layer + queries * h * norm + own, mask * b + transient
+    return model.layers * per_layer + shared, transient
 
 
 def packed_rows(rows: int, length: int, width: int = PACK_WIDTH) -> tuple[int, int]:
@@ -355,37 +368,56 @@ def available_memory(device: torch.device | str) -> int | None:
         return None
 
 
+CPU_MALLOC_SLACK = 1.3
+"""On a CPU, glibc's malloc keeps the blocks a step frees once its mmap threshold has risen to their size (up to
+32 MiB), so the process's peak RSS can exceed what its tensors need (the estimate): allowed for as this fraction of
+the estimate's non-weight part, an allowance not yet measured (benchmarks/memory_estimate.py's last stage measures
+it), and nothing with MALLOC_MMAP_THRESHOLD_ set in the environment (e.g. 65536, before Python starts), under which
+the estimate was measured (README, "Memory"). `check_fits` asks a CPU for it too."""
+
+
+def needed(estimate: MemoryEstimate, device: torch.device | str) -> int:
+    """What `device` must have free for the run: the estimate, plus glibc's retention on a CPU (`CPU_MALLOC_SLACK`)."""
+    if torch.device(device).type == "cpu" and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return estimate.total + int(CPU_MALLOC_SLACK * (estimate.total - estimate.weights))
+    return estimate.total
+
+
 def check_fits(estimate: MemoryEstimate, device: torch.device | str, available: int | None = None) -> None:
-    """Refuse a run whose estimate is more than `device` has free (`available`, bytes: asked of the device when
-    None; nothing is checked where it cannot be asked). The message says what is needed, what the device has, and
-    what would fit: gradient checkpointing, smaller micro-batches, bfloat16, a bigger device."""
+    """Refuse a run that needs more than `device` has free (`available`, bytes: asked of the device when None;
+    nothing is checked where it cannot be asked). The message says what is needed, what the device has, and what
+    would fit: gradient checkpointing, smaller micro-batches, bfloat16, shorter examples, a bigger device."""
     available = available if available is not None else available_memory(device)
-    if available is None or estimate.total <= available:
+    need = needed(estimate, device)
+    if available is None or need <= available:
         return
+    malloc = "" if need == estimate.total else (
+        f", and up to {size_text(need - estimate.total)} more that glibc's malloc keeps on a CPU (none with "
+        "MALLOC_MMAP_THRESHOLD_=65536 in the environment)")  # fmt: skip
     raise SoftPromptError(
-        f"this training run needs {estimate.text} on {device}, more than the {size_text(available)} free there. "
-        "It would need:\n  - " + "\n  - ".join(_alternatives(estimate, available, str(device)))
+        f"this training run needs {estimate.text} on {device}{malloc}: more than the {size_text(available)} free "
+        "there. What would fit:\n  - " + "\n  - ".join(_alternatives(estimate, available, device))
     )
 
 
-def _alternatives(estimate: MemoryEstimate, available: int, device: str) -> list[str]:
-    """The changes that bring the run down, each with its estimate and whether it then fits."""
+def _alternatives(estimate: MemoryEstimate, available: int, device: torch.device | str) -> list[str]:
+    """The changes that bring the run down, each with what it would need and whether that fits."""
     run, options = estimate.run, []
-    fits = lambda e: "fits" if e.total <= available else "still too much"  # noqa: E731
+
+    def option(what: str, changed: MemoryEstimate) -> str:
+        need = needed(changed, device)
+        return f"{what}: {size_text(need)} ({'fits' if need <= available else 'still too much'})"
+
     if not run.gradient_checkpointing:
-        e = estimate.changed(gradient_checkpointing=True)
-        options.append(f"--gradient-checkpointing: {size_text(e.total)} ({fits(e)})")
-    smaller = [m for m in (run.batch_size // 2**k for k in range(1, 12)) if m >= 1]
-    for micro in dict.fromkeys(smaller):
-        e = estimate.changed(batch_size=micro)
-        if e.total <= available or micro == 1:
-            options.append(f"micro-batches of {micro} rows (--grad-accum {-(-run.batch_size // micro)} times "
-                           f"the current one, same --batch-size): {size_text(e.total)} ({fits(e)})")  # fmt: skip
+        options.append(option("--gradient-checkpointing", estimate.changed(gradient_checkpointing=True)))
+    for micro in dict.fromkeys(max(1, run.batch_size // 2**k) for k in range(1, 12)):  # the largest that fits
+        changed = estimate.changed(batch_size=micro)
+        if needed(changed, device) <= available or micro == 1:
+            options.append(option(f"micro-batches of {micro} rows (a {-(-run.batch_size // micro)} times larger "
+                                  "--grad-accum, or a smaller --batch-size)", changed))  # fmt: skip
             break
     if run.dtype == torch.float32 and run.bits is None:
-        e = estimate.changed(dtype=torch.bfloat16)
-        options.append(f"--dtype bfloat16: {size_text(e.total)} ({fits(e)})")
-    if run.max_length > 1:
-        options.append(f"shorter examples (--max-length, now {run.max_length} tokens)")
-    options.append(f"a device with at least {size_text(estimate.total)} free, or --shard-model over several")
+        options.append(option("--dtype bfloat16", estimate.changed(dtype=torch.bfloat16)))
+    options.append(f"shorter examples (--max-length; the longest row now has {run.max_length} tokens)")
+    options.append(f"a device with {size_text(needed(estimate, device))} free, or --shard-model over several")
     return options
