@@ -304,7 +304,7 @@ def test_training_lowers_the_loss(method, tmp_path):
     start = methods.build(config, backbone, LABELS, torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = float(loss_on(backbone, start.kv(backbone), examples)[0])
-    run = train(backbone, task, config, TrainConfig(steps=16, batch_size=8, lr=0.1, warmup_steps=0, eval_every=0,
+    run = train(backbone, task, config, TrainConfig(steps=32, batch_size=8, lr=0.1, warmup_steps=0, eval_every=0,
                                                     patience=0, seed=0), examples, tmp_path / method,
                 init_method=start, progress=False)  # fmt: skip
     with torch.no_grad():
