@@ -392,10 +392,12 @@ class _Trainer:
         cfg, state = self.cfg, self.state
         due = math.ceil(cfg.no_learning_after * cfg.steps)
         if not self.valid:
+            if step != max(due, MIN_LOSS_STEPS):  # judged once: the log is not read at every step
+                return
             losses = [r["loss"] for r in self.log.records if "loss" in r]
             quarter = max(1, len(losses) // 4)
             start, now = sum(losses[:quarter]) / quarter, sum(losses[-quarter:]) / quarter
-            if step == max(due, MIN_LOSS_STEPS) and now > 0.98 * start:
+            if now > 0.98 * start:
                 self.warn(None, f"its training loss has not fallen in {step} steps ({start:.4g} over the first "
                                 f"{quarter}, {now:.4g} over the last {quarter})")  # fmt: skip
             return
