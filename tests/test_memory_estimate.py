@@ -282,3 +282,36 @@ def test_bad_settings_are_refused_with_what_to_use(bad, expected):
     settings = {"prompt_config": PromptConfig(init="random"), "batch_size": 1, "max_length": 8, **bad}
     with pytest.raises(SoftPromptError, match=re.escape(expected)):
         memory.estimate(llama(), **settings)
+
+
+def test_a_run_of_short_rows_is_estimated_for_its_rows_not_max_length(tmp_path, capsys):
+    """check_memory bounds the estimate by the training data's longest row, counted here by an independent
+    tokenization, where it is shorter than max_length: with a large vocabulary the logits over 512 positions
+    would refuse a run of short sentences that fits."""
+    from softprompt.config import TaskConfig, TrainConfig
+    from softprompt.models import LoadConfig
+    from softprompt.prepare import check_memory
+
+    folder = tmp_path / "model"
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(folder)
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(folder)
+    capsys.readouterr()
+    config = TaskConfig(template="In: {x}\nOut:", task="generation", target_field="y")
+    records = [{"x": "a b", "y": "c"}, {"x": "a b c d e", "y": "d e f"}]
+    longest = max(len(tokenizer(f"In: {r['x']}\nOut:")["input_ids"])
+                  + len(tokenizer(" " + r["y"], add_special_tokens=False)["input_ids"]) + 1 for r in records)
+    target = max(len(tokenizer(" " + r["y"], add_special_tokens=False)["input_ids"]) + 1 for r in records)
+    train, load, prompt = TrainConfig(), LoadConfig(device="cpu"), PromptConfig(num_tokens=4, init="vocab")
+
+    def printed(**data) -> str:
+        check_memory(folder, load, prompt, train, **data)
+        return capsys.readouterr().err
+
+    model_config = AutoModelForCausalLM.from_config(tiny_config("llama")).config
+    expected = memory.estimate_run(model_config, prompt, train, dtype=torch.float32, max_length=longest,
+                                   target_length=target)
+    assert printed(data=[(config, records)]) == f"softprompt: estimated peak memory {expected.text} on cpu\n"
+    unbounded = memory.estimate_run(model_config, prompt, train, dtype=torch.float32)
+    assert printed() == f"softprompt: estimated peak memory {unbounded.text} on cpu\n"
+    assert expected.total < unbounded.total

@@ -186,7 +186,7 @@ def train(
                for name, spec in specs.items()}  # fmt: skip
     candidates = _candidates(prompt_config, train_config, grid, specs["prompt"].config) if search else None
     check_memory(model, LoadConfig(**settings.of(LoadConfig)), prompt_config, train_config,
-                 len(candidates) if search else 1)  # fmt: skip
+                 len(candidates) if search else 1, [(spec.config, records[name][0]) for name, spec in specs.items()])
     # a model to shard loads on the CPU: no device ever holds it whole
     backbone = _backbone(model, settings, training=True, **({"device": "cpu"} if shard_model else {}))
     init_method = None

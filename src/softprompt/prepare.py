@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -48,10 +48,13 @@ def check_trainable(load: LoadConfig) -> None:
 
 
 def check_memory(model: str | os.PathLike, load: LoadConfig, prompt_config: PromptConfig,
-                 train_config: TrainConfig, candidates: int = 1) -> None:  # fmt: skip
+                 train_config: TrainConfig, candidates: int = 1,
+                 data: Sequence[tuple[TaskConfig, list[dict]]] = ()) -> None:  # fmt: skip
     """Print a training run's estimated peak memory (training/memory.py: from the model's config alone) and refuse
     the run, before any weight is read, where the device cannot hold it. A sharded run splits the weights over its
-    processes, and is only printed."""
+    processes, and is only printed. `data`, each task's training records: its rows bound the estimate where they
+    are shorter than max_length (with a 262 k-word vocabulary, logits over 512 positions would refuse a run of
+    sentences that fits)."""
     from transformers import AutoConfig
 
     from .models import locate, resolve_device, resolve_dtype
@@ -61,10 +64,11 @@ def check_memory(model: str | os.PathLike, load: LoadConfig, prompt_config: Prom
     path, local_only = locate(str(model))
     device = resolve_device(load.device)
     config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+    lengths = _longest_rows(path, local_only, data, train_config.max_length) if data else {}
     try:
         estimate = estimate_run(config, prompt_config, train_config, dtype=resolve_dtype(load.dtype, device),
                                 bits=load.bits, processes=int(os.environ.get("WORLD_SIZE", 1)),
-                                candidates=candidates)  # fmt: skip
+                                candidates=candidates, **lengths)  # fmt: skip
     except Exception as error:  # a config shape the estimate does not know: train without it rather than refuse
         warnings.warn(f"no memory estimate for {config.model_type} models ({type(error).__name__}: {error}); "
                       "training starts without one.")  # fmt: skip
@@ -72,6 +76,24 @@ def check_memory(model: str | os.PathLike, load: LoadConfig, prompt_config: Prom
     print(f"softprompt: estimated peak memory {estimate.text} on {device}", file=sys.stderr, flush=True)
     if not train_config.shard_model:
         check_fits(estimate, device)
+
+
+def _longest_rows(path: str, local_only: bool, data: Sequence[tuple[TaskConfig, list[dict]]],
+                  max_length: int) -> dict[str, int]:  # fmt: skip
+    """The longest row (input and target) and the longest target of `data` as training will encode it (the
+    tokenizer alone: no weight is read). Problems in the data are left to the encoding after loading to report."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    try:
+        with warnings.catch_warnings():  # inputs cut to max_length: said once, when the data is encoded for training
+            warnings.simplefilter("ignore")
+            examples = [e for config, records in data
+                        for e in TaskEncoder(config, tokenizer, max_length).encode(records)]  # fmt: skip
+    except SoftPromptError:
+        return {}
+    return {"max_length": max(len(e.input_ids) + len(e.target_ids) for e in examples),
+            "target_length": max(len(e.target_ids) for e in examples)}
 
 
 def template_init_text(template: str) -> str:

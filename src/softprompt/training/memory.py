@@ -230,13 +230,16 @@ def estimate(
 
 
 def estimate_run(model_config, prompt_config: PromptConfig, train_config: TrainConfig, *,
-                 dtype: torch.dtype | str = "bfloat16", processes: int = 1, target_length: int | None = None,
-                 bits: int | None = None, candidates: int = 1) -> MemoryEstimate:  # fmt: skip
+                 dtype: torch.dtype | str = "bfloat16", processes: int = 1, max_length: int | None = None,
+                 target_length: int | None = None, bits: int | None = None,
+                 candidates: int = 1) -> MemoryEstimate:  # fmt: skip
     """`estimate` for a `train` run: one process's micro-batch (batch_size / processes / grad_accum rows) of up to
-    the run's `max_length` tokens, with its checkpointing and optimizer."""
+    the run's `max_length` tokens (or the data's longest row, `max_length`, where shorter), with its checkpointing
+    and optimizer."""
     micro = max(1, train_config.batch_size // max(1, processes) // train_config.grad_accum)
     return estimate(model_config, prompt_config=prompt_config, dtype=dtype, batch_size=micro,
-                    max_length=train_config.max_length, target_length=target_length,
+                    max_length=min(max_length or train_config.max_length, train_config.max_length),
+                    target_length=target_length,
                     gradient_checkpointing=train_config.gradient_checkpointing, optimizer=train_config.optimizer,
                     bits=bits, candidates=candidates)  # fmt: skip
 
