@@ -571,8 +571,8 @@ def test_generation_task_trains(llama, tmp_path):
     _, valid_log = read_log(tmp_path)
     for record in valid_log:
         assert {"exact_match", "chrf", "bleu", "loss", "n"} <= set(record["valid"])
-    best = min(valid_log, key=lambda r: r["valid"]["loss"])
-    assert run.summary["best_step"] == best["step"]  # generation selects on validation loss
+    best = max(valid_log, key=lambda r: (r["valid"]["chrf"], -r["valid"]["loss"]))  # the earliest of complete ties
+    assert run.summary["best_step"] == best["step"]  # generation selects on validation chrF, then the lower loss
     config_json = json.loads((tmp_path / "config.json").read_text())
     assert config_json["task"] == "generation" and config_json["target_field"] == "number"
     assert config_json["labels"] == []

@@ -159,7 +159,8 @@ def train(
     init_from: Annotated[Optional[Path], Opt(help="Start from a trained prompt directory (transfer, SPoT).")] = None,
     search: Annotated[bool, Opt(help="Train several candidates side by side (prompt tuning from the labels and the "
                                      "text, prefix tuning; two learning rates each), halve them on --valid as they "
-                                     "go, keep the best: OUT/search.md lists them all.")] = False,
+                                     "go, keep the best: OUT/search.md lists them all. Candidates are ranked by "
+                                     "--select-by (generation: chrF by default).")] = False,
     grid: Annotated[Optional[str], Opt(help="The candidates of --search as a grid, e.g. 'lr=0.3,0.03 "
                                             "method=prompt,prefix num_tokens=10,20' (implies --search).")] = None,
     progress: Progress = True,
@@ -182,6 +183,8 @@ def train(
         lambda: TrainConfig(**settings.of(TrainConfig, shard_model=shard_model)),
     )
     resolve_trackers(train_config.report_to)  # a missing tracker package fails before the model loads
+    for spec in specs.values():  # as does a --select-by metric that a task does not report
+        train_config.check_select_by(spec.config.task)
     records = {name: (read_records(spec.train), read_records(spec.valid) if spec.valid else None)
                for name, spec in specs.items()}  # fmt: skip
     candidates = _candidates(prompt_config, train_config, grid, specs["prompt"].config) if search else None
@@ -313,6 +316,7 @@ def distill(
         lambda: TrainConfig(**settings.of(TrainConfig)),
         lambda: DistillConfig(**settings.of(DistillConfig)),
     )
+    train_config.check_select_by(task_config.task)
     records = read_records(train_file)
     valid_records = read_records(valid_file) if valid_file else None
     check_memory(model, LoadConfig(**settings.of(LoadConfig)), prompt_config, train_config)
@@ -340,6 +344,11 @@ def evaluate_command(
     plot: Annotated[Optional[Path], Opt(help="Classification: write the confusion matrix (rows gold, columns "
                                              "predicted) to this PNG; --json then lists its counts "
                                              "too.")] = None,
+    show: Annotated[int, Opt(help="Print N examples after the metrics: the input (the filled template), the "
+                                  "reference and the model's output (label word or greedy generated text).")] = 0,
+    save_outputs: Annotated[Optional[Path], Opt(help="Write every example's input, reference and output (and for "
+                                                     "classification the predicted label index) to this JSONL "
+                                                     "file; --json names it as \"outputs\".")] = None,
     progress: Progress = True,
     *,
     settings: Settings,
@@ -355,10 +364,18 @@ def evaluate_command(
         raise SoftPromptError(f"--batch-size and --limit must be at least 1, got {batch_size} and {limit}.")
     if combine not in ("vote", "mean"):
         raise SoftPromptError(f"--combine {combine!r} is not one of vote, mean.")
+    if show < 0:
+        raise SoftPromptError(f"--show must not be negative, got {show}.")
+    if show and as_json:
+        raise SoftPromptError("--show prints examples as text, and --json the metrics alone; write every example "
+                              "with --save-outputs FILE instead.")  # fmt: skip
     records = read_records(data)[:limit]
     if prompt and len(prompt) > 1:
         if plot:
             raise SoftPromptError("--plot draws the confusion matrix of one prompt; give a single --prompt.")
+        if show or save_outputs:
+            raise SoftPromptError("--show and --save-outputs give one prompt's outputs; give a single --prompt "
+                                  "(the ensemble's members one at a time).")  # fmt: skip
         return _evaluate_ensemble(data, records, prompt, combine, model, batch_size, as_json, progress, settings)
     prompt = prompt[0] if prompt else None
     if prompt:
@@ -379,30 +396,51 @@ def evaluate_command(
         backbone, prefix = _backbone(model or DEFAULT_MODEL, settings), None
     task, [examples] = task_data(task_config, backbone, {str(data): records}, saved.prompt.num_tokens if prompt else 0)
     progress = progress and not as_json
+    outputs = [] if show or save_outputs else None  # what the metrics were computed from, one per example
     if plot:
         result = _evaluate_with_plot(backbone, task, examples, prefix, batch_size, progress, plot,
-                                     str(prompt or "base model"))  # fmt: skip
+                                     str(prompt or "base model"), outputs)  # fmt: skip
     else:
-        result = evaluate(backbone, task, examples, prefix, batch_size, progress)
+        result = evaluate(backbone, task, examples, prefix, batch_size, progress, outputs=outputs)
+    rows, labels = [], task_config.labels
+    for record, example, output in zip(records, examples, outputs or []):  # an example per record, in order
+        if task.is_classification:
+            rows.append({"input": fill(task_config.template, record), "reference": labels[example.label],
+                         "output": labels[output], "predicted_label": output})  # fmt: skip
+        else:
+            rows.append({"input": fill(task_config.template, record), "reference": example.target, "output": output})
+    if save_outputs:
+        write_text(save_outputs, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        result["outputs"] = str(save_outputs)
     if as_json:
         typer.echo(json.dumps(result))
-    else:
-        typer.echo("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
-                             if k not in ("confusion", "plot")))  # fmt: skip
-        if plot:
-            typer.echo(f"wrote {plot} (confusion matrix: rows gold, columns predicted)")
+        return
+    typer.echo("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+                         if k not in ("confusion", "plot", "outputs")))  # fmt: skip
+    if plot:
+        typer.echo(f"wrote {plot} (confusion matrix: rows gold, columns predicted)")
+    if save_outputs:
+        typer.echo(f"wrote {save_outputs} ({len(rows)} examples: input, reference, output)")
+    quoted = lambda text: json.dumps(text, ensure_ascii=False)  # noqa: E731  (one line each, newlines shown)
+    for i, row in enumerate(rows[:show], 1):
+        typer.echo(f"[{i}] input     {quoted(row['input'])}\n    reference {quoted(row['reference'])}\n"
+                   f"    output    {quoted(row['output'])}")
 
 
-def _evaluate_with_plot(backbone, task, examples, prefix, batch_size, progress, plot: Path, title: str) -> dict:
-    """`eval --plot`: the metrics, the confusion matrix's counts and its PNG, from one scoring of the labels."""
+def _evaluate_with_plot(backbone, task, examples, prefix, batch_size, progress, plot: Path, title: str,
+                        outputs: list | None = None) -> dict:  # fmt: skip
+    """`eval --plot`: the metrics, the confusion matrix's counts and its PNG, from one scoring of the labels (and
+    the predicted label indices into `outputs`, when given, as `evaluate` puts them)."""
     from .scoring.evaluate import classification_result, label_scores
     from .scoring.metrics import confusion
     from .scoring.plots import plot_confusion
 
     scores = label_scores(backbone, task, examples, prefix, batch_size, progress)
     result = classification_result(examples, scores)
-    labels = task.config.labels
-    result["confusion"] = confusion([e.label for e in examples], scores.argmax(-1).tolist(), len(labels))
+    labels, predicted = task.config.labels, scores.argmax(-1).tolist()
+    if outputs is not None:
+        outputs.extend(predicted)
+    result["confusion"] = confusion([e.label for e in examples], predicted, len(labels))
     caption = f"{title}: accuracy {result['accuracy']:.3f} on {result['n']}"
     result["plot"] = str(plot_confusion(result["confusion"], labels, plot, caption))
     return result

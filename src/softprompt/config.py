@@ -139,6 +139,11 @@ class TaskConfig:
         return PLACEHOLDER.sub(lambda _: text, self.template)
 
 
+SELECTABLE = {"classification": ("accuracy", "macro_f1", "gold_logprob", "loss"),
+              "generation": ("chrf", "bleu", "exact_match", "loss")}
+"""The validation metrics `TrainConfig.select_by` may name, by task kind."""
+
+
 @dataclass
 class TrainConfig:
     """The optimization."""
@@ -189,6 +194,11 @@ class TrainConfig:
     """Experiment trackers for the run's metrics and settings (besides metrics.jsonl): tensorboard (files under
     OUT/tensorboard), wandb, mlflow, all (every installed one) or none; auto is $SOFTPROMPT_REPORT_TO when set, else
     tensorboard when it is installed, else none."""
+    select_by: Literal["auto", "accuracy", "macro_f1", "gold_logprob", "chrf", "bleu", "exact_match", "loss"] = "auto"
+    """The validation metric that picks the best prompt (and a search's candidates), the loss breaking ties: auto
+    (classification: accuracy; generation: chrF), accuracy, macro_f1 or gold_logprob (classification), chrf, bleu or
+    exact_match (generation, from greedy decoding), loss (either; lower is better: for classification the gold label
+    words' negative log-probability)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -214,7 +224,16 @@ class TrainConfig:
             problems.append(f"no_learning_after is a share of the steps, from 0 to 1; got {self.no_learning_after}")
         if self.eval_size < 1 or self.max_length < 2:
             problems.append("eval_size must be at least 1 and max_length at least 2")
+        if self.select_by != "auto" and not any(self.select_by in names for names in SELECTABLE.values()):
+            problems.append(f"select_by {self.select_by!r} is not one of auto, "
+                            f"{', '.join(dict.fromkeys(n for names in SELECTABLE.values() for n in names))}")
         _check(problems, "training settings")
+
+    def check_select_by(self, task: str) -> None:
+        """Refuse a `select_by` metric that a `task` (classification or generation) does not report."""
+        if self.select_by not in ("auto", *SELECTABLE[task]):
+            raise SoftPromptError(f"--select-by {self.select_by} is not a {task} metric: a {task} task is selected "
+                                  f"by one of auto, {', '.join(SELECTABLE[task])}.")  # fmt: skip
 
 
 def build_all(*builders):

@@ -40,13 +40,14 @@ def in_length_order(examples: list[Example], size: int, score: Callable[[list[Ex
 
 def generate_in_order(backbone: Backbone, examples: list[Example], prompt_input: torch.Tensor | None,
                       max_new_tokens: int, batch_size: int = 32, progress: bool = False,
-                      desc: str = "generating") -> list[list[int]]:  # fmt: skip
-    """`generate`'s greedy new token ids after each example's input, decoded in length-sorted chunks, in the
-    examples' order."""
+                      desc: str = "generating", stop: list[str] | None = None) -> list[list[int]]:  # fmt: skip
+    """`generate`'s greedy new token ids after each example's input (each row ending at EOS, `max_new_tokens` or a
+    `stop` string), decoded in length-sorted chunks, in the examples' order."""
     ordered, restore = length_sorted(examples)
     outputs = []
     for chunk in batches(ordered, batch_size, progress, desc):
-        outputs += generate(backbone, [e.input_ids for e in chunk], prompt_input, max_new_tokens=max_new_tokens)
+        outputs += generate(backbone, [e.input_ids for e in chunk], prompt_input, max_new_tokens=max_new_tokens,
+                            stop=stop)  # fmt: skip
     return [outputs[restore[i]] for i in range(len(examples))]
 
 
@@ -99,15 +100,23 @@ def evaluate(
     batch_size: int = 32,
     progress: bool = False,
     max_new_tokens: int | None = None,
+    outputs: list | None = None,
+    stop: list[str] | None = None,
 ) -> dict:
     """The task's metrics on `examples` with an optional prompt input (None: the base model with the template
-    alone)."""
+    alone). `outputs`, when given, gets what the metrics were computed from, one per example in their order: the
+    predicted label index (classification) or the greedy decoded text (generation). A generation ends at EOS,
+    `max_new_tokens` (default: the longest target's length and 8) or a `stop` string (cut before it)."""
     if task.is_classification:
-        return classification_result(examples, label_scores(backbone, task, examples, prompt_input, batch_size,
-                                                            progress))  # fmt: skip
+        scores = label_scores(backbone, task, examples, prompt_input, batch_size, progress)
+        if outputs is not None:
+            outputs.extend(scores.argmax(-1).tolist())
+        return classification_result(examples, scores)
     limit = max_new_tokens or max(len(e.target_ids) for e in examples) + 8
-    outputs = generate_in_order(backbone, examples, prompt_input, limit, batch_size, progress)
-    hypotheses = [decode_new(backbone.tokenizer, ids) for ids in outputs]
+    generated = generate_in_order(backbone, examples, prompt_input, limit, batch_size, progress, stop=stop)
+    hypotheses = [decode_new(backbone.tokenizer, ids, stop) for ids in generated]
+    if outputs is not None:
+        outputs.extend(hypotheses)
     result = metrics.generation([e.target for e in examples], hypotheses)
     result["loss"] = mean_loss(backbone, examples, prompt_input)
     return result

@@ -103,11 +103,16 @@ Objective = Callable[..., tuple[torch.Tensor, int]]
 tokens)."""
 
 
-def selection_key(result: dict) -> tuple:
-    """Higher is better: accuracy then gold-label log-probability (classification), or -loss (generation)."""
-    if "accuracy" in result:
-        return (result["accuracy"], result["gold_logprob"])
-    return (-result["loss"],)
+def selection_key(result: dict, select_by: str = "auto") -> tuple:
+    """How a validation result ranks (higher is better) under `select_by` (`TrainConfig.select_by`): its metric
+    (auto: accuracy for classification, chrF for generation; loss negated), then the loss as the tie-break: -loss,
+    or for classification, whose results hold no loss, the gold label's mean log-probability (its label words'
+    negative loss). A result without the metric ranks below every one with it, by that loss among themselves."""
+    classification = "gold_logprob" in result
+    loss = -result["gold_logprob"] if classification else result.get("loss", math.inf)
+    metric = select_by if select_by != "auto" else "accuracy" if classification else "chrf"
+    value = -loss if metric == "loss" else result.get(metric)
+    return (value is not None, value if value is not None else 0.0, -loss)
 
 
 def improves(key: tuple, best: tuple) -> bool:
@@ -183,6 +188,8 @@ def train_prompts(
     `layout` says, trained under `policy` (default: the plain one). Set-up in order (every check before the model
     moves; the seed right before the prompts are built), the loop (`_Trainer.fit`), then each prompt's best one
     written as its artifact."""
+    for data in tasks.values():  # a metric the task does not report, refused before anything is set up
+        cfg.check_select_by(data.task.config.task)
     policy = policy or TrainingPolicy()
     several = len(tasks) > 1  # a batch may leave some prompts unused: DDP must not wait for their gradients
     accelerator = setup.accelerator_for(several, cfg.report_to, layout.out_dir, backbone.device)
@@ -259,6 +266,10 @@ class _Trainer:
         """Continue from checkpoint `saved`: module, optimizer, schedule and random states, progress, and the log."""
         self.state = restore_run(saved, self.prompts, self.optimizer, self.scheduler)
         self.log.reload(until_step=self.state.step)
+        for name, (_, step, tensors) in self.state.best.items():  # ranked anew: --select-by may have changed
+            valid = self.log.valid_result(name, step)
+            if valid:
+                self.state.best[name] = (selection_key(valid, self.cfg.select_by), step, tensors)
         if self.main:
             tqdm.write(f"resuming from {latest_checkpoint(self.layout.out_dir)} (step {self.state.step} of "
                        f"{self.cfg.steps})", file=sys.stderr)  # fmt: skip
@@ -376,7 +387,7 @@ class _Trainer:
         state, prompt = self.state, self.prompts.prompts[name]
         beside = {"template": template} if template else {}
         self.log.append({"step": step, **self.layout.record_tag(name), "valid": result, **beside})
-        key = selection_key(result)
+        key = selection_key(result, self.cfg.select_by)
         if name not in state.best or improves(key, state.best[name][0]):
             state.best[name], state.evals_without_gain[name] = (key, step, prompt.artifact_tensors()), 0
             artifact.save(self.layout.artifact_dir(name), prompt, self.tasks[name].task.config, self.backbone,
@@ -421,7 +432,8 @@ class _Trainer:
         whether the prompt beat it, the settings, how the run was spread."""
         step = self.state.best[name][1] if name in self.state.best else None
         valid, template = self.log.valid_result(name, step), self.log.valid_result(name, 0, "template")
-        beat = improves(selection_key(valid), selection_key(template)) if valid and template else None
+        key = lambda result: selection_key(result, self.cfg.select_by)  # noqa: E731
+        beat = improves(key(valid), key(template)) if valid and template else None
         return {"best_step": step, "valid": valid, "template_valid": template or None, "beat_template": beat,
                 **to_dict(self.cfg), "processes": self.world, "model_sharded": self.sharded,
                 "frozen_parameters_per_process": self.frozen_held, **self.layout.summary_tag(name)}  # fmt: skip

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import artifact, methods
 from ..atomic import write_json, write_text
 from ..backbones import Backbone
-from ..config import PromptConfig, TrainConfig
+from ..config import SELECTABLE, PromptConfig, TrainConfig
 from ..data import Example, TaskEncoder
 from ..errors import SoftPromptError
 from .loop import Run, selection_key, train_prompts
@@ -165,7 +165,8 @@ class Halving(TrainingPolicy):
         return step in self.rungs
 
     def rank(self, run: RunView, name: str) -> tuple:
-        """What candidates are compared by at a rung (higher is better): their best validation result so far."""
+        """What candidates are compared by at a rung (higher is better): their best validation result so far, as
+        `--select-by` ranks it (the key the loop kept it by)."""
         return run.state.best[name][0]
 
     def after_validation(self, run: RunView, step: int, results: dict[str, dict]) -> None:
@@ -216,8 +217,10 @@ def search(
     progress: bool = True,
     resume: bool = False,
 ) -> SearchResult:
-    """Train `candidates` side by side on one task with successive halving on `valid_examples`; the best one's
-    prompt becomes the artifact in `out_dir`, each candidate's in `out_dir/candidates/<name>`."""
+    """Train `candidates` side by side on one task with successive halving on `valid_examples`, ranked by
+    `train_config.select_by`; the best one's prompt becomes the artifact in `out_dir`, each candidate's in
+    `out_dir/candidates/<name>`."""
+    train_config.check_select_by(task.config.task)
     if not valid_examples:
         raise SoftPromptError("a search needs validation data (--valid) to compare its candidates.")
     if len(candidates) < 2:
@@ -231,7 +234,8 @@ def search(
         tasks[candidate.name] = TrainingTask(task, train_examples, valid_examples, init)
     halving = Halving({c.name: c.lr for c in candidates}, rungs(train_config.steps, len(candidates)))
     runs = train_candidates(backbone, tasks, candidates[0].prompt, train_config, out_dir, halving, progress, resume)
-    best = max(names, key=lambda name: selection_key(runs[name].summary["valid"] or {"loss": math.inf}))
+    best = max(names, key=lambda name: selection_key(runs[name].summary["valid"] or {"loss": math.inf},
+                                                     train_config.select_by))  # fmt: skip
     table = [_row(c, runs[c.name], c.name == best) for c in candidates]
     summary = {**runs[best].summary, "search": table}
     artifact.save(out_dir, runs[best].method, task.config, backbone, training=summary)
@@ -247,12 +251,16 @@ def _row(candidate: Candidate, run: Run, best: bool) -> dict:
             "best_step": s["best_step"], "trained_steps": s["last_step"], "best": best}  # fmt: skip
 
 
+SHOWN = tuple(dict.fromkeys(name for names in SELECTABLE.values() for name in names))
+"""What the table shows of a validation result: every metric `--select-by` may name that the result holds."""
+
+
 def format_table(table: list[dict]) -> str:
     """The candidates as a Markdown table, the chosen one marked."""
     lines = ["| candidate | method | init | tokens | lr | best valid | at step | trained steps |",
              "| --- | --- | --- | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
     for r in table:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in r["valid"].items() if k in ("accuracy", "macro_f1", "loss"))
+        shown = ", ".join(f"{k} {r['valid'][k]:.4f}" for k in SHOWN if k in r["valid"])
         mark = " (chosen)" if r["best"] else ""
         lines.append(f"| {r['candidate']}{mark} | {r['method']} | {r['init']} | {r['num_tokens']} | {r['lr']:g} | "
                      f"{shown} | {r['best_step']} | {r['trained_steps']} |")
