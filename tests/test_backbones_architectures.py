@@ -13,14 +13,15 @@ The tiny configs set the knobs that change how logits are taken (Cohere's logit_
 Gemma's final_logit_softcapping) away from their neutral values, so a missing head transform fails (a), (b) and (e);
 `Backbone` refuses a model whose forward transforms its logits in a way it does not know. Sliding windows shorter
 than the sequence: (a) and (c) one row at a time, and batches whose pads would take window slots equal rows alone;
-Falcon-7B's multi-query layout (one cached K/V head) runs prefix tuning.
+Falcon-7B's multi-query layout (one cached K/V head) runs prefix tuning. Gemma 3 270M, the translation demo's
+embedded model, runs (a)-(e) at its real shapes as well (random weights).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, FalconConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, FalconConfig, Gemma3TextConfig, LlamaForCausalLM
 
 from softprompt.backbones import Backbone, backbone_for, cache_keyword
 from softprompt.data import Example
@@ -40,7 +41,25 @@ KNOBS = {"cohere": ("scale", "logit_scale"), "granite": ("divisor", "logits_scal
 """Tiny models whose logits are not the LM head's output alone: the HeadTransform field and the config knob it reads."""
 
 
+GEMMA3_270M = "gemma3-270m-shapes"
+"""Gemma 3 270M at its real widths, heads and 262 k-word vocabulary (its converted config.json), random weights; two
+of its 18 layers: a sliding-window one and a global one, each with its own rotary base."""
+
+
+def gemma3_270m_shapes() -> Gemma3TextConfig:
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}  # fmt: skip
+    return Gemma3TextConfig(vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                            sliding_window=512, layer_types=["sliding_attention", "full_attention"],
+                            rope_parameters=rope, max_position_embeddings=32_768, rms_norm_eps=1e-6,
+                            tie_word_embeddings=True, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)  # fmt: skip
+
+
 def model_of(arch: str, seed: int = 0):
+    if arch == GEMMA3_270M:
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(gemma3_270m_shapes(), attn_implementation="sdpa", dtype=torch.float32).eval()
     return tiny_model(arch, seed, ATTENTION.get(arch, "sdpa"))
 
 
@@ -87,7 +106,7 @@ def greedy_over_embeddings(model, prompt_embeddings, ids: list[int], steps: int)
 
 
 # ---------------------------------------------------------------------------------------------------- (a) - (e)
-@pytest.mark.parametrize("arch", MORE_ARCHS)
+@pytest.mark.parametrize("arch", [*MORE_ARCHS, GEMMA3_270M])
 def test_prompt_tuning_equals_inputs_embeds(arch):
     """(a), through both the cached forward and the packed training forward."""
     backbone = backbone_of(arch)
@@ -102,7 +121,7 @@ def test_prompt_tuning_equals_inputs_embeds(arch):
             assert_close(packed, reference, mask)
 
 
-@pytest.mark.parametrize("arch", MORE_ARCHS)
+@pytest.mark.parametrize("arch", [*MORE_ARCHS, GEMMA3_270M])
 def test_prompt_tuning_training_step_equals_inputs_embeds(arch):
     """(a), the step training runs: `loss_on` over `training_input` (P in front of the packed rows, head at the loss
     positions, the model's head transform) gives the loss and dL/dP of the plain model over [P; E], one example
@@ -122,7 +141,7 @@ def test_prompt_tuning_training_step_equals_inputs_embeds(arch):
     torch.testing.assert_close(ours, expected, atol=1e-5 * scale, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", MORE_ARCHS)
+@pytest.mark.parametrize("arch", [*MORE_ARCHS, GEMMA3_270M])
 def test_prefix_tuning_equals_the_model_given_the_prefix_as_its_cache(arch):
     """(b)"""
     backbone = backbone_of(arch)
@@ -133,7 +152,7 @@ def test_prefix_tuning_equals_the_model_given_the_prefix_as_its_cache(arch):
         assert_close(ours, cache_logits(backbone.model, prefix, ids, mask), mask)
 
 
-@pytest.mark.parametrize("arch", MORE_ARCHS)
+@pytest.mark.parametrize("arch", [*MORE_ARCHS, GEMMA3_270M])
 def test_greedy_generation_equals_uncached_decoding_over_the_prompt(arch):
     """(c)"""
     backbone = backbone_of(arch, seed=1)
@@ -149,7 +168,7 @@ def test_greedy_generation_equals_uncached_decoding_over_the_prompt(arch):
     assert total >= 5, "the random model ended too early to compare anything"
 
 
-@pytest.mark.parametrize("arch", MORE_ARCHS)
+@pytest.mark.parametrize("arch", [*MORE_ARCHS, GEMMA3_270M])
 def test_mixed_batch_equals_each_row_alone(arch):
     """(d): rows interleave a prompt-tuning prompt, a prefix-tuning prefix and no prompt at all."""
     backbone = backbone_of(arch, seed=2)
@@ -164,7 +183,7 @@ def test_mixed_batch_equals_each_row_alone(arch):
     assert sum(map(len, mixed)) >= 12, "the random model ended too early to compare anything"
 
 
-@pytest.mark.parametrize("arch", MORE_ARCHS)
+@pytest.mark.parametrize("arch", [*MORE_ARCHS, GEMMA3_270M])
 def test_prefix_tuning_equals_peft(arch):
     """(e): PEFT supports prefix tuning on all 14 (it builds its cache from the config as we do)."""
     backbone = backbone_of(arch)

@@ -464,7 +464,7 @@ def test_demo_command_runs_and_its_saved_prompt_scores_as_it_prints(real_backbon
     CPU): it prints the table of the four settings (what results.json holds), writes an artifact that loads onto the
     model, and the trained prompt's accuracy line is the accuracy of plain transformers reading `[P; E]` of the
     saved prompt on the written test split."""
-    from softprompt import demo
+    from softprompt.demo import sentiment as demo
 
     cut = demo.sentiment_splits
     monkeypatch.setattr(demo, "sentiment_splits", lambda test_size, valid_size: cut(test_size=TEST, valid_size=4))

@@ -458,6 +458,9 @@ def test_generation_metrics_with_a_chinese_reference():
     exact = metrics.generation(["小心!", "我们今天去公园散步"], ["小心!", "我们今天去公园散步"])
     assert exact["exact_match"] == 1.0
     assert exact["bleu"] == pytest.approx(100.0) and exact["chrf"] == pytest.approx(100.0)
+    # exact match after NFKC: the full-width ！ and ，of Chinese text are ! and , (the seed's '小心!')
+    assert metrics.generation(["小心！", "好，走"], ["小心!", "好,走"])["exact_match"] == 1.0
+    assert metrics.generation(["小心！"], ["小心?"])["exact_match"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------ the demo's data splits
@@ -509,3 +512,31 @@ def test_demo_splits_match_the_raw_corpus():
     assert set(texts["test"]) | set(texts["valid"]) | set(texts["train"]) == expected.keys()  # nothing else lost
     assert sentiment_splits(test_size=test_size, valid_size=DEMO_TRAINING["eval_size"]) == splits  # fixed shuffle
     assert {r["label"] for r in splits["test"]} == {"positive", "negative"}
+
+
+def test_translation_pairs_and_splits_match_the_raw_sentences():
+    """The translation demo's pairs are the package's sentences (each English and Chinese sentence once), cut into
+    disjoint fixed splits; the seed's 'Look out!' is not among them, and the examples of row (b) come from the
+    training split."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from softprompt.data.corpora import english_chinese, splits
+    from softprompt.demo import translation
+
+    folder = Path(list(importlib.util.find_spec("hsk_sentences_audio").submodule_search_locations)[0])
+    raw = json.loads((folder / "data" / "sentences.json").read_text(encoding="utf-8"))
+    assert len(raw) == 4354
+    pairs = english_chinese()
+    assert len(pairs) == 4246  # 108 repeat an earlier English or Chinese sentence
+    assert len({p["en"] for p in pairs}) == len({p["zh"] for p in pairs}) == len(pairs)
+    by_id = {(" ".join(r["translation"]["en"].split()), r["chinese"].strip()) for r in raw}
+    assert all((p["en"], p["zh"]) in by_id for p in pairs)
+    data = splits(pairs, translation.TEST_SIZE, translation.VALID_SIZE)
+    assert {k: len(v) for k, v in data.items()} == {"test": 100, "valid": 48, "train": 4098}
+    english = {k: {r["en"] for r in v} for k, v in data.items()}
+    assert not english["test"] & english["train"] and not english["test"] & english["valid"]
+    assert not english["valid"] & english["train"]
+    assert translation.SEED["en"] not in {p["en"] for p in pairs}
+    assert splits(pairs, translation.TEST_SIZE, translation.VALID_SIZE) == data  # fixed shuffle

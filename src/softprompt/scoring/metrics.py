@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import sacrebleu
 
@@ -38,8 +39,9 @@ def generation(references: list[str], hypotheses: list[str]) -> dict:
     hyps = [h.strip() for h in hypotheses]
     # Chinese/Japanese/Korean have no spaces between words: BLEU needs its character-level tokenizer there.
     tokenize = "zh" if any(CJK.search(r) for r in refs) else "13a"
+    same = lambda r, h: unicodedata.normalize("NFKC", r) == unicodedata.normalize("NFKC", h)  # noqa: E731  ！ is !
     return {
-        "exact_match": sum(r == h for r, h in zip(refs, hyps)) / len(refs),
+        "exact_match": sum(same(r, h) for r, h in zip(refs, hyps)) / len(refs),
         "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
         "bleu": sacrebleu.corpus_bleu(hyps, [refs], tokenize=tokenize).score,
         "n": len(refs),

@@ -1,4 +1,4 @@
-"""The embedded demo: movie-review sentiment on SmolLM2-135M, before and after prompt tuning."""
+"""The default demo: movie-review sentiment on SmolLM2-135M, before and after prompt tuning."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ from pathlib import Path
 
 import torch
 
-from . import artifact, methods
-from .artifact.inspection import describe, format_report
-from .atomic import write_atomic
-from .config import PromptConfig, TaskConfig, TrainConfig
-from .data import TaskEncoder, fill
-from .data.corpora import sentiment_splits
-from .models import DEFAULT_MODEL, LoadConfig
-from .prepare import load_backbone, task_data
-from .scoring.evaluate import evaluate
-from .scoring.generate import decode_new, generate
-from .training.loop import train
+from .. import artifact, methods
+from ..artifact.inspection import describe, format_report
+from ..atomic import write_atomic
+from ..config import PromptConfig, TaskConfig, TrainConfig
+from ..data import TaskEncoder, fill
+from ..data.corpora import sentiment_splits
+from ..models import DEFAULT_MODEL, LoadConfig
+from ..prepare import load_backbone, task_data
+from ..scoring.evaluate import evaluate
+from ..scoring.generate import decode_new, generate
+from ..training.loop import train
 
 TEMPLATE = "Review: {text}\nSentiment:"
 INSTRUCTION = "Is the following movie review positive or negative?\n" + TEMPLATE
