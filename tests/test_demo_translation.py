@@ -53,7 +53,7 @@ def test_demo_translation_json_on_a_tiny_gemma3(tmp_path, monkeypatch, capsys):
         assert result["bleu"] == sacrebleu.corpus_bleu([o.strip() for o in outputs], [references],
                                                        tokenize="zh").score  # fmt: skip
         shown = [e[name] for e in summary["examples"]]
-        assert shown[:-1] == outputs[: translation.SHOWN]  # the held-out sentences shown, then the seed's
+        assert shown[:-1] == [o.strip() for o in outputs[: translation.SHOWN]]  # the held-out ones, then the seed
     assert summary["examples"][-1]["en"] == "Look out!"
     # (c) and (d): templates without the instruction; prompts that start as (b)'s text
     start = backbone.tokenizer.bos_token or ""

@@ -75,7 +75,8 @@ def run_translation_demo(out: Path, steps: int = STEPS, progress: bool = True, l
         result = evaluate(backbone, task, test, prompt_input, progress=progress and not as_json,
                           max_new_tokens=MAX_NEW_TOKENS, outputs=outputs, stop=STOP)  # fmt: skip
         evaluate(backbone, task, seed, prompt_input, max_new_tokens=MAX_NEW_TOKENS, outputs=seed_output, stop=STOP)
-        rows.append(Row(name, result, outputs[:SHOWN] + seed_output, time.perf_counter() - began))
+        shown = [o.strip() for o in outputs[:SHOWN] + seed_output]  # as scored: the metrics strip them too
+        rows.append(Row(name, result, shown, time.perf_counter() - began))
         say(f"  {name}: chrF {result['chrf']:.1f}, BLEU {result['bleu']:.1f}, exact match {result['exact_match']:.3f}")
 
     say("\nBase model, no soft prompt:")
@@ -111,7 +112,7 @@ def run_translation_demo(out: Path, steps: int = STEPS, progress: bool = True, l
         return summary
     say(format_table(summary))
     say(f"\nDone in {summary['seconds']:.0f} s. Try: softprompt generate --prompt {out / 'prefix'} "
-        "'English: Where is the station?\\nChinese:'")
+        "'Where is the station?' --stop $'\\n'")
     return summary
 
 
