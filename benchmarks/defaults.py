@@ -1,5 +1,5 @@
-"""What a new user gets on tasks the defaults never saw, against LoRA: for each classification task built from real
-data in PyPI packages, on the embedded model, held-out accuracy and wall time of
+"""What a new user gets on tasks the defaults never saw, against LoRA: for each task built from real data in PyPI
+packages, on an embedded model, held-out accuracy (classification) or chrF (generation) and wall time of
 
   - the template alone (the frozen model, no prompt),
   - one `softprompt train` run with only data, template and labels (every other setting its default),
@@ -7,14 +7,17 @@ data in PyPI packages, on the embedded model, held-out accuracy and wall time of
     time the same candidates would take trained one after another (each one's seconds per step alone, timed over
     --probe-steps steps, times --steps; validation not counted, so this understates that time),
   - LoRA through PEFT (rank 8 on q_proj/v_proj, alpha 16, lr 1e-3, no dropout): the same steps and batches, the same
-    loss (cross-entropy on the label word), validation and keep-best, and scoring by the same code path.
+    loss (cross-entropy on the label word or target text), validation and keep-best, and scoring by the same code
+    path (generation: greedy, ending at the end of the line, EOS or 24 tokens, for every column).
 
 Tasks: sentiment (the demo's Rotten Tomatoes fresh/rotten), review-or-plot (the same corpus: a critic's snippet or
-a plot summary, balanced), debate-party (2016 US debates: which party's candidate said it).
+a plot summary, balanced), debate-party (2016 US debates: which party's candidate said it), all on --model;
+translation (the translation demo's HSK English -> Chinese pairs, template without instruction) on gemma3-270m.
 
     python benchmarks/defaults.py                           # every task, 100 steps of 8
     python benchmarks/defaults.py --tasks debate-party --steps 200
     python benchmarks/defaults.py --no-search --single "method=prefix lr=0.03"    # a candidate default, side by side
+    python benchmarks/defaults.py --tasks translation --no-search --test 100 --valid 48
 
 Prints a table per task as it finishes and one JSON line at the end.
 """
@@ -36,7 +39,7 @@ import torch
 from softprompt.backbones import backbone_for
 from softprompt.config import PromptConfig, TaskConfig, TrainConfig
 from softprompt.data import TaskEncoder
-from softprompt.data.corpora import debate_party, review_or_plot, rotten_tomatoes
+from softprompt.data.corpora import debate_party, english_chinese, review_or_plot, rotten_tomatoes
 from softprompt.scoring.evaluate import evaluate
 from softprompt.models import load_model
 from softprompt.prepare import template_init_text
@@ -60,17 +63,28 @@ def balanced(records: list[dict], field: str, per_label: int, seed: int = 0) -> 
     return picked
 
 
+def shuffled(records: list[dict], seed: int = 0) -> list[dict]:
+    random.Random(seed).shuffle(records)
+    return records
+
+
 TASKS = {
     "sentiment": (lambda: balanced(rotten_tomatoes(), "label", 2000),
                   TaskConfig(template="Review: {text}\nSentiment:", labels=["negative", "positive"],
-                             label_field="label")),
+                             label_field="label"), None),
     "review-or-plot": (lambda: balanced(review_or_plot(), "kind", 1083),
                        TaskConfig(template="Text: {text}\nIs this a review or a summary? Answer:",
-                                  labels=["review", "summary"], label_field="kind")),
+                                  labels=["review", "summary"], label_field="kind"), None),
     "debate-party": (lambda: balanced(debate_party(), "party", 224),
                      TaskConfig(template="Debate statement: {text}\nParty of the speaker:",
-                                labels=["Democrat", "Republican"], label_field="party")),
+                                labels=["Democrat", "Republican"], label_field="party"), None),
+    "translation": (lambda: shuffled(english_chinese()),
+                    TaskConfig(template="English: {en}\nChinese:", task="generation", target_field="zh"),
+                    "gemma3-270m"),
 }  # fmt: skip
+"""Each task's records, template and labels (or target), and its model (None: --model)."""
+DECODING = dict(max_new_tokens=24, stop=["\n"])
+"""How every column of a generation task decodes when it is scored (the translation demo's rule)."""
 
 
 def splits(records: list[dict], test: int, valid: int) -> dict[str, list[dict]]:
@@ -122,15 +136,23 @@ def lora_run(model_name: str, task: TaskEncoder, train_set, valid_set, cfg: Trai
     return backbone, sum(p.numel() for p in params)
 
 
+def test_score(backbone, task: TaskEncoder, test_set, prefix) -> float:
+    """Held-out accuracy (classification) or chrF (generation, decoded by DECODING)."""
+    if task.is_classification:
+        return round(evaluate(backbone, task, test_set, prefix)["accuracy"], 4)
+    return round(evaluate(backbone, task, test_set, prefix, **DECODING)["chrf"], 2)
+
+
 def run_task(name: str, backbone, model_name: str, args) -> dict:
-    load, config = TASKS[name]
+    load, config, _ = TASKS[name]
     data = splits(load(), args.test, args.valid)
     task = TaskEncoder(config, backbone.tokenizer, max_length=args.max_length)
     train_set, valid_set, test_set = (task.encode(data[k]) for k in ("train", "valid", "test"))
     cfg = TrainConfig(steps=args.steps, eval_size=args.valid, max_length=args.max_length)  # the rest: defaults
     base = PromptConfig(init_text=template_init_text(config.template))  # what `softprompt train` builds
-    row = {"task": name, "train": len(train_set), "valid": len(valid_set), "test": len(test_set)}
-    score = lambda prefix: round(evaluate(backbone, task, test_set, prefix)["accuracy"], 4)  # noqa: E731
+    row = {"task": name, "model": model_name, "metric": "accuracy" if task.is_classification else "chrf",
+           "train": len(train_set), "valid": len(valid_set), "test": len(test_set)}
+    score = lambda prefix: test_score(backbone, task, test_set, prefix)  # noqa: E731
     row["template_only"] = score(None)
     out = tempfile.mkdtemp()
     run, row["single_seconds"] = timed(lambda: train(backbone, task, base, cfg, train_set, out + "/single",
@@ -142,11 +164,11 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
         alt_cfg = dataclasses.replace(cfg, lr=candidate.lr)
         run, seconds = timed(lambda: train(backbone, task, candidate.prompt, alt_cfg, train_set,
                                            out + "/" + candidate.name, valid_set, progress=False))  # fmt: skip
-        row["alternatives"].append({"settings": spec, "accuracy": score(run.method.kv(backbone).detach()),
+        row["alternatives"].append({"settings": spec, "score": score(run.method.kv(backbone).detach()),
                                     "seconds": round(seconds, 1)})
     if args.no_search:
         return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out)
-    candidates = default_candidates(base, True)
+    candidates = default_candidates(base, task.is_classification)
     result, row["search_seconds"] = timed(lambda: search(backbone, task, candidates, cfg, train_set, valid_set,
                                                          out + "/search", progress=False))  # fmt: skip
     row["search_pick"], row["search"] = result.best, score(result.runs[result.best].method.kv(backbone).detach())
@@ -163,7 +185,7 @@ def _lora(row: dict, model_name: str, task: TaskEncoder, train_set, valid_set, t
           out: str) -> dict:
     (lora_backbone, row["lora_params"]), row["lora_seconds"] = timed(
         lambda: lora_run(model_name, task, train_set, valid_set, cfg))
-    row["lora"] = round(evaluate(lora_backbone, task, test_set)["accuracy"], 4)
+    row["lora"] = test_score(lora_backbone, task, test_set, None)
     shutil.rmtree(out)
     for key in ("single_seconds", "search_seconds", "lora_seconds"):
         if key in row:
@@ -186,22 +208,26 @@ def main() -> None:
                              "(repeatable): candidates for the defaults.")  # fmt: skip
     parser.add_argument("--no-search", action="store_true", help="Leave out the --search run.")
     args = parser.parse_args()
-    backbone = backbone_for(*load_model(args.model))
-    rows = []
+    backbones, rows = {}, []
     for name in args.tasks.split(","):
-        row = run_task(name, backbone, args.model, args)
+        model = TASKS[name][2] or args.model
+        if model not in backbones:
+            backbones[model] = backbone_for(*load_model(model))
+        row = run_task(name, backbones[model], model, args)
         rows.append(row)
-        print(f"\n{name} (train {row['train']}, valid {row['valid']}, test {row['test']}; {args.steps} steps of 8)")
-        print(f"  template only             accuracy {row['template_only']:.3f}")
-        print(f"  softprompt train          accuracy {row['single']:.3f}  {row['single_seconds']:7.1f} s")
+        m = row["metric"]
+        print(f"\n{name} on {model} (train {row['train']}, valid {row['valid']}, test {row['test']}; {args.steps} "
+              "steps of 8)")
+        print(f"  template only             {m} {row['template_only']:.3f}")
+        print(f"  softprompt train          {m} {row['single']:.3f}  {row['single_seconds']:7.1f} s")
         for alt in row["alternatives"]:
-            print(f"  train {alt['settings']:<19} accuracy {alt['accuracy']:.3f}  {alt['seconds']:7.1f} s")
+            print(f"  train {alt['settings']:<19} {m} {alt['score']:.3f}  {alt['seconds']:7.1f} s")
         if "search" in row:
-            print(f"  softprompt train --search accuracy {row['search']:.3f}  {row['search_seconds']:7.1f} s  "
+            print(f"  softprompt train --search {m} {row['search']:.3f}  {row['search_seconds']:7.1f} s  "
                   f"(pick {row['search_pick']}; one after another ~{row['one_after_another_seconds']:.0f} s)")
-        print(f"  LoRA r=8 q,v (PEFT)       accuracy {row['lora']:.3f}  {row['lora_seconds']:7.1f} s")
+        print(f"  LoRA r=8 q,v (PEFT)       {m} {row['lora']:.3f}  {row['lora_seconds']:7.1f} s")
         for r in row.get("search_table", []):
-            print(f"    {r['candidate']:<26} valid {r['valid'].get('accuracy', float('nan')):.3f} at step "
+            print(f"    {r['candidate']:<26} valid {r['valid'].get(m, float('nan')):.3f} at step "
                   f"{r['best_step']}, trained {r['trained_steps']}")
         print(flush=True)
     print(machine())
