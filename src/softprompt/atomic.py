@@ -80,5 +80,10 @@ def write_json(path: str | Path, data) -> None:
     write_atomic(path, dump)
 
 
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """One JSON object per line (UTF-8 as it is: Chinese stays readable)."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def write_text(path: str | Path, text: str) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

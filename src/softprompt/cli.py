@@ -356,7 +356,7 @@ def evaluate_command(
     """Score a prompt (or the base model with the template and labels alone, without --prompt) on labelled
     data."""
     from . import artifact
-    from .atomic import write_text
+    from .atomic import write_jsonl
     from .data import fill, read_records
     from .prepare import task_data
     from .scoring.evaluate import evaluate
@@ -411,7 +411,7 @@ def evaluate_command(
         else:
             rows.append({"input": fill(task_config.template, record), "reference": example.target, "output": output})
     if save_outputs:
-        write_text(save_outputs, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        write_jsonl(save_outputs, rows)
         result["outputs"] = str(save_outputs)
     if as_json:
         typer.echo(json.dumps(result))

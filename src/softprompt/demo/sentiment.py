@@ -10,7 +10,7 @@ import torch
 
 from .. import artifact, methods
 from ..artifact.inspection import describe, format_report
-from ..atomic import write_atomic
+from ..atomic import write_atomic, write_jsonl
 from ..config import PromptConfig, TaskConfig, TrainConfig
 from ..data import TaskEncoder, fill
 from ..data.corpora import sentiment_splits
@@ -29,14 +29,6 @@ NUM_TOKENS = 20
 # Defaults measured on this task (README): AdamW at 0.03 with warmup and linear decay, 20 tokens, text init,
 # validation every 25 steps keeping the best prompt.
 DEMO_TRAINING = dict(batch_size=8, lr=0.03, warmup_steps=10, eval_every=25, eval_size=200, patience=4)
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    def dump(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-    write_atomic(path, dump)
 
 
 def run_demo(out: Path, steps: int = 150, method: str = PromptConfig.method, test_size: int = 600,

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_atomic
+from ..atomic import write_json, write_jsonl
 from ..config import PLACEHOLDER, PromptConfig, TaskConfig, TrainConfig
 from ..data.corpora import english_chinese, splits
 from ..models import LoadConfig
 from ..prepare import load_backbone, task_data
 from ..scoring.evaluate import evaluate
 from ..training.loop import train
-from .sentiment import write_jsonl
 
 MODEL = "gemma3-270m"
 TEMPLATE = "English: {en}\nChinese:"
@@ -105,8 +104,7 @@ def run_translation_demo(out: Path, steps: int = STEPS, progress: bool = True, l
                "examples": [{"en": record["en"], "reference": record["zh"], **{r.name: r.outputs[i] for r in rows}}
                             for i, record in enumerate(data["test"][:SHOWN] + [SEED])],
                "seconds": time.perf_counter() - started}  # fmt: skip
-    write_atomic(out / "results.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps(summary, ensure_ascii=False, indent=2)))  # fmt: skip
+    write_json(out / "results.json", summary)
     if as_json:
         print(json.dumps(summary, ensure_ascii=False), flush=True)
         return summary
