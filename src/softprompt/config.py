@@ -15,7 +15,7 @@ from .errors import SoftPromptError
 from .methods import REGISTRY
 
 METHODS = tuple(REGISTRY)
-INITS = ("random", "vocab", "text", "labels")
+INITS = ("random", "vocab", "text", "labels", "demos")
 TASKS = ("classification", "generation")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -40,10 +40,13 @@ class PromptConfig:
     """`prompt`: soft input embeddings (Lester et al. 2021); `prefix`: per-layer key/values (Li & Liang 2021)."""
     num_tokens: int = 20
     """Number of virtual tokens."""
-    init: Literal["random", "vocab", "text", "labels"] = "text"
+    init: Literal["random", "vocab", "text", "labels", "demos"] = "text"
     """random: uniform in ±init_range; vocab: embeddings of frequent tokens; text: the tokens of `init_text`
-    (truncated or repeated); labels: each label word seeds one slot, frequent tokens fill the rest. For prefix
-    tuning the non-random inits take the frozen model's own key/values over those tokens."""
+    (truncated or repeated); labels: each label word seeds one slot, frequent tokens fill the rest; demos: training
+    examples with their answers, one per line in a seeded order, as many as fill num_tokens (the last one cut: the
+    demonstrations' count follows from num_tokens and their length), each hidden from its own row in training
+    (leave-one-out). For prefix tuning the non-random inits take the frozen model's own key/values over those
+    tokens."""
     init_text: str | None = None
     """Text for `init=text` (the CLI and PromptTuner default to the template's literal words)."""
     init_range: float = 0.5

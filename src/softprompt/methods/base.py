@@ -31,6 +31,9 @@ class PromptMethod(nn.Module):
         super().__init__()
         self.config = config
         self.shapes = shapes
+        self.demo_slots: dict[tuple, slice] = {}
+        """init=demos: the slots that hold each demonstrated example (`demo_key`), which that example's own row
+        must not see in training (leave-one-out); empty otherwise. Not saved: it concerns this run's data."""
 
     def kv(self, backbone) -> torch.Tensor:
         """The prefix, (num_layers, 2, kv_heads, num_tokens, head_dim), differentiable w.r.t. this module. On an
@@ -71,7 +74,9 @@ class PromptMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def create(cls, config, backbone, labels: list[str], generator: torch.Generator | None) -> "PromptMethod":
+    def create(cls, config, backbone, labels: list[str], generator: torch.Generator | None,
+               demo_ids: list[int] | None = None) -> "PromptMethod":  # fmt: skip
+        """A new prompt of `config` on `backbone`; `demo_ids`: the tokens of init=demos (`demonstrations`)."""
         raise NotImplementedError
 
     @classmethod
@@ -79,9 +84,42 @@ class PromptMethod(nn.Module):
         raise NotImplementedError
 
 
-def initial_token_ids(config, tokenizer, labels: list[str], generator: torch.Generator | None) -> list[int]:
-    """num_tokens token ids for the vocab, text and labels inits."""
+def demo_key(example) -> tuple:
+    """What identifies a training example (a `data.Example`) among the demonstrations: its tokens, so a duplicate
+    of a demonstrated example is left out of the demonstration too."""
+    return tuple(example.input_ids), tuple(example.target_ids)
+
+
+def demonstrations(examples: list, tokenizer, n: int, generator: torch.Generator | None
+                   ) -> tuple[list[int], dict[tuple, slice]]:  # fmt: skip
+    """init=demos: n token ids reading as a few-shot prompt: what the tokenizer puts in front of a text (BOS, if
+    any), then training examples in a seeded order, each its input, answer and a newline (no other special
+    tokens), as many as fill n, the last one cut. Returns them and the slots each example's demonstration holds."""
+    special = set(tokenizer.all_special_ids)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    ids, slots = list(tokenizer("")["input_ids"]), {}
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    for example in (examples[i] for i in order):
+        if len(ids) >= n:
+            break
+        text = [t for t in example.input_ids + example.target_ids if t not in special] + newline
+        slots.setdefault(demo_key(example), slice(len(ids), min(n, len(ids) + len(text))))
+        ids += text
+    if len(ids) < n:
+        raise SoftPromptError(f"init=demos: the {len(examples)} training examples written out with their answers "
+                              f"take {len(ids)} tokens, fewer than num_tokens {n}; use --num-tokens {len(ids)} or "
+                              "less, or another --init.")  # fmt: skip
+    return ids[:n], slots
+
+
+def initial_token_ids(config, tokenizer, labels: list[str], generator: torch.Generator | None,
+                      demo_ids: list[int] | None = None) -> list[int]:  # fmt: skip
+    """num_tokens token ids for the vocab, text, labels and demos inits."""
     n = config.num_tokens
+    if config.init == "demos":
+        if demo_ids is None:
+            raise SoftPromptError("init=demos starts from training examples: it needs training data")
+        return demo_ids
     if config.init == "text":
         ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
         if not ids:

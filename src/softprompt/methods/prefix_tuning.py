@@ -101,7 +101,7 @@ class Prefix(PromptMethod):
             return {self.artifact_key: kv.float().contiguous().cpu().clone()}
 
     @classmethod
-    def create(cls, config, backbone, labels, generator):
+    def create(cls, config, backbone, labels, generator, demo_ids=None):
         s, n = backbone.shapes, config.num_tokens
         if config.init == "random" and config.prefix_mlp:
             return cls(config, s).to(backbone.device)  # the MLP's own initialization
@@ -109,7 +109,7 @@ class Prefix(PromptMethod):
             prefix = (torch.rand(s.num_layers, 2, s.num_kv_heads, n, s.head_dim, generator=generator) * 2 - 1)
             prefix = prefix * config.init_range
         else:
-            ids = initial_token_ids(config, backbone.tokenizer, labels, generator)
+            ids = initial_token_ids(config, backbone.tokenizer, labels, generator, demo_ids)
             prefix = backbone.prefix_from_ids(ids).float().cpu()
         return cls(config, s, prefix).to(backbone.device)
 

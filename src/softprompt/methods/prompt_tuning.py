@@ -77,12 +77,13 @@ class SoftPrompt(PromptMethod):
         return []
 
     @classmethod
-    def create(cls, config, backbone, labels, generator):
+    def create(cls, config, backbone, labels, generator, demo_ids=None):
         n, hidden = config.num_tokens, backbone.shapes.hidden_size
         if config.init == "random":
             embeddings = (torch.rand(n, hidden, generator=generator) * 2 - 1) * config.init_range
         else:
-            ids = torch.tensor(initial_token_ids(config, backbone.tokenizer, labels, generator), device=backbone.device)
+            ids = initial_token_ids(config, backbone.tokenizer, labels, generator, demo_ids)
+            ids = torch.tensor(ids, device=backbone.device)
             embeddings = backbone.embed(ids).detach().cpu()
         return cls(config, backbone.shapes, embeddings).to(backbone.device)
 

@@ -342,6 +342,7 @@ class _Trainer:
             with contextlib.nullcontext() if last else acc.no_sync(self.model), acc.autocast():
                 # Each prompt's training input once per micro-batch, shared by its rows.
                 prompt_input, prefix_mask = prompt_input_for(backbone, self.model(backbone, set(names)), list(names))
+                prefix_mask = self.prompts.without_own_demos(list(names), list(examples), prompt_input, prefix_mask)
                 loss, _ = self.objective(backbone, prompt_input, list(examples), normalizer, prefix_mask)
                 acc.backward(loss)
             total += loss.detach() / self.world
@@ -422,8 +423,8 @@ class _Trainer:
         """The warning that a prompt (None: the run) did not learn, with what to try, on the console and in the log."""
         layout = self.layout
         who = f"{layout.word} {name!r}" if name and layout.names else "the prompt" + "s" * bool(layout.names)
-        text = (f"{who} did not learn: {why}. Try a larger --lr (now {self.cfg.lr:g}), another --init (vocab, text "
-                "or labels), more --num-tokens or --method prefix; the best prompt is saved all the same.")  # fmt: skip
+        text = (f"{who} did not learn: {why}. Try a larger --lr (now {self.cfg.lr:g}), another --init (vocab, text, "
+                "labels or demos), more --num-tokens or --method prefix; the best prompt is saved all the same.")  # fmt: skip
         tqdm.write(f"warning: {text}", file=sys.stderr)
         self.log.append({"step": self.state.step, **(layout.record_tag(name) if name else {}), "warning": text})
 
@@ -434,7 +435,8 @@ class _Trainer:
         valid, template = self.log.valid_result(name, step), self.log.valid_result(name, 0, "template")
         key = lambda result: selection_key(result, self.cfg.select_by)  # noqa: E731
         beat = improves(key(valid), key(template)) if valid and template else None
-        return {"best_step": step, "valid": valid, "template_valid": template or None, "beat_template": beat,
+        demonstrations = len(self.prompts.prompts[name].demo_slots)  # init=demos: how many examples it started as
+        return {"best_step": step, **({"demonstrations": demonstrations} if demonstrations else {}), "valid": valid, "template_valid": template or None, "beat_template": beat,
                 **to_dict(self.cfg), "processes": self.world, "model_sharded": self.sharded,
                 "frozen_parameters_per_process": self.frozen_held, **self.layout.summary_tag(name)}  # fmt: skip
 

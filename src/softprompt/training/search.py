@@ -230,7 +230,7 @@ def search(
     tasks = {}
     for candidate in candidates:  # each from its own generator, as if it were the run's only prompt
         generator = torch.Generator().manual_seed(train_config.seed)
-        init = methods.build(candidate.prompt, backbone, task.config.labels, generator)
+        init = methods.build(candidate.prompt, backbone, task.config.labels, generator, train_examples)
         tasks[candidate.name] = TrainingTask(task, train_examples, valid_examples, init)
     halving = Halving({c.name: c.lr for c in candidates}, rungs(train_config.steps, len(candidates)))
     runs = train_candidates(backbone, tasks, candidates[0].prompt, train_config, out_dir, halving, progress, resume)

@@ -51,6 +51,24 @@ class PromptSet(nn.Module):
         tokens for prompt tuning); only those named."""
         return {name: self.prompts[name].training_input(backbone) for name in names}
 
+    def without_own_demos(self, names: list[str], examples: list[Example], prompt_input: torch.Tensor,
+                          prefix_mask: torch.Tensor | None) -> torch.Tensor | None:  # fmt: skip
+        """The (B, slots) mask of a batch whose rows run behind prompts `names` (`prompt_input_for`'s prompt input
+        and mask; no mask: each row sees every slot) with each row's own demonstration hidden from it (init=demos:
+        leave-one-out). A row's prompt starts at the first slot it sees (`side_by_side` gives each prompt one
+        span)."""
+        own = [self.prompts[name].demo_slots.get(methods.demo_key(e)) for name, e in zip(names, examples)]
+        if not any(own):
+            return prefix_mask
+        if prefix_mask is None:
+            prefix_mask = torch.ones(len(names), prompt_input.shape[-2], dtype=torch.long, device=prompt_input.device)
+        mask = prefix_mask.clone()
+        for row, span in enumerate(own):
+            if span:
+                start = int(mask[row].argmax())
+                mask[row, start + span.start : start + span.stop] = 0
+        return mask
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -133,7 +151,7 @@ def build_prompts(backbone: Backbone, tasks: dict[str, TrainingTask], prompt_con
     generator = torch.Generator().manual_seed(seed)
     return PromptSet({
         name: copy.deepcopy(data.init) if data.init else methods.build(prompt_config, backbone,
-                                                                      data.task.config.labels, generator)
+                                                                      data.task.config.labels, generator, data.train)
         for name, data in tasks.items()
     }).to(device)  # fmt: skip
 

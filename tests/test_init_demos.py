@@ -1,0 +1,189 @@
+"""`--init demos` (issue 28, item 1): the prompt starts as the frozen model reading training examples with their
+answers, and in training no row sees its own demonstration (leave-one-out).
+
+- The start is checked against plain transformers: the demonstrations written out by hand (the seeded order, each
+  example's input and answer, cut at --num-tokens), prefix tuning's K/V equal to the model's own cache over them,
+  prompt tuning's vectors equal to its embedding rows.
+- The leave-one-out loss equals the model run by hand behind that cache with the row's own slots removed (the
+  remaining keys keep their positions; the row follows the slots it sees), for both methods; it differs from the
+  loss without the mask, and a row that is no demonstration sees every slot.
+- The loop hands the objective that mask for exactly the rows whose example is demonstrated; too little data for
+  --num-tokens is refused with what to do; `softprompt train --init demos` runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from softprompt import methods
+from softprompt.backbones import cache_keyword
+from softprompt.config import PromptConfig, TaskConfig, TrainConfig
+from softprompt.data import TaskEncoder
+from softprompt.errors import SoftPromptError
+from softprompt.training.loop import loss_on, train
+from softprompt.training.setup import PromptSet
+
+from conftest import EOS, VOCAB, run_main, tiny_backbone
+from test_cli import save_tiny_model, write_data
+
+TASK = TaskConfig(template="review {text} sentiment", labels=["negative", "positive"], label_field="label")
+TEXTS = ["great fun movie", "terrible boring film", "good book", "awful song was bad", "fine film really", "not fun"]
+LABELS = ["positive", "negative", "positive", "negative", "positive", "negative"]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return tiny_backbone("llama")
+
+
+def examples(backbone, generation: bool = False):
+    config = TaskConfig(template="review {text} sentiment", task="generation", target_field="label") if generation \
+        else TASK  # fmt: skip
+    records = [{"text": t, "label": label} for t, label in zip(TEXTS, LABELS)]
+    return TaskEncoder(config, backbone.tokenizer).encode(records)
+
+
+def written_out(n: int, seed: int) -> tuple[list[int], dict[int, range]]:
+    """The documented demonstrations, by hand: examples in the order of torch.randperm under the seed, each
+    `review TEXT sentiment LABEL` (the newline gives no token in the tiny tokenizer; EOS, a special token, is left
+    out), cut at n. Returns the ids and the slots of each example written (by its index in TEXTS)."""
+    ids, slots = [], {}
+    for i in torch.randperm(len(TEXTS), generator=torch.Generator().manual_seed(seed)).tolist():
+        if len(ids) < n:
+            words = [VOCAB[w] for w in f"review {TEXTS[i]} sentiment {LABELS[i]}".split()]
+            slots[i] = range(len(ids), min(n, len(ids) + len(words)))
+            ids += words
+    return ids[:n], slots
+
+
+def demo_method(backbone, method: str, n: int, seed: int = 3, generation: bool = False):
+    config = PromptConfig(method=method, num_tokens=n, init="demos")
+    return methods.build(config, backbone, TASK.labels, torch.Generator().manual_seed(seed),
+                         examples(backbone, generation))  # fmt: skip
+
+
+def own_cache(model, ids: list[int]) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]), use_cache=True, **{cache_keyword(model): cache})
+    return cache
+
+
+@pytest.mark.parametrize("generation", [False, True])
+def test_the_start_is_the_models_own_reading_of_the_examples_written_out(backbone, generation):
+    n = 13  # two whole demonstrations and part of a third
+    ids, slots = written_out(n, seed=3)
+    assert len(slots) == 3 and len(slots[list(slots)[-1]]) < 6
+    prefix = demo_method(backbone, "prefix", n, generation=generation)
+    cache = own_cache(backbone.model, ids)
+    for layer in range(backbone.shapes.num_layers):
+        torch.testing.assert_close(prefix.prefix[layer, 0], cache.layers[layer].keys[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(prefix.prefix[layer, 1], cache.layers[layer].values[0], rtol=1e-5, atol=1e-6)
+    prompt = demo_method(backbone, "prompt", n, generation=generation)
+    assert torch.equal(prompt.embeddings, backbone.model.get_input_embeddings().weight[ids])
+    data = examples(backbone, generation)
+    assert {i: range(s.start, s.stop) for i, e in enumerate(data)
+            if (s := prompt.demo_slots.get(methods.demo_key(e)))} == slots  # fmt: skip
+
+
+def test_too_little_data_for_the_length_is_refused_with_what_to_do(backbone):
+    written = sum(len(t.split()) + 3 for t in TEXTS)  # review TEXT sentiment LABEL
+    assert written == 35
+    with pytest.raises(SoftPromptError, match=r"take 35 tokens, fewer than num_tokens 40; use --num-tokens 35"):
+        demo_method(backbone, "prompt", 40)
+    with pytest.raises(SoftPromptError, match="init=demos .* needs training data"):
+        methods.build(PromptConfig(num_tokens=4, init="demos"), backbone)
+
+
+def by_hand_loss(backbone, demo_ids: list[int], hidden: range, example) -> torch.Tensor:
+    """Cross-entropy of one row behind the model's own cache over `demo_ids` with the `hidden` slots taken out: the
+    keys that stay keep the positions they were computed at; the row's tokens follow the slots it sees."""
+    model, full = backbone.model, own_cache(backbone.model, demo_ids)
+    keep = [i for i in range(len(demo_ids)) if i not in hidden]
+    cache = DynamicCache(config=model.config)
+    for layer in range(len(full.layers)):
+        cache.update(full.layers[layer].keys[:, :, keep], full.layers[layer].values[:, :, keep], layer)
+    ids = example.input_ids + example.target_ids
+    positions = torch.arange(len(keep), len(keep) + len(ids))[None]
+    logits = model(input_ids=torch.tensor([ids]), position_ids=positions, use_cache=True,
+                   **{cache_keyword(model): cache}).logits[0]  # fmt: skip
+    start = len(example.input_ids) - 1  # the logits that predict the targets
+    return F.cross_entropy(logits[start : start + len(example.target_ids)], torch.tensor(example.target_ids),
+                           reduction="sum")  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_each_row_trains_without_its_own_demonstration(backbone, method):
+    n = 13
+    demo_ids, slots = written_out(n, seed=3)
+    prompt = demo_method(backbone, method, n)
+    data = examples(backbone)
+    second, cut = list(slots)[1:]
+    outside = next(i for i in range(len(data)) if i not in slots)
+    rows = [data[second], data[outside], data[cut]]
+    hidden = [slots[second], range(0), slots[cut]]
+    prompts = PromptSet({"p": prompt})
+    mask = prompts.without_own_demos(["p"] * 3, rows, prompt.training_input(backbone), None)
+    assert mask.tolist() == [[int(i not in h) for i in range(n)] for h in hidden]
+    with torch.no_grad():
+        ours, _ = loss_on(backbone, prompt.training_input(backbone), rows, normalizer=1, prefix_mask=mask)
+        seeing_all, _ = loss_on(backbone, prompt.training_input(backbone), rows, normalizer=1)
+        reference = sum(by_hand_loss(backbone, demo_ids, h, row) for row, h in zip(rows, hidden))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert abs(float(ours - seeing_all)) > 1e-3  # the mask matters
+
+
+def test_with_several_prompts_side_by_side_a_row_hides_its_demonstration_in_its_own_prompts_span(backbone):
+    prompts = PromptSet({"a": demo_method(backbone, "prefix", 4), "b": demo_method(backbone, "prefix", 13)})
+    _, slots = written_out(13, seed=3)
+    second = list(slots)[1]
+    side_by_side = torch.tensor([[1] * 4 + [0] * 13, [0] * 4 + [1] * 13])
+    data = examples(backbone)
+    mask = prompts.without_own_demos(["a", "b"], [data[second], data[second]], torch.zeros(0), side_by_side)
+    assert mask[0].tolist() == side_by_side[0].tolist()  # in a's 4 slots only the first example is written
+    assert mask[1].tolist() == [0] * 4 + [int(i not in slots[second]) for i in range(13)]
+
+
+def test_the_loop_gives_the_objective_each_rows_mask(backbone, tmp_path):
+    """Through `train`: every batch's mask hides exactly the slots of the demonstrated rows (checked against the
+    spans), and the run trains (its prompt moves)."""
+    data = examples(backbone)
+    seen = []
+
+    def spy(backbone, prompt_input, rows, normalizer=None, prefix_mask=None):
+        seen.append((rows, prefix_mask))
+        return loss_on(backbone, prompt_input, rows, normalizer, prefix_mask)
+
+    config = PromptConfig(method="prefix", num_tokens=13, init="demos")
+    run = train(backbone, TaskEncoder(TASK, backbone.tokenizer), config,
+                TrainConfig(steps=4, batch_size=3, lr=0.05, warmup_steps=0, seed=3), data, tmp_path / "run",
+                progress=False, objective=spy)  # fmt: skip
+    start = demo_method(backbone, "prefix", 13)
+    _, slots = written_out(13, seed=3)
+    hidden_rows = 0
+    for rows, mask in seen:
+        expected = torch.ones(len(rows), 13, dtype=torch.long)
+        for r, row in enumerate(rows):
+            index = next(i for i, e in enumerate(data) if e is row)
+            if index in slots:
+                expected[r, list(slots[index])] = 0
+                hidden_rows += 1
+        assert torch.equal(mask if mask is not None else torch.ones_like(expected), expected)
+    assert hidden_rows == 6  # two epochs of the 6 examples, 3 of them demonstrated
+    assert not torch.equal(run.method.prefix, start.prefix)
+    assert run.summary["demonstrations"] == 3
+
+
+def test_the_command_line_trains_from_demos(tmp_path, monkeypatch, capsys):
+    model = save_tiny_model(tmp_path / "tiny")
+    train_file = write_data(tmp_path / "train.jsonl", 12, seed=1)
+    code, out, err = run_main(monkeypatch, capsys, [
+        "train", "--model", model, "--train", train_file, "--template", "review {text} sentiment",
+        "--labels", "negative,positive", "--label-field", "label", "--init", "demos", "--num-tokens", 12, "--steps", 2, "--batch-size", 4,
+        "--out", tmp_path / "run", "--no-progress"])  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "run" / "prompt.safetensors").exists()
+    assert '"init": "demos"' in (tmp_path / "run" / "config.json").read_text()
