@@ -26,6 +26,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("backbones/head.py", "check_head", "randn"): "a CPU-seeded probe (the same on every device), then `.to(device)`",
     ("methods/base.py", "initial_token_ids", "tensor"): "a pool of token ids, read back as a Python list",
     ("methods/base.py", "initial_token_ids", "randperm"): "a CPU-seeded draw of token ids, read back as a list",
+    ("methods/base.py", "demonstrations", "randperm"): "a CPU-seeded order of training examples, read back as a list",
     ("methods/prefix_tuning.py", "Prefix.__init__", "empty"): "a parameter built on the CPU; `create`/`from_tensors` "
                                                               "move the module to the model's device",
     ("methods/prefix_tuning.py", "Prefix.__init__", "zeros"): "the same: a parameter, moved with its module",
