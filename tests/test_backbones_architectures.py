@@ -116,7 +116,7 @@ def test_prompt_tuning_equals_inputs_embeds(arch):
         prefix = prompt.kv(backbone)
         reference = explicit_logits(backbone.model, prompt.embeddings, ids, mask)
         assert_close(prefix_path_logits(backbone, prefix, ids, mask), reference, mask)
-        for given in (prefix, prompt.training_input(backbone)):  # K/V, or P in front of each packed row
+        for given in (prefix, prompt.training_input(backbone)):  # K/V, or P (as K/V: 2 packed rows)
             packed = backbone.logits(backbone.packed_forward(given, ids, mask, width=8))  # 14 tokens in 2 packed rows
             assert_close(packed, reference, mask)
 

@@ -113,7 +113,7 @@ def test_two_processes_train_the_same_prompt_as_one(tmp_path):
 
 
 def test_two_processes_train_the_same_prompt_tuning_embeddings_as_one(tmp_path):
-    """Prompt tuning, which trains through `training_input` (P in front of each packed row of the batch's own pass):
+    """Prompt tuning, which trains through `training_input` (P in front of the packed row of the batch's own pass):
     two DDP processes with gradient accumulation take the same per-step losses, end with the same embeddings and
     validate alike as one process. The two runs share the machine at once."""
     common = training_args(tmp_path, "prompt")

@@ -172,9 +172,10 @@ class CausalBackbone(Backbone):
         costs what its real tokens cost, not its padded width.
 
         prompt_input: a prefix (num_layers, 2, kv_heads, n, head_dim), or soft tokens (n, hidden) (prompt tuning),
-        which run at the front of every
-        packed row in this same pass, where a causal model computes exactly the K/V `prefix_from_embeddings` gives,
-        without its separate pass at batch 1 (whose small matrix products run at half the speed of these).
+        which run at the front of the packed row in this same pass, where a causal model computes exactly the K/V
+        `prefix_from_embeddings` gives, without its separate pass at batch 1 (whose small matrix products run at half
+        the speed of these); when the batch packs into several rows, that separate pass runs instead (the README's
+        speed section measures both).
         prefix_mask: (B, n), the slots each row sees (`side_by_side`; default all), or with a per-row prefix from
         `stack_prefixes` (which takes the padded path).
         Returns the final hidden states (B, T, hidden), zeros at pads. The cache is internal (nothing to continue).
@@ -199,6 +200,8 @@ class CausalBackbone(Backbone):
             bins[b].append(row)
             loads[b] += lengths[row]
         width = max(loads)  # the longest packed row
+        if soft and len(bins) > 1:  # the prompt would run again in front of every packed row: its K/V once at batch 1
+            prompt_input, soft = self.prefix_from_embeddings(prompt_input), False  # is less memory, no more time
         real = attention_mask.bool()
         seen = prefix_mask.sum(-1).tolist() if prefix_mask is not None else [n] * batch  # prefix slots per row
         ids = input_ids.new_full((len(bins), width), self.pad_id)

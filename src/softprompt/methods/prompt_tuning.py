@@ -42,8 +42,8 @@ class SoftPrompt(PromptMethod):
         return backbone.prefix_from_embeddings(self.prompt().to(backbone.dtype))
 
     def training_input(self, backbone) -> torch.Tensor:
-        """P itself, (n, hidden): every backbone's `target_hidden` reads it in the batch's own pass (a causal one
-        puts it in front of each packed row), so its K/V need no separate pass at batch 1."""
+        """P itself, (n, hidden): every backbone's `target_hidden` reads it in the batch's own pass where it can
+        (a causal one puts it in front of the packed row), so its K/V need no separate pass at batch 1."""
         return self.prompt().to(backbone.dtype)
 
     def artifact_tensors(self) -> dict[str, torch.Tensor]:

@@ -9,11 +9,12 @@ The estimate follows what a training step keeps (ARCHITECTURE.md, "From a record
 - prompt and optimizer: the prompt's parameters, their gradients and the optimizer's state, all float32 (the
   precision policy): AdamW keeps two values per parameter, Adafactor a row and a column per matrix;
 - activations: what the forward pass keeps for the backward one. `packed_forward` packs the batch's real tokens into
-  rows of `PACK_WIDTH`; prompt tuning's soft tokens lead every packed row, prefix tuning's K/V sit in the cache in
-  front of it. Per decoder layer and position: the two norms' float32 inputs, attention's query, output and keys and
-  values (repeated to every head: the packed mask rules out grouped-query kernels), the gated MLP's three
-  intermediates; the cache's own keys and values where they are fewer heads. With gradient checkpointing a layer
-  keeps only its input and its cache entry, and one layer is recomputed at a time;
+  rows of `PACK_WIDTH`; prompt tuning's soft tokens lead the packed row when there is one (else their K/V are
+  computed first, at batch 1), prefix tuning's K/V sit in the cache in front of it. Per decoder layer and position:
+  the two norms' float32 inputs, attention's query, output and keys and values (repeated to every head: the packed
+  mask rules out grouped-query kernels), the gated MLP's three intermediates; the cache's own keys and values where
+  they are fewer heads. With gradient checkpointing a layer keeps only its input and its cache entry, and one layer
+  is recomputed at a time;
 - workspace: what lives for a moment on top: the packed attention mask, then the largest of the end of the forward
   (the rows gathered back, the boolean masks, a grouped-query model's cache), the logits and loss at the loss
   positions only (float32; the head never runs elsewhere), and one layer's backward (with checkpointing, on top of
@@ -120,7 +121,7 @@ class PromptShape:
     parameters: tuple[tuple[int, ...], ...]
     """The shapes of its trainable tensors."""
     soft_tokens: bool
-    """Whether its training input runs through the layers in front of every packed row (soft tokens), rather than
+    """Whether its training input runs through the layers in front of a packed row (soft tokens), rather than
     sitting in the cache (a prefix)."""
     num_tokens: int
     activations: int
@@ -261,7 +262,7 @@ def _activations(model: ModelShape, prompt: PromptShape, run: RunShape) -> tuple
     rows = run.batch_size * run.candidates
     packed, width = packed_rows(rows, run.max_length)
     n = prompt.num_tokens * run.candidates  # a search's candidates sit side by side in one prefix
-    soft = prompt.soft_tokens and run.candidates == 1  # several soft prompts are turned into their K/V first
+    soft = prompt.soft_tokens and run.candidates == 1 and packed == 1  # else soft prompts become their K/V first
     queries, keys = packed * (width + (n if soft else 0)), packed * (width + n)
     kept, cache = layer_bytes(model, b, queries, keys)
     norm = 4 if model.rms_norm else b  # RMSNorm computes in float32
