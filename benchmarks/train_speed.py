@@ -66,11 +66,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/train_speed.py`: the repository root, for `benchmarks.` imports
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.machine import print_facts, quiet_process  # noqa: E402
+from benchmarks.common.machine import log, print_facts, quiet_process  # noqa: E402
 from benchmarks.common.model import embedded_backbone, vocab_prompt  # noqa: E402
 from benchmarks.common.training import (BATCH_SIZE, CORRECT_REL, MB, MEMORY_METHODS, PairSettings,  # noqa: E402
                                         RunResult, batch_tokens, default_memory_method, draw_batches, is_correct,
-                                        make_task, model_state, reference_loss, rel_diff, side_by_side)  # fmt: skip
+                                        make_task, model_state, ours_step, reference_loss, rel_diff,
+                                        side_by_side)  # fmt: skip
 from benchmarks.flops import matmul_peak, useful_flops  # noqa: E402
 
 CONFIGS = {  # name -> (method, virtual tokens, task)
@@ -179,6 +180,9 @@ def print_table(results: dict, args, seconds: float) -> None:
           "the loss positions; benchmarks/flops.py); matmul peak: GFLOP/s of the model's own linear-layer matmuls "
           "alone at the step's token count, measured before each repetition; fraction = achieved / peak, median "
           "over repetitions.")
+    if args.compile:
+        print("compiled (ours, --compile): graphs and seconds of the untimed steps that compiled them: " + "; ".join(
+            f"{k} {v['compiled_graphs']} in {v['compile_warmup_seconds']} s" for k, v in results.items()))
     print(f"\nlossK = loss at step {args.steps}, after {args.steps} updates. Speedup per repetition: "
           + "; ".join(f"{k} {v['speedup_per_repeat']}" for k, v in results.items()))  # fmt: skip
     print("Targets (issue 3): speedup prompt-100 >= 1.6, prompt-20 >= 1.2, prefix-20 >= 1.15; cls memory ratio "
@@ -192,6 +196,30 @@ def print_table(results: dict, args, seconds: float) -> None:
     print(f"Correct: each library's step-0 loss within {tolerances} (relative) of transformers' own float32 loss over full "
           "logits of [P; E] (prompt) or with the prefix as its past (prefix); ratios only where PEFT's is.")
     print("\nJSON (--json prints all fields):")
+
+
+def compile_ours(backbones: dict, runs: list[tuple[str, str]], work: dict, args) -> dict[tuple, dict]:
+    """Compile each backbone's training pass, then run ours untimed over every configuration's batches: the graphs it
+    needs are compiled here, not in the timed steps. Returns per (configuration, dtype) the seconds and graphs that
+    took."""
+    from softprompt.backbones.compiled import compiled_graphs
+
+    for d, backbone in backbones.items():
+        problem = backbone.compile()
+        if problem:
+            raise SystemExit(f"--compile: torch.compile does not work here ({problem})")
+    done = {}
+    for name, d in runs:
+        method, n, task = CONFIGS[name]
+        step = ours_step(backbones[d], method, n, args.lr, args.seed)
+        graphs, started = compiled_graphs(), time.perf_counter()
+        for batch in work[task]:
+            step(batch)
+        done[name, d] = {"compile_warmup_seconds": round(time.perf_counter() - started, 1),
+                         "compiled_graphs": compiled_graphs() - graphs}  # fmt: skip
+        log(f"{name} ({d}): compiled {done[name, d]['compiled_graphs']} graph(s) in "
+            f"{done[name, d]['compile_warmup_seconds']} s over {len(work[task])} untimed steps")
+    return done
 
 
 def main(argv=None) -> None:
@@ -212,6 +240,10 @@ def main(argv=None) -> None:
                              "compared across them)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both libraries on it)")
     parser.add_argument("--json", action="store_true", help="print one JSON object keyed by configuration")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours with its training pass compiled (`train --compile`): each configuration first runs "
+                             "untimed over all its batches, so compiling stays out of the timed steps (its time and "
+                             "graphs reported apart)")
     args = parser.parse_args(argv)
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     if not dtypes or any(d not in CORRECT_REL for d in dtypes):
@@ -248,6 +280,7 @@ def main(argv=None) -> None:
     for task, batches in work.items():  # a step of each first: one-time allocations stay out of the measurements
         for d in dtypes:
             run(f"prefix-20-{task}", d, batches[:1], flip=False)
+    compiling = compile_ours(backbones, runs, work, args) if args.compile else {}
     ours: dict[tuple, list[RunResult]] = {key: [] for key in runs}
     theirs: dict[tuple, list[RunResult]] = {key: [] for key in runs}
     references = {(name, d): reference_loss(reference_model, *CONFIGS[name][:2], args.seed, work[CONFIGS[name][2]][0],
@@ -268,7 +301,7 @@ def main(argv=None) -> None:
     for name, d in runs:
         row = summarize(ours[name, d], theirs[name, d], references[name, d], flops_per_token[name], peaks[name, d], d)
         row.update(dtype=d, steps=args.steps, repeats=args.repeats, threads=args.threads, padded=args.padded,
-                   memory=args.memory)  # fmt: skip
+                   memory=args.memory, **compiling.get((name, d), {}))  # fmt: skip
         if d != dtypes[0]:  # ours in this dtype against ours in the first, repetition by repetition
             row[f"ours_vs_{dtypes[0]}"] = round(statistics.median(
                 [a.tokens_per_s / b.tokens_per_s for a, b in zip(ours[name, d], ours[name, dtypes[0]])]), 3)

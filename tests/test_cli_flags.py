@@ -9,7 +9,10 @@ itself on the embedded model (with its data cut to a few records) and re-scores 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,6 +236,39 @@ def test_gradient_checkpointing_recomputes_the_layers_and_changes_nothing(files,
     torch.testing.assert_close(final_prompt(tmp_path / "checkpointed"), final_prompt(tmp_path / "plain"), rtol=1e-5,
                                atol=1e-6)  # fmt: skip
     assert len(set(plain_losses)) == 3  # the prompt moved each step
+
+
+def test_compile_trains_as_eager(files, tmp_path, monkeypatch, capsys):
+    """`--compile` (the decoder's training pass compiled by inductor), here with `--gradient-checkpointing`: the
+    same losses and the same final prompt as the plain run, to float tolerance; the summary counts the graphs
+    compiled during the run. (The step itself against the plain model: tests/test_compile.py.)"""
+    loaded, load = [], cli_module._backbone
+    monkeypatch.setattr(cli_module, "_backbone", lambda *args, **kwargs: loaded.append(load(*args, **kwargs))
+                        or loaded[-1])  # fmt: skip
+    for name, flags in (("plain", []), ("compiled", ["--compile", "--gradient-checkpointing"])):
+        ok(monkeypatch, capsys, train_args(files, tmp_path / name, "--init", "random", "--steps", 3, "--batch-size", 8,
+                                           "--lr", 0.1, "--warmup-steps", 0, *flags))  # fmt: skip
+    assert [b._compiled_decoder is not None for b in loaded] == [False, True]
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "plain"), rel=1e-4)
+    torch.testing.assert_close(final_prompt(tmp_path / "compiled"), final_prompt(tmp_path / "plain"), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+    summary = artifact.load(tmp_path / "compiled").extra["training"]
+    assert summary["compile"] is True and "compiled_graphs" in summary, summary
+    assert "compiled_graphs" not in artifact.load(tmp_path / "plain").extra["training"]
+
+
+def test_compile_without_a_working_compiler_trains_eager_and_says_why(files, tmp_path):
+    """A C++ compiler that does not exist (`CXX`, which inductor reads; a fresh process and inductor cache, so no
+    compiled code can be reused): `train --compile` warns that the decoder stays eager, with the reason, and trains
+    (the summary counts no compiled graph)."""
+    env = {**os.environ, "CXX": "/nonexistent/c++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "SOFTPROMPT_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    args = train_args(files, tmp_path / "run", "--steps", 2, "--batch-size", 4, "--compile")
+    done = subprocess.run([sys.executable, "-m", "softprompt", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--compile: the decoder stays eager" in done.stderr and "/nonexistent/c++" in done.stderr, done.stderr
+    assert artifact.load(tmp_path / "run").extra["training"]["compiled_graphs"] == 0
 
 
 # ------------------------------------------------------------------------------------ --seed, --init-text, --init-range

@@ -190,6 +190,10 @@ class TrainConfig:
     """Write a resumable checkpoint every this many steps (0: only on interruption)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass: less memory, one more forward per step."""
+    compile: bool = False
+    """Compile the frozen decoder's training pass (torch.compile, inductor; on a CPU it needs a C++ compiler):
+    fused kernels for its norms, rotary embeddings and activations. Its first steps take minutes on a CPU while it
+    compiles, so it pays back on long runs only; without a working compiler the run says why and stays eager."""
     shard_model: bool = False
     """Under several processes, shard the frozen decoder layers across them (FSDP2): each holds 1/N of their
     weights. Implied by `accelerate launch --use_fsdp`."""

@@ -197,6 +197,10 @@ class Backbone(ABC):
     def shard_layers(self, device: torch.device) -> int:
         self._cannot("shard its layers")
 
+    def compile(self) -> str | None:
+        """Compile what can be compiled of the frozen layers, in place; returns None, or why they stay eager."""
+        self._cannot("compile its layers")
+
     def gradient_checkpointing(self, enabled: bool = True) -> "Backbone":
         if enabled:
             self._cannot("use gradient checkpointing")

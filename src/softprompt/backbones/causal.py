@@ -18,6 +18,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ..errors import SoftPromptError
 from . import cache_rows
 from .base import Backbone, Shapes, cache_keyword, execution_device
+from .compiled import compiler_problem
 from .head import HeadTransform, check_head
 from .replay import replaying
 
@@ -38,6 +39,7 @@ class CausalBackbone(Backbone):
         check_head(self)  # refuses a model whose own forward takes its logits otherwise
         self._checkpointed_layers: list[torch.nn.Module] = []  # the decoder layers, while checkpointing is on
         self._cache_keyword = cache_keyword(self.decoder)
+        self._compiled_decoder: torch.nn.Module | None = None  # `compile()`: the training pass's decoder
 
     def prefix_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Per-layer K/V of the frozen model run over `embeddings` (n, hidden) at batch 1: exactly what every row of
@@ -236,9 +238,11 @@ class CausalBackbone(Backbone):
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=ids.device)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # (R, 1, queries, keys) additive
         cache = self.new_cache(None if soft else prompt_input, len(bins))
+        compiled = self._compiled_decoder is not None and torch.is_grad_enabled()
+        decoder = self._compiled_decoder if compiled else self.decoder
         with self._checkpointed(cache):
-            out = self.decoder(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
-                               **{self._cache_keyword: cache})  # fmt: skip
+            out = decoder(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{self._cache_keyword: cache})  # fmt: skip
         packed = out.last_hidden_state[:, -width:].reshape(len(bins) * width, -1)  # (R * width, hidden) no prompt
         hidden = packed.new_zeros(batch * T, packed.shape[-1])
         hidden = hidden.index_copy(0, torch.cat(source), packed[torch.cat(target)])
@@ -264,6 +268,13 @@ class CausalBackbone(Backbone):
                 if buffer is not None:
                     module._buffers[name] = buffer.to(device)
         return sum(getattr(p, "_local_tensor", p).numel() for p in self.model.parameters())
+
+    def compile(self) -> str | None:
+        """Compile the decoder for the training pass (`compiled.py`); returns None, or why it stays eager."""
+        problem = compiler_problem(self.device)
+        if problem is None:
+            self._compiled_decoder = torch.compile(self.decoder, dynamic=True)
+        return problem
 
     def _decoder_layers(self) -> list[torch.nn.Module]:
         layers = [m for m in self.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]

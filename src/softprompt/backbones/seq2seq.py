@@ -70,6 +70,7 @@ class Seq2SeqBackbone(Backbone):
         "pack rows for training": "packing is for causal LMs; an encoder-decoder trains through target_hidden",
         "use gradient checkpointing": "T5 blocks are not checkpointed with their prefix yet; train without it",
         "shard its layers": "sharding (--shard-model, FSDP) is for causal LMs; train T5 unsharded",
+        "compile its layers": "--compile is for causal LMs; train T5 without it",
         "batch continuously": "the serving engine batches decoder-only (causal LM) models only. Serve a causal LM, "
         "or use `softprompt generate` / `softprompt eval` with this model",
     }

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .. import artifact, methods
 from ..backbones import Backbone
+from ..backbones.compiled import compiled_graphs
 from ..config import PromptConfig, TrainConfig, to_dict
 from ..data import Example, TaskEncoder, collate
 from ..errors import SoftPromptError
@@ -251,6 +252,7 @@ class _Trainer:
                               forward=lambda record: trackers.log(acc, record))  # fmt: skip
         self.state = RunState(evals_without_gain=dict.fromkeys(self.tasks, 0))
         self.started = time.perf_counter()
+        self.graphs_before = compiled_graphs()
 
     @property
     def live(self) -> list[str]:
@@ -436,7 +438,10 @@ class _Trainer:
         key = lambda result: selection_key(result, self.cfg.select_by)  # noqa: E731
         beat = improves(key(valid), key(template)) if valid and template else None
         demonstrations = len(self.prompts.prompts[name].demo_slots)  # init=demos: how many examples it started as
-        return {"best_step": step, **({"demonstrations": demonstrations} if demonstrations else {}), "valid": valid, "template_valid": template or None, "beat_template": beat,
+        extra = {"demonstrations": demonstrations} if demonstrations else {}
+        if self.cfg.compile:  # graphs compiled since the run started (each shape or grad mode dynamo specialized on)
+            extra["compiled_graphs"] = compiled_graphs() - self.graphs_before
+        return {"best_step": step, **extra, "valid": valid, "template_valid": template or None, "beat_template": beat,
                 **to_dict(self.cfg), "processes": self.world, "model_sharded": self.sharded,
                 "frozen_parameters_per_process": self.frozen_held, **self.layout.summary_tag(name)}  # fmt: skip
 

@@ -134,6 +134,9 @@ def place_model(backbone: Backbone, cfg: TrainConfig, accelerator: Accelerator) 
     # Sharding the frozen layers (FSDP2) starts from the CPU copy, so no device ever holds the whole model.
     sharded = accelerator.num_processes > 1 and (
         cfg.shard_model or accelerator.distributed_type == DistributedType.FSDP)  # fmt: skip
+    if sharded and cfg.compile:  # FSDP swaps each layer's weights in and out around its forward: not tried compiled
+        raise SoftPromptError("--compile does not work with a sharded model (--shard-model, FSDP) yet; drop one of "
+                              "them.")  # fmt: skip
     if sharded:
         frozen_held = backbone.shard_layers(accelerator.device)
     else:
@@ -141,6 +144,9 @@ def place_model(backbone: Backbone, cfg: TrainConfig, accelerator: Accelerator) 
             backbone.model.to(accelerator.device)  # cannot move, and was loaded on its device already
         frozen_held = sum(p.numel() for p in backbone.model.parameters())
     backbone.gradient_checkpointing(cfg.gradient_checkpointing)
+    eager_because = backbone.compile() if cfg.compile else None
+    if eager_because:
+        warnings.warn(f"--compile: the decoder stays eager; torch.compile does not work here ({eager_because}).")
     return sharded, frozen_held
 
 
