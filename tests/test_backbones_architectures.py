@@ -19,6 +19,9 @@ embedded model, runs (a)-(e) at its real shapes as well (random weights).
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, FalconConfig, Gemma3TextConfig, LlamaForCausalLM
@@ -56,10 +59,22 @@ def gemma3_270m_shapes() -> Gemma3TextConfig:
                             tie_word_embeddings=True, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)  # fmt: skip
 
 
+@functools.cache
+def gemma3_270m_model(seed: int):
+    """Built once per seed (4 s for its 168 M-entry embedding table); tests get copies."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(gemma3_270m_shapes(), attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_gemma3_270m_models():
+    yield
+    gemma3_270m_model.cache_clear()  # 0.7 GB each, not kept for the rest of the session
+
+
 def model_of(arch: str, seed: int = 0):
     if arch == GEMMA3_270M:
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(gemma3_270m_shapes(), attn_implementation="sdpa", dtype=torch.float32).eval()
+        return copy.deepcopy(gemma3_270m_model(seed))
     return tiny_model(arch, seed, ATTENTION.get(arch, "sdpa"))
 
 

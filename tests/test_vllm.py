@@ -134,7 +134,7 @@ def save_vllm_sized(arch: str, folder: Path, seed: int) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen3"])  # Llama: the embedded model below; each further one starts vLLM (25 s)
 def test_prompt_embeds_give_our_greedy_tokens_on_tiny_models(arch, tmp_path):
     folder = save_vllm_sized(arch, tmp_path / arch, seed=7)
     backbone = backbone_for(*load_model(str(folder)))
@@ -269,7 +269,8 @@ def status_of(url: str, path: str, body: dict | None = None, key: str | None = K
 def test_100_concurrent_requests_over_8_prompts_equal_our_engine(site, front):
     rng = random.Random(5)
     records = sentiment_splits()["test"]
-    jobs = [(f"gen{i % 8}", rng.choice(records)["text"][:120], 4 + i % 9) for i in range(100)]
+    distinct = [(f"gen{i % 8}", rng.choice(records)["text"][:120], 4 + i % 9) for i in range(25)]
+    jobs = distinct * 4  # 100 at once; each distinct one asked of our engine alone once (a quarter of the time)
 
     def ask(job):
         name, text, max_tokens = job
@@ -277,10 +278,10 @@ def test_100_concurrent_requests_over_8_prompts_equal_our_engine(site, front):
 
     with ThreadPoolExecutor(max_workers=100) as pool:
         replies = list(pool.map(ask, jobs))
-    for (name, text, max_tokens), reply in zip(jobs, replies):
-        expected = ours(site, model=name, prompt=text, max_tokens=max_tokens, temperature=0)
-        assert reply.choices[0].text == expected["choices"][0]["text"], (name, text)
-        assert reply.usage.completion_tokens == expected["usage"]["completion_tokens"]
+    expected = {job: ours(site, model=job[0], prompt=job[1], max_tokens=job[2], temperature=0) for job in distinct}
+    for job, reply in zip(jobs, replies):
+        assert reply.choices[0].text == expected[job]["choices"][0]["text"], job
+        assert reply.usage.completion_tokens == expected[job]["usage"]["completion_tokens"]
     assert sum(len(r.choices[0].text) > 0 for r in replies) > 90
 
 
