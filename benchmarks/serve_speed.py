@@ -61,7 +61,8 @@ from benchmarks.common.completions import embeds_body, post_round, vllm_server  
 from benchmarks.common.machine import print_facts, quiet_process, versions  # noqa: E402
 from benchmarks.common.model import embedded_backbone, vocab_prompt  # noqa: E402
 from benchmarks.common.serving import (Round, drive, front_engine, greedy, local_engine, percentile,  # noqa: E402
-                                       reference_generate, request_text, same_before_eos)  # fmt: skip
+                                       prompt_lengths, reference_generate, request_text,
+                                       same_before_eos)  # fmt: skip
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -137,7 +138,7 @@ class Workload:
 
 def build_workload(args) -> Workload:
     backbone = embedded_backbone(dtype=args.dtype, device=args.device)
-    lengths = [10 + (i * 2) % 31 for i in range(args.prompts)]  # 10 ... 40
+    lengths = prompt_lengths(args.prompts)
     prompts = [vocab_prompt(backbone, "prompt", n, seed) for seed, n in enumerate(lengths)]
     names = [f"p{i}" for i in range(args.prompts)]
     ttft_prompt = vocab_prompt(backbone, "prompt", args.ttft_prompt_tokens, seed=args.prompts)
@@ -306,6 +307,9 @@ def summary_of(results: Results) -> dict:
         "ours_correct": c.ours_right == c.checked,
         "throughput_ratio": None if throughput_ratio is None else round(throughput_ratio, 2),
         "ttft_ratio": None if ttft_ratio is None else round(ttft_ratio, 2),
+        # ours alone counts whatever the peer did (an A/B of our own commits reads these)
+        "ours_tokens_per_s": round(med(results.ours_runs, lambda r: sum(map(len, r.outputs)) / r.seconds), 1),
+        "ours_ttft_ms": round(statistics.median(results.ours_ttft) * 1000, 1),
         "checked": c.checked,
         "ours_equal_reference": c.ours_right,
         "peft_equal_reference": c.peft_right,

@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -56,6 +57,8 @@ def tiny_backbone(arch: str = "llama", attn: str = "sdpa", seed: int = 0) -> Bac
         "qwen3": lambda: Qwen3Config(head_dim=16, **llama_like),  # head_dim != hidden / heads
         "mistral": lambda: MistralConfig(sliding_window=None, **llama_like),
         "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common),
+        "gemma3": lambda: Gemma3TextConfig(head_dim=16, sliding_window=512,
+                                           layer_types=["sliding_attention", "full_attention"], **llama_like),
     }[arch]()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
@@ -289,3 +292,39 @@ def test_decode_new():
     assert decode_new(tok, ids, ["w02"]) == "w01 "
     assert decode_new(tok, ids, ["w09", "2 w0"]) == "w01 w0"
     assert decode_new(tok, ids, [""]) == "w01 w02 w03"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_decoding_writes_the_cache_in_place_and_matches_uncached_past_its_room(arch, monkeypatch):
+    """A decoding step writes its token into free slots of the cache (no copy of the cache: the storage stays),
+    and a new buffer when they run out (3 slots here, so 40 tokens cross it a dozen times) changes
+    no token. Gemma 3's sliding-window layers keep their own update beside the growing ones."""
+    from softprompt.backbones import cache_rows
+    from softprompt.backbones.running import RunningBatch
+
+    monkeypatch.setattr(cache_rows, "ROOM", 3)
+    backbone = tiny_backbone(arch)
+    prompt = soft_prompt(backbone)
+    prefix = prompt.kv(backbone).detach()
+    reference = embeds_logits(backbone, prompt.embeddings.detach())
+    prompts = random_prompts([2, 6], seed=7)
+    out = generate(backbone, prompts, prefix, max_new_tokens=40)
+    assert min(map(len, out)) > 20, "pick another seed: a row ended before crossing the room several times"
+    assert out == [greedy_uncached(reference, p, 40) for p in prompts]
+
+    batch, fed = RunningBatch(backbone), [list(p) for p in prompts]
+    with torch.no_grad():
+        batch.join(prompts, prefix)
+        for step in range(8):  # logits, not only tokens, as the full sequence's; the room runs out twice
+            tokens = [5 + step, 9 + step]
+            for row, token in zip(fed, tokens):
+                row.append(token)
+            logits = batch.step(tokens)
+            torch.testing.assert_close(logits, torch.stack([reference(row) for row in fed]), rtol=1e-5, atol=1e-5)
+            growing = [layer for layer in batch.cache.layers if type(layer) is cache_rows.GrowingLayer]
+            if step == 0:  # the first step after the prefill moved the cache into a buffer with room
+                storage = [layer.keys.untyped_storage().data_ptr() for layer in growing]
+                length = growing[0].keys.shape[-2]
+            if step == 1:
+                assert [layer.keys.untyped_storage().data_ptr() for layer in growing] == storage  # written in place
+                assert growing and growing[0].keys.shape[-2] == length + 1

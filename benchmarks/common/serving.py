@@ -21,6 +21,11 @@ STARTS = ["Write a short story about", "Explain to a child how", "List three fac
 TOPICS = ["the sea", "old trains and rainy afternoons", "a cat", "mountains in winter"]
 
 
+def prompt_lengths(prompts: int) -> list[int]:
+    """The virtual tokens of the serving workload's prompts: 10, 12, ... 40, then round again."""
+    return [10 + (i * 2) % 31 for i in range(prompts)]
+
+
 def request_text(i: int, numbered: bool = False) -> str:
     """Request i's short text; `numbered` adds the 64-request block it falls in, so that texts stay distinct (and
     only the soft prompt can be shared between requests) beyond the 64 start-topic pairs."""

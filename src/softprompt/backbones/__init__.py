@@ -7,8 +7,9 @@ models.py), so a transformers release that renames something touches these files
 - causal.py: decoder-only LMs (the K/V prefix in the model's own cache; packing; sharding; checkpointing).
 - seq2seq.py: T5-style encoder-decoders (soft tokens into the encoder, or a K/V prefix in both stacks).
 - running.py: `RunningBatch`, the rows decoding together, used by generation and the serving engine.
-- cache_rows.py, head.py, replay.py, compiled.py: a causal cache's rows joining and leaving; the LM head's
-  transform and its check; activation checkpointing that keeps the prefix; torch.compile of the training pass.
+- cache_rows.py, head.py, replay.py, compiled.py: a causal cache's rows joining and leaving, and its room to grow;
+  the LM head's transform and its check; activation checkpointing that keeps the prefix; torch.compile of the
+  training pass.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cache_rows
 from .base import Backbone
 
 
@@ -46,7 +47,7 @@ class RunningBatch:
         if prefix_mask is not None:
             prefix_mask = prefix_mask.to(backbone.device, torch.long)
         ids, attention = left_pad(prompts, backbone.pad_id, backbone.device)  # (G, T) each
-        cache = backbone.new_cache(prefix, len(prompts))
+        cache = cache_rows.growing(backbone.new_cache(prefix, len(prompts)))
         hidden, mask = backbone.forward(ids, attention, cache, prefix_mask)
         logits = backbone.logits(hidden[:, -1])  # (G, vocab): left padding puts every row's last token last
         if len(self):
