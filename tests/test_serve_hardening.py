@@ -31,13 +31,13 @@ from softprompt.config import TaskConfig
 from softprompt.errors import SoftPromptError
 from softprompt.scoring.generate import decode_new
 from softprompt.serve import ServeConfig
-from softprompt.serve.answers import Inbox, TextStream
+from softprompt.serve.answers import Answers, Inbox, Reply, TextStream
 from softprompt.serve.app import create_app
 from softprompt.serve.engines import vllm as vllm_module
 from softprompt.serve.engines.base import EngineConfig, Sampling, ScoreRequest, Sequence, Update
 from softprompt.serve.engines.local import LocalEngine
 from softprompt.serve.engines.vllm import VllmEngine
-from softprompt.serve.jobs import Limits
+from softprompt.serve.jobs import Job, Limits
 from softprompt.serve.registry import Registry
 from softprompt.serve.vllm_embeds import InputEmbeddings
 
@@ -633,6 +633,25 @@ def test_a_slow_reader_holds_one_update_per_row_not_one_per_token():
         assert (await asyncio.wait_for(inbox.take(), 10))[1].finish_reason == "stop" and len(woken) == 2
 
     asyncio.run(scenario())
+
+
+def test_a_stream_whose_error_replaced_its_unread_tokens_sends_them_before_the_error():
+    """A row's error update can replace its token update before the stream reads it (a slow reader): the tokens it
+    made before the failure are streamed first, then the error event (CI once saw them lost: the text was empty)."""
+    tokenizer = tiny_tokenizer()
+    made = tokenizer("good film", add_special_tokens=False)["input_ids"]
+
+    async def scenario():
+        inbox = Inbox(asyncio.get_running_loop())
+        inbox.post(0, Update(made, True, "error", "generation failed (RuntimeError)"))
+        answers = Answers(engine=None, tokenizer=tokenizer, counters=None)
+        job = Job(None, [[5, 6]], Sampling(max_tokens=8), 1, True, False)
+        stream = answers.generation_events(job, Reply(False, "gen"), [], inbox, time.monotonic() + 30)
+        return [json.loads(event[len("data: ") :]) async for event in stream]
+
+    *texts, last = asyncio.run(scenario())
+    assert "".join(t["choices"][0]["text"] for t in texts) == "good film"
+    assert last["error"]["message"] == "generation failed (RuntimeError)"
 
 
 def test_classification_is_scored_in_slices_between_decode_steps(site):

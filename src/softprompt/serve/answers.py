@@ -314,7 +314,10 @@ class Answers:
                     yield sse(self.late().body)
                     return
                 for index, update in sorted(got.items()):
-                    if update.finish_reason == "error":
+                    if update.finish_reason == "error":  # it may have replaced unread tokens: they go first
+                        delta = texts[index].delta(update.tokens, False)
+                        if delta:
+                            yield reply.event([reply.choice(index, delta, None, delta=True)])
                         yield sse(protocol.error_body(update.error or "generation failed", "server_error"))
                         return
                     delta = texts[index].delta(update.tokens, update.finished)
