@@ -87,6 +87,7 @@ class ModelShape:
         try:
             with torch.device("meta"):
                 model = auto.from_config(config, dtype=dtype)
+            model.tie_weights()  # transformers 5.0 leaves tied weights untied on the meta device (counted twice)
         except Exception as error:  # an architecture transformers cannot build: nothing to count
             raise SoftPromptError(f"cannot estimate the memory of a {type(config).__name__} model: transformers "
                                   f"does not build it from its config ({type(error).__name__}: {error})") from error
