@@ -251,12 +251,14 @@ def test_search_command_keeps_the_best_candidate_and_writes_table_and_plot(tmp_p
     assert (out / "loss.png").is_file() and "of the steps of training each one fully" in stdout
 
 
-def test_search_without_validation_data_is_refused(tmp_path, monkeypatch, capsys):
-    data = write_data(tmp_path / "train.jsonl", 8, seed=1)
+def test_search_without_validation_data_or_enough_to_hold_out_is_refused(tmp_path, monkeypatch, capsys):
+    data, model = write_data(tmp_path / "train.jsonl", 8, seed=1), save_tiny_model(tmp_path / "model")
     code, _, stderr = run_main(monkeypatch, capsys, [
-        "train", "--train", data, "--template", "review {text}", "--labels", "a,b", "--label-field", "label",
+        "train", "--model", model, "--train", data, "--template", "review {text}", "--labels", "negative,positive",
+        "--label-field", "label",
         "--search", "--out", tmp_path / "run"])  # fmt: skip
-    assert code != 0 and "--search compares candidates on one task's validation data: give --valid" in stderr
+    assert code != 0 and "a search compares its candidates on validation data: give --valid, or enough training " \
+        "data for --holdout 0.1 to set 16 examples aside (it has 8)" in " ".join(stderr.split())
     assert not (tmp_path / "run").exists()
 
 

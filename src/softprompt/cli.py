@@ -154,13 +154,14 @@ def train(
                                               "instead of --train/--valid/--template/--labels; one prompt per task, "
                                               "written to OUT/<task>.")] = None,
     model: Annotated[str, Opt(help="Embedded short name, local folder or hub name.")] = DEFAULT_MODEL,
-    valid_file: Annotated[Optional[Path], Opt("--valid", help="Validation data for model selection.")] = None,
+    valid_file: Annotated[Optional[Path], Opt("--valid", help="Validation data for model selection (without it, "
+                                                               "--holdout of the training data).")] = None,
     resume: Resume = False,
     init_from: Annotated[Optional[Path], Opt(help="Start from a trained prompt directory (transfer, SPoT).")] = None,
     search: Annotated[bool, Opt(help="Train several candidates side by side (prompt tuning from the labels and the "
-                                     "text, prefix tuning; two learning rates each), halve them on --valid as they "
-                                     "go, keep the best: OUT/search.md lists them all. Candidates are ranked by "
-                                     "--select-by (generation: chrF by default).")] = False,
+                                     "text, prefix tuning; two learning rates each), halve them on the validation "
+                                     "data as they go, keep the best: OUT/search.md lists them all. Candidates are "
+                                     "ranked by --select-by (generation: chrF by default).")] = False,
     grid: Annotated[Optional[str], Opt(help="The candidates of --search as a grid, e.g. 'lr=0.3,0.03 "
                                             "method=prompt,prefix num_tokens=10,20' (implies --search).")] = None,
     progress: Progress = True,
@@ -224,9 +225,9 @@ def _task_files(settings: Settings, tasks: Path | None, train_file: Path | None,
                               "--template, --labels and --init-from.")  # fmt: skip
     if not tasks and not (train_file and settings["template"]):
         raise SoftPromptError("train needs --train and --template (or --tasks FILE for several tasks).")
-    if search and (tasks or init_from or not valid_file):
-        raise SoftPromptError("--search compares candidates on one task's validation data: give --valid, and drop "
-                              "--tasks and --init-from.")  # fmt: skip
+    if search and (tasks or init_from):
+        raise SoftPromptError("--search compares candidates on one task's validation data (--valid, or a share of "
+                              "--train: --holdout); drop --tasks and --init-from.")  # fmt: skip
     if tasks:
         return read_tasks_file(tasks)
     return {"prompt": TaskFiles(TaskConfig.infer(**settings.of(TaskConfig)), train_file, valid_file)}

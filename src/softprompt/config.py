@@ -173,6 +173,10 @@ class TrainConfig:
     """Evaluate on the validation set every this many steps (0: never)."""
     eval_size: int = 300
     """Validation examples used per evaluation (the first ones of the file)."""
+    holdout: float = 0.1
+    """Share of the training data held out to choose the best prompt by when no validation data is given (a seeded
+    draw, at most eval_size examples; none when that would be under 16 examples, at eval_every 0, or at 0: then the
+    last prompt is kept)."""
     patience: int = 6
     """Stop after this many evaluations without improvement (0: never stop early)."""
     no_learning_after: float = 0.3
@@ -227,6 +231,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "patience", "weight_decay", "max_grad_norm", "checkpoint_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.holdout < 1:
+            problems.append(f"holdout is a share of the training data, from 0 to below 1; got {self.holdout}")
         if not 0 <= self.no_learning_after <= 1:
             problems.append(f"no_learning_after is a share of the steps, from 0 to 1; got {self.no_learning_after}")
         if self.eval_size < 1 or self.max_length < 2:

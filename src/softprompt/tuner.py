@@ -83,7 +83,9 @@ class PromptTuner:
 
     # ------------------------------------------------------------------------------------------------ training
     def fit(self, data: Data, valid: Data | None = None, *, resume: bool = False) -> PromptTuner:
-        """Train the prompt on `data`, keeping the one that scores best on `valid` (without it, the last one).
+        """Train the prompt on `data`, keeping the one that scores best on `valid`. Without `valid`, a seeded
+        tenth of `data` (`TrainConfig.holdout`, at most `eval_size` examples) is held out of training to score on, as
+        stderr says; with too little data to spare 16 examples, or holdout=0, the last prompt is kept.
         Returns the tuner itself. resume: continue the run in `out` from its newest checkpoint."""
         check_trainable(self.load_config)
         task, (train_examples, valid_examples) = task_data(

@@ -280,6 +280,7 @@ def distill(
     teacher_model.model.to(PartialState().device)  # where train() puts the student: the prefix is cached there
     cached = Teacher.of(teacher_model, config.teacher_template)
     examples = distill_examples(task, cached, records, config, progress=progress)
-    settings = _DistillTraining(**to_dict(train_config), distillation=config)
+    # holdout 0: its examples carry the teacher's answers, not the labels a validation set is scored by
+    settings = _DistillTraining(**{**to_dict(train_config), "holdout": 0.0}, distillation=config)
     return train(backbone, task, prompt_config, settings, examples, out_dir, valid_examples, progress=progress,
                  resume=resume, objective=DistillObjective(cached, task, config.alpha))  # fmt: skip

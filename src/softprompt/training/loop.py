@@ -1,7 +1,8 @@
 """One flat training loop: batch -> forward -> loss -> backward -> clip -> step -> log -> eval/save.
 
 Only the prompt method's parameters reach the optimizer; the base model was frozen once by Backbone. The
-artifact written to `out_dir` is always the best prompt seen on the validation set (the last one without one).
+artifact written to `out_dir` is always the best prompt seen on the validation set (given, or held out of the
+training data by `setup.hold_out`; the last prompt when there is none).
 
 `train_prompts` reads top to bottom: the set-up steps (`setup.py`), then `_Trainer.fit`, the loop, then each
 prompt's best one written as its artifact. What differs between runs of one task, several tasks or a search's
@@ -195,6 +196,7 @@ def train_prompts(
     several = len(tasks) > 1  # a batch may leave some prompts unused: DDP must not wait for their gradients
     accelerator = setup.accelerator_for(several, cfg.report_to, layout.out_dir, backbone.device)
     setup.check_model(backbone)
+    tasks = setup.hold_out(tasks, cfg, say=accelerator.is_main_process)
     setup.check_data(tasks, cfg, accelerator.num_processes)
     identity = RunIdentity.of(prompt_config, cfg, tasks)
     saved = saved_state(layout.out_dir, identity, resume)
@@ -439,6 +441,8 @@ class _Trainer:
         beat = improves(key(valid), key(template)) if valid and template else None
         demonstrations = len(self.prompts.prompts[name].demo_slots)  # init=demos: how many examples it started as
         extra = {"demonstrations": demonstrations} if demonstrations else {}
+        if self.tasks[name].held_out:  # validation drawn from the training data given
+            extra["held_out"] = self.tasks[name].held_out
         if self.cfg.compile:  # graphs compiled since the run started (each shape or grad mode dynamo specialized on)
             extra["compiled_graphs"] = compiled_graphs() - self.graphs_before
         return {"best_step": step, **extra, "valid": valid, "template_valid": template or None, "beat_template": beat,

@@ -32,7 +32,7 @@ from ..errors import SoftPromptError
 from .loop import Run, selection_key, train_prompts
 from .policy import RunView, TrainingPolicy
 from .run_files import Layout
-from .setup import PromptSet, TrainingTask
+from .setup import MIN_HOLDOUT, PromptSet, TrainingTask, hold_out
 
 GRID_KEYS = {"lr": float, "method": str, "init": str, "num_tokens": int, "residual": bool, "prefix_mlp": bool,
              "mlp_hidden": int}  # fmt: skip
@@ -217,12 +217,20 @@ def search(
     progress: bool = True,
     resume: bool = False,
 ) -> SearchResult:
-    """Train `candidates` side by side on one task with successive halving on `valid_examples`, ranked by
+    """Train `candidates` side by side on one task with successive halving on `valid_examples` (none: a share of
+    `train_examples`, `TrainConfig.holdout`), ranked by
     `train_config.select_by`; the best one's prompt becomes the artifact in `out_dir`, each candidate's in
     `out_dir/candidates/<name>`."""
     train_config.check_select_by(task.config.task)
-    if not valid_examples:
-        raise SoftPromptError("a search needs validation data (--valid) to compare its candidates.")
+    held_out = 0
+    if not valid_examples:  # a share of the training data, as a plain run takes it
+        held = hold_out({"search": TrainingTask(task, train_examples)}, train_config)["search"]
+        if not held.valid:
+            raise SoftPromptError(
+                f"a search compares its candidates on validation data: give --valid, or enough training data for "
+                f"--holdout {train_config.holdout:g} to set {MIN_HOLDOUT} examples aside (it has "
+                f"{len(train_examples)}).")
+        train_examples, valid_examples, held_out = held.train, held.valid, held.held_out
     if len(candidates) < 2:
         raise SoftPromptError(f"a search needs at least two candidates, got {len(candidates)}.")
     out_dir = Path(out_dir)
@@ -231,7 +239,7 @@ def search(
     for candidate in candidates:  # each from its own generator, as if it were the run's only prompt
         generator = torch.Generator().manual_seed(train_config.seed)
         init = methods.build(candidate.prompt, backbone, task.config.labels, generator, train_examples)
-        tasks[candidate.name] = TrainingTask(task, train_examples, valid_examples, init)
+        tasks[candidate.name] = TrainingTask(task, train_examples, valid_examples, init, held_out)
     halving = Halving({c.name: c.lr for c in candidates}, rungs(train_config.steps, len(candidates)))
     runs = train_candidates(backbone, tasks, candidates[0].prompt, train_config, out_dir, halving, progress, resume)
     best = max(names, key=lambda name: selection_key(runs[name].summary["valid"] or {"loss": math.inf},

@@ -5,8 +5,10 @@ cannot do before anything costly happens after it."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import random
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,8 @@ class TrainingTask:
     valid: list[Example] = field(default_factory=list)
     init: methods.PromptMethod | None = None
     """Start from this prompt (e.g. a trained one: transfer) instead of building one from the prompt config."""
+    held_out: int = 0
+    """How many of `valid` were held out of the training data given (`hold_out`); 0: validation data was given."""
 
 
 class PromptSet(nn.Module):
@@ -111,6 +115,30 @@ def check_model(backbone: Backbone) -> None:
     """Refuse a frozen model that a training run cannot use, however it was loaded (a library caller's too)."""
     if backbone.dtype == torch.float16:
         raise SoftPromptError(FLOAT16_REFUSED)
+
+
+MIN_HOLDOUT = 16
+"""Fewest held-out examples worth choosing a prompt by; a task with less to spare keeps its last prompt."""
+
+
+def hold_out(tasks: dict[str, TrainingTask], cfg: TrainConfig, say: bool = True) -> dict[str, TrainingTask]:
+    """Each task given no validation data, with `cfg.holdout` of its training data (a seeded draw of at most
+    eval_size examples) moved to its validation data, so the run keeps its best prompt rather than its last; the
+    others, and every task of a run that never validates (eval_every 0), as they are. Says so on stderr (`say`:
+    this process is the one that speaks)."""
+    out = dict(tasks)
+    for name, data in tasks.items():
+        count = min(int(len(data.train) * cfg.holdout), cfg.eval_size)
+        if data.valid or count < MIN_HOLDOUT or not cfg.eval_every:
+            continue
+        chosen = set(random.Random(cfg.seed).sample(range(len(data.train)), count))
+        out[name] = dataclasses.replace(data, train=[e for i, e in enumerate(data.train) if i not in chosen],
+                                        valid=[data.train[i] for i in sorted(chosen)], held_out=count)  # fmt: skip
+        where = f" for task {name!r}" if len(tasks) > 1 else ""
+        print(f"softprompt: no validation data{where}: holding out {count} of its {len(data.train)} training "
+              "examples to choose the best prompt by (--holdout 0 trains on all and keeps the last prompt)",
+              file=sys.stderr) if say else None  # fmt: skip
+    return out
 
 
 def check_data(tasks: dict[str, TrainingTask], cfg: TrainConfig, world: int) -> None:
