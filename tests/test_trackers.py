@@ -32,8 +32,8 @@ RUN_SETTINGS = {
     # the TrainConfig of test_tensorboard_holds_the_series_of_metrics_jsonl, then TrainConfig's defaults
     "steps": 6, "batch_size": 4, "eval_every": 3, "warmup_steps": 2, "report_to": "tensorboard",
     "grad_accum": 1, "lr": 0.01, "optimizer": "adamw", "weight_decay": 0.0, "schedule": "linear", "max_grad_norm": 1.0,
-    "eval_size": 300, "patience": 6, "no_learning_after": 0.3, "seed": 0, "max_length": 512, "too_long": "truncate",
-    "checkpoint_every": 50, "gradient_checkpointing": False, "compile": False, "shard_model": False, "select_by": "auto",
+    "eval_size": 300, "holdout": 0.1, "patience": 6, "no_learning_after": 0.3, "seed": 0, "max_length": 512,
+    "too_long": "truncate", "checkpoint_every": 50, "gradient_checkpointing": False, "compile": False, "shard_model": False, "select_by": "auto",
 }  # fmt: skip
 """The run's settings by name, written out: what a tracker must show as its hyperparameters."""
 KIND = {bool: "number_value", str: "string_value", int: "number_value", float: "number_value"}
