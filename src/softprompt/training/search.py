@@ -218,9 +218,8 @@ def search(
     resume: bool = False,
 ) -> SearchResult:
     """Train `candidates` side by side on one task with successive halving on `valid_examples` (none: a share of
-    `train_examples`, `TrainConfig.holdout`), ranked by
-    `train_config.select_by`; the best one's prompt becomes the artifact in `out_dir`, each candidate's in
-    `out_dir/candidates/<name>`."""
+    `train_examples`, `TrainConfig.holdout`), ranked by `train_config.select_by`; the best one's prompt becomes the
+    artifact in `out_dir`, each candidate's in `out_dir/candidates/<name>`."""
     train_config.check_select_by(task.config.task)
     held_out = 0
     if not valid_examples:  # a share of the training data, as a plain run takes it

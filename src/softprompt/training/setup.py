@@ -5,12 +5,11 @@ cannot do before anything costly happens after it."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import random
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -132,12 +131,13 @@ def hold_out(tasks: dict[str, TrainingTask], cfg: TrainConfig, say: bool = True)
         if data.valid or count < MIN_HOLDOUT or not cfg.eval_every:
             continue
         chosen = set(random.Random(cfg.seed).sample(range(len(data.train)), count))
-        out[name] = dataclasses.replace(data, train=[e for i, e in enumerate(data.train) if i not in chosen],
-                                        valid=[data.train[i] for i in sorted(chosen)], held_out=count)  # fmt: skip
-        where = f" for task {name!r}" if len(tasks) > 1 else ""
-        print(f"softprompt: no validation data{where}: holding out {count} of its {len(data.train)} training "
-              "examples to choose the best prompt by (--holdout 0 trains on all and keeps the last prompt)",
-              file=sys.stderr) if say else None  # fmt: skip
+        out[name] = replace(data, train=[e for i, e in enumerate(data.train) if i not in chosen],
+                            valid=[data.train[i] for i in sorted(chosen)], held_out=count)  # fmt: skip
+        if say:
+            where = f" for task {name!r}" if len(tasks) > 1 else ""
+            print(f"softprompt: no validation data{where}: holding out {count} of its {len(data.train)} training "
+                  "examples to choose the best prompt by (--holdout 0 trains on all and keeps the last prompt)",
+                  file=sys.stderr)  # fmt: skip
     return out
 
 
