@@ -251,15 +251,21 @@ def test_search_command_keeps_the_best_candidate_and_writes_table_and_plot(tmp_p
     assert (out / "loss.png").is_file() and "of the steps of training each one fully" in stdout
 
 
-def test_search_without_validation_data_or_enough_to_hold_out_is_refused(tmp_path, monkeypatch, capsys):
-    data, model = write_data(tmp_path / "train.jsonl", 8, seed=1), save_tiny_model(tmp_path / "model")
+def test_search_without_validation_data_or_enough_to_hold_out_is_refused(llama, tmp_path, monkeypatch, capsys):
+    """Refused before the model loads (a folder that holds none), and by the library's search itself."""
+    data = write_data(tmp_path / "train.jsonl", 8, seed=1)
     code, _, stderr = run_main(monkeypatch, capsys, [
-        "train", "--model", model, "--train", data, "--template", "review {text}", "--labels", "negative,positive",
-        "--label-field", "label",
-        "--search", "--out", tmp_path / "run"])  # fmt: skip
-    assert code != 0 and "a search compares its candidates on validation data: give --valid, or enough training " \
-        "data for --holdout 0.1 to set 16 examples aside (it has 8)" in " ".join(stderr.split())
+        "train", "--model", tmp_path / "no-model", "--train", data, "--template", "review {text}", "--labels",
+        "negative,positive", "--label-field", "label", "--search", "--out", tmp_path / "run"])  # fmt: skip
+    assert code != 0 and "a search compares its candidates on validation data: give --valid, or training data from " \
+        "which --holdout 0.1 sets at least 16 examples aside (it has 8; --eval-every 25)" in " ".join(stderr.split())
     assert not (tmp_path / "run").exists()
+    task = sentiment_task(llama)
+    candidates, _ = parse_grid("lr=0.1,0.01", PromptConfig(num_tokens=2, init="random"), 0.1)
+    with pytest.raises(SoftPromptError, match=r"sets at least 16 examples aside \(it has 159; --eval-every 5\)"):
+        search.search(llama, task, candidates, train_config(eval_every=5), task.encode(sentiment_records(159, 1)), [],
+                      tmp_path / "lib", progress=False)  # fmt: skip
+    assert not (tmp_path / "lib").exists()
 
 
 # ------------------------------------------------------------------------- default candidates, generation, run alone

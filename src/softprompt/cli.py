@@ -173,6 +173,7 @@ def train(
     from .data import read_records
     from .prepare import check_memory, task_data, transfer_source
     from .training.loop import TrainingTask
+    from .training.setup import holdout_size, search_without_data
     from .training.trackers import resolve as resolve_trackers
 
     search = search or grid is not None
@@ -188,6 +189,8 @@ def train(
         train_config.check_select_by(spec.config.task)
     records = {name: (read_records(spec.train), read_records(spec.valid) if spec.valid else None)
                for name, spec in specs.items()}  # fmt: skip
+    if search and not valid_file and not holdout_size(len(records["prompt"][0]), train_config):
+        raise SoftPromptError(search_without_data(len(records["prompt"][0]), train_config))  # before the model loads
     candidates = _candidates(prompt_config, train_config, grid, specs["prompt"].config) if search else None
     check_memory(model, LoadConfig(**settings.of(LoadConfig)), prompt_config, train_config,
                  len(candidates) if search else 1, [(spec.config, records[name][0]) for name, spec in specs.items()])

@@ -32,7 +32,7 @@ from ..errors import SoftPromptError
 from .loop import Run, selection_key, train_prompts
 from .policy import RunView, TrainingPolicy
 from .run_files import Layout
-from .setup import MIN_HOLDOUT, PromptSet, TrainingTask, hold_out
+from .setup import PromptSet, TrainingTask, hold_out, search_without_data
 
 GRID_KEYS = {"lr": float, "method": str, "init": str, "num_tokens": int, "residual": bool, "prefix_mlp": bool,
              "mlp_hidden": int}  # fmt: skip
@@ -225,10 +225,7 @@ def search(
     if not valid_examples:  # a share of the training data, as a plain run takes it
         held = hold_out({"search": TrainingTask(task, train_examples)}, train_config)["search"]
         if not held.valid:
-            raise SoftPromptError(
-                f"a search compares its candidates on validation data: give --valid, or enough training data for "
-                f"--holdout {train_config.holdout:g} to set {MIN_HOLDOUT} examples aside (it has "
-                f"{len(train_examples)}).")
+            raise SoftPromptError(search_without_data(len(train_examples), train_config))
         train_examples, valid_examples, held_out = held.train, held.valid, held.held_out
     if len(candidates) < 2:
         raise SoftPromptError(f"a search needs at least two candidates, got {len(candidates)}.")

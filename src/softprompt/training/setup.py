@@ -120,6 +120,19 @@ MIN_HOLDOUT = 16
 """Fewest held-out examples worth choosing a prompt by; a task with less to spare keeps its last prompt."""
 
 
+def holdout_size(available: int, cfg: TrainConfig) -> int:
+    """How many of `available` training examples a run without validation data holds out (`hold_out`; 0: none)."""
+    count = min(int(available * cfg.holdout), cfg.eval_size)
+    return count if count >= MIN_HOLDOUT and cfg.eval_every else 0
+
+
+def search_without_data(available: int, cfg: TrainConfig) -> str:
+    """Why a search without validation data cannot compare its candidates on `available` training examples."""
+    return (f"a search compares its candidates on validation data: give --valid, or training data from which "
+            f"--holdout {cfg.holdout:g} sets at least {MIN_HOLDOUT} examples aside (it has {available}; "
+            f"--eval-every {cfg.eval_every}).")  # fmt: skip
+
+
 def hold_out(tasks: dict[str, TrainingTask], cfg: TrainConfig, say: bool = True) -> dict[str, TrainingTask]:
     """Each task given no validation data, with `cfg.holdout` of its training data (a seeded draw of at most
     eval_size examples) moved to its validation data, so the run keeps its best prompt rather than its last; the
@@ -127,8 +140,8 @@ def hold_out(tasks: dict[str, TrainingTask], cfg: TrainConfig, say: bool = True)
     this process is the one that speaks)."""
     out = dict(tasks)
     for name, data in tasks.items():
-        count = min(int(len(data.train) * cfg.holdout), cfg.eval_size)
-        if data.valid or count < MIN_HOLDOUT or not cfg.eval_every:
+        count = holdout_size(len(data.train), cfg)
+        if data.valid or not count:
             continue
         chosen = set(random.Random(cfg.seed).sample(range(len(data.train)), count))
         out[name] = replace(data, train=[e for i, e in enumerate(data.train) if i not in chosen],
