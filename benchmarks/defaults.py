@@ -164,16 +164,16 @@ def test_score(backbone, task: TaskEncoder, test_set, prefix, max_new_tokens: in
 
 
 def run_task(name: str, backbone, model_name: str, args) -> dict:
-    spec = TASKS[name]
-    config = spec.config
-    data = splits(spec.load(), args.test, args.valid)
+    bench = TASKS[name]
+    config = bench.config
+    data = splits(bench.load(), args.test, args.valid)
     task = TaskEncoder(config, backbone.tokenizer, max_length=args.max_length)
     train_set, valid_set, test_set = (task.encode(data[k]) for k in ("train", "valid", "test"))
     cfg = TrainConfig(steps=args.steps, eval_size=args.valid, max_length=args.max_length)  # the rest: defaults
     base = PromptConfig(init_text=template_init_text(config.template))  # what `softprompt train` builds
     row = {"task": name, "model": model_name, "metric": "accuracy" if task.is_classification else "chrf",
            "train": len(train_set), "valid": len(valid_set), "test": len(test_set)}
-    score = lambda prefix: test_score(backbone, task, test_set, prefix, spec.max_new_tokens)  # noqa: E731
+    score = lambda prefix: test_score(backbone, task, test_set, prefix, bench.max_new_tokens)  # noqa: E731
     row["template_only"] = score(None)
     out = tempfile.mkdtemp()
     run, row["single_seconds"] = timed(lambda: train(backbone, task, base, cfg, train_set, out + "/single",
