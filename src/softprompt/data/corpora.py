@@ -57,13 +57,18 @@ def debate_party(min_words: int = 5, max_words: int = 80) -> list[dict]:
             for text in [" ".join(row["statement"].split())] if min_words <= len(text.split()) <= max_words]
 
 
+def _hsk_sentences() -> list[dict]:
+    """The 4,354 records of `hsk-sentences-audio`'s data/sentences.json, as written."""
+    path = _data_file("sentences.json", "hsk_sentences_audio", "hsk-sentences-audio==1.0.0")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def english_chinese() -> list[dict]:
     """English -> Chinese sentence pairs {"en", "zh", "level"}: the 4,354 graded sentences of HSK 3.0 (levels 1-6)
     with their English translations, from `hsk-sentences-audio` (data CC-BY-SA-4.0); a repeated English or Chinese
     sentence is kept once."""
-    path = _data_file("sentences.json", "hsk_sentences_audio", "hsk-sentences-audio==1.0.0")
     pairs, seen = [], set()
-    for row in json.loads(path.read_text(encoding="utf-8")):
+    for row in _hsk_sentences():
         en, zh = " ".join(row["translation"]["en"].split()), row["chinese"].strip()
         if en and zh and en not in seen and zh not in seen:
             seen.update((en, zh))
@@ -87,9 +92,8 @@ def pinyin_tones() -> list[dict]:
     """Pinyin with tone marks -> the same syllables with tone numbers {"marks", "numbers"} (lǎo shī -> lao3 shi1,
     5 for the neutral tone), one pair per distinct sentence of `english_chinese`'s HSK source: a generation task
     whose answer follows from the input by rules the model must pick up from examples."""
-    path = _data_file("sentences.json", "hsk_sentences_audio", "hsk-sentences-audio==1.0.0")
     pairs = {}
-    for row in json.loads(path.read_text(encoding="utf-8")):
+    for row in _hsk_sentences():
         marks, numbers = " ".join(row["pinyin"].split()), " ".join(row["pinyin_numbered"].split())
         if marks and numbers:
             pairs.setdefault(marks, numbers)
