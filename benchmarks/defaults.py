@@ -19,6 +19,7 @@ Chinese pairs, template without instruction) on gemma3-270m.
     python benchmarks/defaults.py                           # every task, 300 steps of 8 (train's default)
     python benchmarks/defaults.py --tasks debate-party --steps 100
     python benchmarks/defaults.py --no-search --single "method=prefix lr=0.03"    # a candidate default, side by side
+    python benchmarks/defaults.py --tasks moral-foundation --candidates-only --single "method=prefix"
     python benchmarks/defaults.py --tasks translation --no-search --test 100 --valid 48
 
 Prints a table per task as it finishes, a line on the defaults against LoRA over all tasks, and one JSON line.
@@ -176,9 +177,10 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
     score = lambda prefix: test_score(backbone, task, test_set, prefix, bench.max_new_tokens)  # noqa: E731
     row["template_only"] = score(None)
     out = tempfile.mkdtemp()
-    run, row["single_seconds"] = timed(lambda: train(backbone, task, base, cfg, train_set, out + "/single",
-                                                     valid_set, progress=False))  # fmt: skip
-    row["single"] = score(run.method.kv(backbone).detach())
+    if not args.candidates_only:
+        run, row["single_seconds"] = timed(lambda: train(backbone, task, base, cfg, train_set, out + "/single",
+                                                         valid_set, progress=False))  # fmt: skip
+        row["single"] = score(run.method.kv(backbone).detach())
     row["alternatives"] = []
     for spec in args.single:  # other single settings a default could take, each one ordinary run
         (candidate,), _ = parse_grid(spec, base, cfg.lr)
@@ -187,6 +189,9 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
                                            out + "/" + candidate.name, valid_set, progress=False))  # fmt: skip
         row["alternatives"].append({"settings": spec, "score": score(run.method.kv(backbone).detach()),
                                     "seconds": round(seconds, 1)})
+    if args.candidates_only:
+        shutil.rmtree(out)
+        return row
     if args.no_search:
         return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out)
     candidates = default_candidates(base, task.is_classification)
@@ -238,7 +243,11 @@ def main() -> None:
                         help='Also train one run with these settings in --grid syntax, e.g. "method=prefix lr=0.03" '
                              "(repeatable): candidates for the defaults.")  # fmt: skip
     parser.add_argument("--no-search", action="store_true", help="Leave out the --search run.")
+    parser.add_argument("--candidates-only", action="store_true", help="Train only the --single settings (beside "
+                        "the template alone): every run is seeded, so an earlier run's defaults and LoRA stand.")
     args = parser.parse_args()
+    if args.candidates_only and not args.single:
+        parser.error("--candidates-only needs at least one --single")
     backbones, rows = {}, []
     for name in args.tasks.split(","):
         model = TASKS[name].model or args.model
@@ -250,17 +259,23 @@ def main() -> None:
         print(f"\n{name} on {model} (train {row['train']}, valid {row['valid']}, test {row['test']}; {args.steps} "
               "steps of 8)")
         print(f"  template only             {m} {row['template_only']:.3f}")
-        print(f"  softprompt train          {m} {row['single']:.3f}  {row['single_seconds']:7.1f} s")
+        if "single" in row:
+            print(f"  softprompt train          {m} {row['single']:.3f}  {row['single_seconds']:7.1f} s")
         for alt in row["alternatives"]:
             print(f"  train {alt['settings']:<19} {m} {alt['score']:.3f}  {alt['seconds']:7.1f} s")
         if "search" in row:
             print(f"  softprompt train --search {m} {row['search']:.3f}  {row['search_seconds']:7.1f} s  "
                   f"(pick {row['search_pick']}; one after another ~{row['one_after_another_seconds']:.0f} s)")
-        print(f"  LoRA r=8 q,v (PEFT)       {m} {row['lora']:.3f}  {row['lora_seconds']:7.1f} s")
+        if "lora" in row:
+            print(f"  LoRA r=8 q,v (PEFT)       {m} {row['lora']:.3f}  {row['lora_seconds']:7.1f} s")
         for r in row.get("search_table", []):
             print(f"    {r['candidate']:<26} valid {r['valid'].get(m, float('nan')):.3f} at step "
                   f"{r['best_step']}, trained {r['trained_steps']}")
         print(flush=True)
+    if args.candidates_only:
+        print(machine())
+        print(json.dumps({"steps": args.steps, "tasks": rows}))
+        return
     versus = against_lora(rows)
     print(f"The defaults against LoRA: within 1 point or ahead on {versus['within_1_point_or_ahead']} of "
           f"{versus['tasks']} tasks, mean difference {versus['mean_difference_points']:+.2f} points (accuracy x 100 "

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import run_main
+from softprompt.errors import SoftPromptError
 from softprompt.scoring.evaluate import evaluate
 from softprompt.training.loop import loss_on, train
 from softprompt.training.search import default_candidates, search
@@ -99,3 +100,15 @@ def test_cli_train_says_it_holds_out_and_the_search_runs_without_valid(tmp_path,
     assert code == 0, stderr
     assert "holding out 17 of its 170 training examples" in " ".join(stderr.split())
     assert json.loads((tmp_path / "run" / "config.json").read_text())["training"]["held_out"] == 17
+
+
+def test_a_resume_that_would_hold_out_another_split_is_refused_with_the_reason(llama, many, tmp_path):
+    task, examples = many
+    cfg = train_config(steps=4, lr=0.1, eval_every=2, checkpoint_every=2)
+    train(llama, task, prompt_config(), cfg, examples, tmp_path, progress=False)
+    resume = lambda **kw: train(llama, task, prompt_config(), train_config(**{**vars(cfg), **kw}),  # noqa: E731
+                                examples, tmp_path, progress=False, resume=True)  # fmt: skip
+    with pytest.raises(SoftPromptError, match=r"training data differ \(without validation data, eval_every and "
+                       r"eval_size also set how many .* eval_size 300 -> 16"):  # 20 held out before, 16 now
+        resume(steps=6, eval_size=16)
+    assert resume(steps=6, eval_size=50).summary["held_out"] == 20  # the same split: min(a tenth, 50) is 20

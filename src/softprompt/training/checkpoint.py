@@ -72,6 +72,11 @@ shortens the learning-rate schedule from here on; a new `select_by` ranks the be
 logged result, and decides which is kept from here on)."""
 
 
+HOLDOUT_SIZING = ("eval_every", "eval_size")
+"""Resumable settings that also size the held-out split of a run without validation data (`setup.holdout_size`):
+changed, they change the training data, which the fingerprint then refuses."""
+
+
 def data_fingerprint(tasks: dict) -> str:
     """Task names and every training example's tokens, in order: a resumed run must see the very same batches."""
     digest = hashlib.sha256()
@@ -114,7 +119,10 @@ def saved_state(out_dir: Path, identity: RunIdentity, resume: bool) -> dict | No
     changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
                if k in saved and saved[k] != now[k] and k not in RESUMABLE_CHANGES]  # fmt: skip
     if state["data"] != identity.data:
-        changed.append("the tasks or their training data differ")
+        sizing = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in HOLDOUT_SIZING if k in saved and saved[k] != now[k]]
+        changed.append("the tasks or their training data differ" + (
+            f" (without validation data, {' and '.join(HOLDOUT_SIZING)} also set how many training examples are "
+            f"held out: {'; '.join(sizing)} changed that split)" if sizing else ""))
     if changed:
         raise SoftPromptError(
             f"cannot resume from {path}: the run was started with other settings ({'; '.join(changed)}). "
