@@ -36,14 +36,15 @@ def write_lines(path: Path, lines: list) -> Path:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A tiny model folder, a data file and a prompt trained on them through the CLI."""
+    """A tiny model folder, a data file and a prompt-tuning prompt trained on them through the CLI."""
     root = tmp_path_factory.mktemp("bad_input")
     model = save_tiny_model(root / "tiny-llama")
     data = write_data(root / "data.jsonl", 8, seed=1)
     prompt = root / "prompt"
     result = CliRunner().invoke(app, [str(a) for a in [
         "train", "--model", model, "--train", data, "--template", TEMPLATE, "--labels", LABELS, "--label-field",
-        "label", "--steps", 2, "--num-tokens", 4, "--batch-size", 4, "--out", prompt, "--no-progress"]])  # fmt: skip
+        "label", "--method", "prompt", "--steps", 2, "--num-tokens", 4, "--batch-size", 4, "--out", prompt,
+        "--no-progress"]])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (prompt / "prompt.safetensors").is_file() and (prompt / "config.json").is_file()
     return dict(root=root, model=model, data=data, prompt=prompt, before=snapshot(prompt))
@@ -257,6 +258,14 @@ def test_artifact_for_another_base_model(saved, cli, tmp_path):
                  train_args(saved, saved["data"], "--init-from", saved["prompt"], "--model", other)):
         cli(args, [f"{saved['prompt']} was trained on base model '{saved['model']}'", "fingerprint",
                    f"the loaded model '{other}'", f"--model {saved['model']}"])  # fmt: skip
+
+
+def test_inspect_of_a_prefix_refuses_a_model_it_would_not_read(saved, cli, tmp_path):
+    prefix = tmp_path / "prefix"
+    args = train_args(saved, saved["data"], "--method", "prefix")
+    args[args.index("--out") + 1] = prefix
+    assert CliRunner().invoke(app, [str(a) for a in args]).exit_code == 0
+    cli(["inspect", "--prompt", prefix, "--model", saved["model"]], ["prefix-tuning artifact", "drop --model"])
 
 
 # ------------------------------------------------------------------------------------------------ hyperparameters

@@ -61,7 +61,8 @@ def test_a_billion_parameter_model_trains_evaluates_generates_and_serves(big_fol
     code, _, err = run_main(monkeypatch, capsys, [
         "train", "--model", folder, "--train", data, "--template", "{text} review:", "--labels", "good,bad,fine,awful",
         "--label-field", "label", "--out", out, "--steps", "2", "--batch-size", "4", "--eval-every", "0",
-        "--num-tokens", "4", "--init", "random", "--lr", "0.1", "--no-progress", *load])  # fmt: skip
+        "--method", "prompt", "--num-tokens", "4", "--init", "random", "--lr", "0.1", "--no-progress",
+        *load])  # fmt: skip  (prompt tuning: checked below against explicit [P; E])
     assert code == 0, err
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "loss" in s] == [1, 2] and all(torch.isfinite(torch.tensor(s["loss"]))

@@ -66,8 +66,10 @@ def ok(monkeypatch, capsys, args: list) -> str:
 
 
 def train_args(files, out: Path, *extra) -> list:
+    """Prompt tuning (the references here are explicit `[P; E]`)."""
     return ["train", "--model", files["model"], "--train", files["train"], "--template", TEMPLATE, "--labels",
-            ",".join(LABELS), "--label-field", "label", "--num-tokens", 4, "--out", out, "--no-progress", *extra]
+            ",".join(LABELS), "--label-field", "label", "--method", "prompt", "--num-tokens", 4, "--out", out,
+            "--no-progress", *extra]
 
 
 def final_prompt(out: Path) -> torch.Tensor:

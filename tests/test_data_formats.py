@@ -261,7 +261,7 @@ def test_cli_trains_the_same_prompt_from_parquet_a_folder_and_jsonl(tmp_path, mo
             "--label-field", "label", "--steps", 4, "--num-tokens", 3, "--eval-every", 2, "--no-progress",
             "--out", out])  # fmt: skip
         assert code == 0, err
-        prompts[name] = load_file(out / "prompt.safetensors")["prompt_embeddings"]
+        (prompts[name],) = load_file(out / "prompt.safetensors").values()  # the one tensor: the prompt
         assert json.loads((out / "config.json").read_text())["training"]["valid"]["n"] == 24
     assert torch.equal(prompts["parquet"], prompts["jsonl"]) and torch.equal(prompts["saved"], prompts["jsonl"])
 

@@ -318,7 +318,7 @@ def test_cli_distills_into_an_artifact_that_loads(folders, tmp_path, monkeypatch
     assert "Saved the distilled prompt (step " in result.output and str(out) in result.output
     saved = artifact.load(out)
     config = json.loads((out / "config.json").read_text())
-    assert saved.prompt.method == "prompt" and saved.prompt.num_tokens == 4
+    assert saved.prompt.method == "prefix" and saved.prompt.num_tokens == 4  # train's defaults, --num-tokens
     assert saved.task.template == STUDENT and saved.task.labels == LABELS and saved.task.label_field == "label"
     training = config["training"]
     assert training["distillation"]["teacher_template"] == TEACHER and training["last_step"] == 6

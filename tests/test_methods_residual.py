@@ -58,7 +58,7 @@ def explicit_loss(model, prompt: torch.Tensor, examples: list[Example]) -> torch
 
 
 def residual_prompt(backbone, seed: int = 0):
-    config = PromptConfig(num_tokens=4, init="random", residual=True, mlp_hidden=16)
+    config = PromptConfig(method="prompt", num_tokens=4, init="random", residual=True, mlp_hidden=16)
     method = methods.build(config, backbone, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():  # as after some training: the residual branch no longer zero
         torch.manual_seed(seed)
@@ -74,8 +74,9 @@ def records(n: int) -> list[dict]:
 
 def test_a_new_residual_prompt_starts_as_its_init():
     backbone = tiny_backbone("llama", seed=1)
-    plain = methods.build(PromptConfig(num_tokens=4, init="random"), backbone, generator=torch.Generator().manual_seed(3))
-    residual = methods.build(PromptConfig(num_tokens=4, init="random", residual=True), backbone,
+    plain = methods.build(PromptConfig(method="prompt", num_tokens=4, init="random"), backbone,
+                          generator=torch.Generator().manual_seed(3))  # fmt: skip
+    residual = methods.build(PromptConfig(method="prompt", num_tokens=4, init="random", residual=True), backbone,
                              generator=torch.Generator().manual_seed(3))  # fmt: skip
     assert torch.equal(residual.prompt(), plain.prompt())
     residual.prompt().sum().backward()  # the zero LayerNorm gain still gets a gradient, so the branch can learn
@@ -138,7 +139,7 @@ def test_training_moves_the_residual_branch_and_saves_its_folded_output(tmp_path
     checkpoint holds, as plain embeddings."""
     backbone = tiny_backbone("llama", seed=3)
     task = TaskEncoder(TASK, backbone.tokenizer)
-    config = PromptConfig(num_tokens=3, init="random", residual=True, mlp_hidden=8)
+    config = PromptConfig(method="prompt", num_tokens=3, init="random", residual=True, mlp_hidden=8)
     start = methods.build(config, backbone, generator=torch.Generator().manual_seed(0))
     before = {name: value.detach().clone() for name, value in start.named_parameters()}
     assert not before["residual.3.weight"].any()
@@ -171,8 +172,8 @@ def test_the_residual_command_saves_plain_embeddings_that_evaluate_as_explicit_p
     out = tmp_path / "run"
     code, stdout, err = run_main(monkeypatch, capsys, [
         "train", "--model", model_dir, "--train", data, "--template", TASK.template, "--labels", "negative,positive",
-        "--label-field", "label", "--num-tokens", 3, "--init", "random", "--residual", "--mlp-hidden", 8, "--steps", 4,
-        "--batch-size", 4, "--lr", 0.1, "--eval-every", 0, "--no-progress", "--out", out])  # fmt: skip
+        "--label-field", "label", "--method", "prompt", "--num-tokens", 3, "--init", "random", "--residual",
+        "--mlp-hidden", 8, "--steps", 4, "--batch-size", 4, "--lr", 0.1, "--eval-every", 0, "--no-progress", "--out", out])  # fmt: skip
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert config["residual"] is False and config["tensor_shapes"] == {"prompt_embeddings": [3, 32]}

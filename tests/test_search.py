@@ -52,7 +52,7 @@ def test_mixed_batch_gradient_of_each_candidate_is_its_own_explicit_gradient(lla
     alone, row by row."""
     task, examples, _ = data
     rows = examples[:5]
-    prompts = {n: methods.build(PromptConfig(num_tokens=n, init="random"), llama,
+    prompts = {n: methods.build(PromptConfig(method="prompt", num_tokens=n, init="random"), llama,
                                 generator=torch.Generator().manual_seed(n)) for n in (4, 6)}  # fmt: skip
     names = [name for name in prompts for _ in rows]
     kv, mask = prompt_input_for(llama, {name: p.kv(llama) for name, p in prompts.items()}, names)

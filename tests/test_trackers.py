@@ -27,7 +27,7 @@ from test_train import sentiment_records
 PROMPT = PromptConfig(num_tokens=4, init="random")
 RUN_SETTINGS = {
     # PROMPT: what it sets, then PromptConfig's defaults (no init_text: the string "None", trackers take no null)
-    "method": "prompt", "num_tokens": 4, "init": "random", "init_text": "None", "init_range": 0.5,
+    "method": "prefix", "num_tokens": 4, "init": "random", "init_text": "None", "init_range": 0.5,
     "vocab_size_for_init": 5000, "prefix_mlp": False, "mlp_hidden": 512, "residual": False,
     # the TrainConfig of test_tensorboard_holds_the_series_of_metrics_jsonl, then TrainConfig's defaults
     "steps": 6, "batch_size": 4, "eval_every": 3, "warmup_steps": 2, "report_to": "tensorboard",

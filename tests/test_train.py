@@ -512,8 +512,8 @@ def test_text_init_defaults_to_the_template_words(tmp_path, monkeypatch, capsys,
     model = save_tiny_model(tmp_path / "tiny")
     code, _, err = run_main(monkeypatch, capsys, [
         "train", "--model", model, "--train", write_data(tmp_path / "train.jsonl", 8, seed=1), "--template", template,
-        "--labels", "negative,positive", "--label-field", "label", "--num-tokens", 5, "--steps", 1, "--batch-size", 8,
-        "--out", tmp_path / "out", "--no-progress"])  # no --init, no --init-text
+        "--labels", "negative,positive", "--label-field", "label", "--method", "prompt", "--num-tokens", 5, "--steps",
+        1, "--batch-size", 8, "--out", tmp_path / "out", "--no-progress"])  # no --init, no --init-text
     assert code == 0, err
     # the words left when the placeholders are taken out, in order, repeated to the 5 virtual tokens
     ids = [VOCAB[w] for w in (words * 5)[:5]]

@@ -98,9 +98,9 @@ def test_the_tuner_trains_the_prompt_the_cli_trains(files, tmp_path, monkeypatch
 @pytest.fixture(scope="module")
 def trained(files, tmp_path_factory) -> PromptTuner:
     """Long enough that the tiny model's predictions differ between texts (after a few steps it says "positive" to
-    everything)."""
-    tuner = tuner_for(files, out=tmp_path_factory.mktemp("trained") / "run", init="random", steps=40, lr=0.3,
-                      batch_size=8, eval_every=10)  # fmt: skip
+    everything). Prompt tuning: tests below check it against explicit `[P; E]`."""
+    tuner = tuner_for(files, out=tmp_path_factory.mktemp("trained") / "run", method="prompt", init="random", steps=40,
+                      lr=0.3, batch_size=8, eval_every=10)  # fmt: skip
     return tuner.fit(files["more"], valid=files["valid"])
 
 
@@ -312,7 +312,7 @@ from softprompt.data.corpora import sentiment_splits
 
 data = sentiment_splits()  # the embedded movie reviews: lists of {"text": ..., "label": "negative" or "positive"}
 tuner = PromptTuner("smollm2-135m", template="Review: {text}\\nSentiment:", labels=["negative", "positive"],
-                    label_field="label", steps=20, lr=0.03)
+                    label_field="label", steps=20)
 tuner.fit(data["train"][:200], valid=data["valid"][:64])
 print(tuner.predict(["Dull and lifeless.", "Funny, moving and beautifully made."]))
 '''

@@ -194,12 +194,12 @@ def site(real_backbone, tmp_path_factory):
     for i in range(8):
         task = TaskEncoder(gen, real_backbone.tokenizer)
         examples = task.encode(records[i * 8 : i * 8 + 8])
-        train(real_backbone, task, PromptConfig(num_tokens=4 + 3 * i, init="vocab"), settings(i), examples,
-              root / "prompts" / f"gen{i}", progress=False)  # fmt: skip
+        train(real_backbone, task, PromptConfig(method="prompt", num_tokens=4 + 3 * i, init="vocab"), settings(i),
+              examples, root / "prompts" / f"gen{i}", progress=False)  # fmt: skip
     cls = TaskEncoder(TaskConfig(template=CLS_TEMPLATE, labels=["negative", "positive"], label_field="label"),
                real_backbone.tokenizer)  # fmt: skip
-    train(real_backbone, cls, PromptConfig(num_tokens=10, init="vocab"), settings(8), cls.encode(records),
-          root / "prompts" / "sentiment", progress=False)  # fmt: skip
+    train(real_backbone, cls, PromptConfig(method="prompt", num_tokens=10, init="vocab"), settings(8),
+          cls.encode(records), root / "prompts" / "sentiment", progress=False)  # fmt: skip
     task = TaskEncoder(gen, real_backbone.tokenizer)
     train(real_backbone, task, PromptConfig(method="prefix", num_tokens=5, init="vocab"), settings(9),
           task.encode(records[:8]), root / "prefix" / "kv", progress=False)  # fmt: skip

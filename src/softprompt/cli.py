@@ -527,6 +527,9 @@ def inspect(
 
     saved = artifact.load(prompt)
     needs_model = methods.REGISTRY[saved.prompt.method].in_embedding_space  # for the nearest vocabulary tokens
+    if model and not needs_model:
+        raise SoftPromptError(f"{prompt} is a {saved.prompt.method}-tuning artifact: its vectors are key/values, "
+                              "with no nearest vocabulary tokens, so inspect reads no model; drop --model.")
     backbone = _backbone(model or saved.base_model, settings) if needs_model else None
     if backbone is not None:
         artifact.check_base(saved, backbone, str(prompt))
@@ -605,7 +608,8 @@ def demo(
                                             "runs/demo, runs/demo-translation).")] = None,
     steps: Annotated[Optional[int], Opt(help="Training steps (default: 150 for sentiment, 80 for each "
                                              "translation prompt).")] = None,
-    method: Annotated[Optional[str], Opt(help="sentiment: prompt or prefix (translation trains both).")] = None,
+    method: Annotated[Optional[str], Opt(help="sentiment: prompt (its default) or prefix (translation trains "
+                                              "both).")] = None,
     as_json: Annotated[bool, Opt("--json", help="translation: print the table as one JSON line.")] = False,
     progress: Progress = True,
     *,
@@ -625,8 +629,8 @@ def demo(
         if as_json:
             raise SoftPromptError("--json prints the translation demo's table; the sentiment demo writes "
                                   "OUT/results.json.")  # fmt: skip
-        run_demo(out or Path("runs/demo"), steps=steps or 150, method=method or PromptConfig.method,
-                 progress=progress, load=load)  # fmt: skip
+        run_demo(out or Path("runs/demo"), steps=steps or 150, progress=progress, load=load,
+                 **({"method": method} if method else {}))  # fmt: skip
     else:
         raise SoftPromptError(f"demo {task!r}: the demos are sentiment (the default) and translation.")
 

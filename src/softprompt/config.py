@@ -36,8 +36,10 @@ def _check(problems: list[str], what: str) -> None:
 class PromptConfig:
     """What is learned and how it starts."""
 
-    method: Literal["prompt", "prefix"] = "prompt"
-    """`prompt`: soft input embeddings (Lester et al. 2021); `prefix`: per-layer key/values (Li & Liang 2021)."""
+    method: Literal["prompt", "prefix"] = "prefix"
+    """`prefix`: per-layer key/values (Li & Liang 2021), the default: on the tasks of benchmarks/defaults.py it
+    learned as much as prompt tuning or more, in less time; `prompt`: soft input embeddings (Lester et al. 2021),
+    what vLLM's `prompt_embeds` can serve."""
     num_tokens: int = 20
     """Number of virtual tokens."""
     init: Literal["random", "vocab", "text", "labels", "demos"] = "text"
@@ -81,10 +83,10 @@ class PromptConfig:
             problems.append(f"mlp_hidden must be at least 1, got {self.mlp_hidden}")
         if self.prefix_mlp and not getattr(REGISTRY.get(self.method), "supports_mlp", False):
             with_mlp = ", ".join(name for name, method in REGISTRY.items() if method.supports_mlp)
-            problems.append(f"prefix_mlp applies to method={with_mlp} only")
+            problems.append(f"prefix_mlp applies to method={with_mlp} only (--method {with_mlp})")
         if self.residual and not getattr(REGISTRY.get(self.method), "supports_residual", False):
             with_residual = ", ".join(name for name, method in REGISTRY.items() if method.supports_residual)
-            problems.append(f"residual applies to method={with_residual} only")
+            problems.append(f"residual applies to method={with_residual} only (--method {with_residual})")
         _check(problems, "prompt settings")
 
 
