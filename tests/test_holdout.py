@@ -1,6 +1,7 @@
 """Without validation data a run holds a seeded share of its training data out (`TrainConfig.holdout`), never
 trains on it, keeps the prompt that scores best on it and says so; with too little data, at holdout 0, or when it
-never validates, it keeps its last prompt as before. On the tiny Llama and test_train's cue-word task."""
+never validates, it keeps its last prompt as before; a resume that would draw another split is refused with why.
+On the tiny Llama and test_train's cue-word task."""
 
 from __future__ import annotations
 
