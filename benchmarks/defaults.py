@@ -272,16 +272,14 @@ def main() -> None:
             print(f"    {r['candidate']:<26} valid {r['valid'].get(m, float('nan')):.3f} at step "
                   f"{r['best_step']}, trained {r['trained_steps']}")
         print(flush=True)
-    if args.candidates_only:
-        print(machine())
-        print(json.dumps({"steps": args.steps, "tasks": rows}))
-        return
-    versus = against_lora(rows)
-    print(f"The defaults against LoRA: within 1 point or ahead on {versus['within_1_point_or_ahead']} of "
-          f"{versus['tasks']} tasks, mean difference {versus['mean_difference_points']:+.2f} points (accuracy x 100 "
-          f"or chrF), wall time not above LoRA's on {versus['not_slower']} of {versus['tasks']}.")
+    versus = {} if args.candidates_only else {"against_lora": against_lora(rows)}
+    if versus:
+        v = versus["against_lora"]
+        print(f"The defaults against LoRA: within 1 point or ahead on {v['within_1_point_or_ahead']} of {v['tasks']} "
+              f"tasks, mean difference {v['mean_difference_points']:+.2f} points (accuracy x 100 or chrF), wall time "
+              f"not above LoRA's on {v['not_slower']} of {v['tasks']}.")
     print(machine())
-    print(json.dumps({"steps": args.steps, "tasks": rows, "against_lora": versus}))
+    print(json.dumps({"steps": args.steps, "tasks": rows, **versus}))
 
 
 if __name__ == "__main__":

@@ -617,6 +617,7 @@ def demo(
 ):
     """The embedded demos: sentiment (baseline, train, evaluate, inspect, generate) or translation."""
     from .demo import run_demo, run_translation_demo
+    from .demo.sentiment import DEMO_METHOD
     from .demo.translation import STEPS as translation_steps
 
     load = LoadConfig(**settings.of(LoadConfig))
@@ -629,8 +630,8 @@ def demo(
         if as_json:
             raise SoftPromptError("--json prints the translation demo's table; the sentiment demo writes "
                                   "OUT/results.json.")  # fmt: skip
-        run_demo(out or Path("runs/demo"), steps=steps or 150, progress=progress, load=load,
-                 **({"method": method} if method else {}))  # fmt: skip
+        run_demo(out or Path("runs/demo"), steps=steps or 150, method=method or DEMO_METHOD, progress=progress,
+                 load=load)  # fmt: skip
     else:
         raise SoftPromptError(f"demo {task!r}: the demos are sentiment (the default) and translation.")
 
