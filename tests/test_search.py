@@ -200,6 +200,8 @@ def test_grid_is_every_combination_less_the_invalid_ones():
     assert len(skipped) == 2 and all("residual applies to method=prompt only" in s for s in skipped)
     only_tokens, _ = parse_grid("num_tokens=5,10", base, 0.02)
     assert [(c.prompt.num_tokens, c.lr) for c in only_tokens] == [(5, 0.02), (10, 0.02)]
+    by_method, _ = parse_grid("method=prompt,prefix", base, None)  # no --lr: each method's own default
+    assert [(c.prompt.method, c.lr) for c in by_method] == [("prompt", 0.01), ("prefix", 0.03)]
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -29,9 +29,9 @@ RUN_SETTINGS = {
     # PROMPT: what it sets, then PromptConfig's defaults (no init_text: the string "None", trackers take no null)
     "method": "prefix", "num_tokens": 4, "init": "random", "init_text": "None", "init_range": 0.5,
     "vocab_size_for_init": 5000, "prefix_mlp": False, "mlp_hidden": 512, "residual": False,
-    # the TrainConfig of test_tensorboard_holds_the_series_of_metrics_jsonl, then TrainConfig's defaults
+    # the TrainConfig of test_tensorboard_holds_the_series_of_metrics_jsonl, then TrainConfig's defaults (lr: prefix's)
     "steps": 6, "batch_size": 4, "eval_every": 3, "warmup_steps": 2, "report_to": "tensorboard",
-    "grad_accum": 1, "lr": 0.01, "optimizer": "adamw", "weight_decay": 0.0, "schedule": "linear", "max_grad_norm": 1.0,
+    "grad_accum": 1, "lr": 0.03, "optimizer": "adamw", "weight_decay": 0.0, "schedule": "linear", "max_grad_norm": 1.0,
     "eval_size": 300, "holdout": 0.1, "patience": 6, "no_learning_after": 0.3, "seed": 0, "max_length": 512,
     "too_long": "truncate", "checkpoint_every": 50, "gradient_checkpointing": False, "compile": False, "shard_model": False, "select_by": "auto",
 }  # fmt: skip

@@ -87,6 +87,18 @@ def test_no_warmup_starts_at_the_peak(tmp_path, monkeypatch):
     assert rates == pytest.approx([0.1, 0.08, 0.06, 0.04, 0.02], abs=1e-12)
 
 
+@pytest.mark.parametrize("method, default", [("prefix", 0.03), ("prompt", 0.01)])
+def test_without_lr_a_run_takes_its_methods_own(tmp_path, monkeypatch, method, default):
+    """TrainConfig.lr unset: each method's documented default is what the optimizer applies, logs and saves."""
+    backbone = tiny_backbone("llama")
+    task = sentiment_task(backbone)
+    rates = applied_rates(monkeypatch)
+    run = train(backbone, task, prompt_config(method=method), TrainConfig(steps=3, warmup_steps=0, schedule="constant",
+                eval_every=0), task.encode(sentiment_records(16, seed=1)), tmp_path, progress=False)  # fmt: skip
+    assert rates == pytest.approx([default] * 3, abs=1e-12)
+    assert run.summary["lr"] == json.loads((tmp_path / "config.json").read_text())["training"]["lr"] == default
+
+
 def test_a_step_at_rate_zero_leaves_the_prompt_and_the_next_one_moves_it(tmp_path):
     """The warmup's first rate is really what the optimizer applies, not only a logged number."""
     backbone = tiny_backbone("llama")

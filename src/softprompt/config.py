@@ -159,8 +159,8 @@ class TrainConfig:
     """Examples per optimizer step (split across gradient accumulation and processes)."""
     grad_accum: int = 1
     """Micro-batches accumulated per step."""
-    lr: float = 0.01
-    """Peak learning rate."""
+    lr: float | None = None
+    """Peak learning rate (default: the method's own, 0.03 for prefix tuning and 0.01 for prompt tuning)."""
     optimizer: Literal["adamw", "adafactor"] = "adamw"
     """adamw or adafactor."""
     weight_decay: float = 0.0
@@ -220,7 +220,7 @@ class TrainConfig:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size % max(self.grad_accum, 1):
             problems.append(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -243,6 +243,10 @@ class TrainConfig:
             problems.append(f"select_by {self.select_by!r} is not one of auto, "
                             f"{', '.join(dict.fromkeys(n for names in SELECTABLE.values() for n in names))}")
         _check(problems, "training settings")
+
+    def for_method(self, method: str) -> TrainConfig:
+        """These settings with the learning rate made explicit: the given one, else `method`'s default."""
+        return self if self.lr is not None else dataclasses.replace(self, lr=REGISTRY[method].default_lr)
 
     def check_select_by(self, task: str) -> None:
         """Refuse a `select_by` metric that a `task` (classification or generation) does not report."""

@@ -32,6 +32,7 @@ SEED = {"en": "Look out!", "zh": "小心！"}
 SHOWN = 5
 TEST_SIZE, VALID_SIZE = 100, 48
 LR = {"prompt": 0.03, "prefix": 0.01}
+"""Measured for this start and length: prefix tuning at train's default 0.03 gave chrF 26.4 against 27.0 (README)."""
 STEPS = 80
 """Each prompt's; on 2 CPU cores a step takes about 2.3 s (README: what 100 steps gave)."""
 # Validation every 20 steps keeps the best prompt by chrF (the default --select-by for generation).

@@ -26,6 +26,8 @@ class PromptMethod(nn.Module):
     """Whether it can train through a residual MLP (`PromptConfig.residual`)."""
     peft_types: ClassVar[tuple[str, ...]]
     """PEFT `peft_type`s whose adapters hold this method's tensor; export writes the first."""
+    default_lr: ClassVar[float]
+    """The peak learning rate a run uses when none is given (`TrainConfig.lr`), chosen with benchmarks/defaults.py."""
 
     def __init__(self, config, shapes):
         super().__init__()

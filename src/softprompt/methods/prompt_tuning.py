@@ -22,6 +22,7 @@ class SoftPrompt(PromptMethod):
     in_embedding_space = True
     supports_residual = True
     peft_types = ("PROMPT_TUNING", "P_TUNING")  # P-tuning saves its encoder's output: plain virtual embeddings
+    default_lr = 0.01
 
     def __init__(self, config, shapes, embeddings: torch.Tensor):
         super().__init__(config, shapes)

@@ -192,6 +192,7 @@ def train_prompts(
     written as its artifact."""
     for data in tasks.values():  # a metric the task does not report, refused before anything is set up
         cfg.check_select_by(data.task.config.task)
+    cfg = cfg.for_method(prompt_config.method)  # the lr explicit before it is logged or checked on resume
     policy = policy or TrainingPolicy()
     several = len(tasks) > 1  # a batch may leave some prompts unused: DDP must not wait for their gradients
     accelerator = setup.accelerator_for(several, cfg.report_to, layout.out_dir, backbone.device)
