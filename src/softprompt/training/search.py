@@ -65,8 +65,8 @@ def default_candidates(base: PromptConfig, classification: bool) -> list[Candida
 
 def parse_grid(spec: str, base: PromptConfig, base_lr: float | None) -> tuple[list[Candidate], list[str]]:
     """The candidates of a grid such as "lr=0.3,0.03 method=prompt,prefix num_tokens=10,20": every combination,
-    the rest taken from `base`/`base_lr` (None: each method's default). Returns them and why any combination was left out (e.g. a residual
-    prefix); refuses a grid with unknown keys or values, or with no valid combination."""
+    the rest taken from `base`/`base_lr` (None: each method's default). Returns them and why any combination was
+    left out (e.g. a residual prefix); refuses a grid with unknown keys or values, or with no valid combination."""
     axes, problems = {}, []
     for part in spec.split():
         key, _, values = part.partition("=")
