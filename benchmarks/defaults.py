@@ -183,7 +183,7 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
         row["single"] = score(run.method.kv(backbone).detach())
     row["alternatives"] = []
     for spec in args.single:  # other single settings a default could take, each one ordinary run
-        (candidate,), _ = parse_grid(spec, base, cfg.lr)
+        (candidate,), _ = parse_grid(spec, base, cfg)
         alt_cfg = dataclasses.replace(cfg, lr=candidate.lr)
         run, seconds = timed(lambda: train(backbone, task, candidate.prompt, alt_cfg, train_set,
                                            out + "/" + candidate.name, valid_set, progress=False))  # fmt: skip
@@ -272,14 +272,14 @@ def main() -> None:
             print(f"    {r['candidate']:<26} valid {r['valid'].get(m, float('nan')):.3f} at step "
                   f"{r['best_step']}, trained {r['trained_steps']}")
         print(flush=True)
-    versus = {} if args.candidates_only else {"against_lora": against_lora(rows)}
-    if versus:
-        v = versus["against_lora"]
+    summary = {"steps": args.steps, "tasks": rows}
+    if not args.candidates_only:  # only then did LoRA run
+        v = summary["against_lora"] = against_lora(rows)
         print(f"The defaults against LoRA: within 1 point or ahead on {v['within_1_point_or_ahead']} of {v['tasks']} "
               f"tasks, mean difference {v['mean_difference_points']:+.2f} points (accuracy x 100 or chrF), wall time "
               f"not above LoRA's on {v['not_slower']} of {v['tasks']}.")
     print(machine())
-    print(json.dumps({"steps": args.steps, "tasks": rows, **versus}))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

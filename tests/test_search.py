@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from softprompt import methods
 from softprompt.training import search
-from softprompt.config import PromptConfig
+from softprompt.config import PromptConfig, TrainConfig
 from softprompt.errors import SoftPromptError
 from softprompt.training.search import Candidate, Halving, parse_grid, rungs, train_candidates
 from softprompt.training.loop import TrainingTask, loss_on, prompt_input_for, selection_key, train
@@ -193,14 +193,15 @@ def test_a_candidate_whose_gradient_is_not_finite_leaves(llama, data, tmp_path, 
 # ------------------------------------------------------------------------------------------------------ the grid
 def test_grid_is_every_combination_less_the_invalid_ones():
     base = PromptConfig(init="text", init_text="review sentiment")
-    candidates, skipped = parse_grid("lr=0.3,0.03 method=prompt,prefix residual=true,false", base, 0.01)
+    grid = "lr=0.3,0.03 method=prompt,prefix residual=true,false"
+    candidates, skipped = parse_grid(grid, base, TrainConfig(lr=0.01))
     names = [c.name for c in candidates]
     assert names == ["prompt-text-20-residual-lr0p3", "prompt-text-20-lr0p3", "prefix-text-20-lr0p3",
                      "prompt-text-20-residual-lr0p03", "prompt-text-20-lr0p03", "prefix-text-20-lr0p03"]
     assert len(skipped) == 2 and all("residual applies to method=prompt only" in s for s in skipped)
-    only_tokens, _ = parse_grid("num_tokens=5,10", base, 0.02)
+    only_tokens, _ = parse_grid("num_tokens=5,10", base, TrainConfig(lr=0.02))
     assert [(c.prompt.num_tokens, c.lr) for c in only_tokens] == [(5, 0.02), (10, 0.02)]
-    by_method, _ = parse_grid("method=prompt,prefix", base, None)  # no --lr: each method's own default
+    by_method, _ = parse_grid("method=prompt,prefix", base, TrainConfig())  # no --lr: each method's own default
     assert [(c.prompt.method, c.lr) for c in by_method] == [("prompt", 0.01), ("prefix", 0.03)]
 
 
@@ -214,7 +215,7 @@ def test_grid_is_every_combination_less_the_invalid_ones():
 ])  # fmt: skip
 def test_bad_grids_are_refused_with_the_reason(spec, message):
     with pytest.raises(SoftPromptError, match="grid") as error:
-        parse_grid(spec, PromptConfig(init="random"), 0.01)
+        parse_grid(spec, PromptConfig(init="random"), TrainConfig())
     assert message in str(error.value)
 
 
@@ -263,7 +264,7 @@ def test_search_without_validation_data_or_enough_to_hold_out_is_refused(llama, 
         "which --holdout 0.1 sets at least 16 examples aside (it has 8; --eval-every 25)" in " ".join(stderr.split())
     assert not (tmp_path / "run").exists()
     task = sentiment_task(llama)
-    candidates, _ = parse_grid("lr=0.1,0.01", PromptConfig(num_tokens=2, init="random"), 0.1)
+    candidates, _ = parse_grid("lr=0.1,0.01", PromptConfig(num_tokens=2, init="random"), TrainConfig(lr=0.1))
     with pytest.raises(SoftPromptError, match=r"sets at least 16 examples aside \(it has 159; --eval-every 5\)"):
         search.search(llama, task, candidates, train_config(eval_every=5), task.encode(sentiment_records(159, 1)), [],
                       tmp_path / "lib", progress=False)  # fmt: skip

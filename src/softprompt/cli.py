@@ -261,7 +261,7 @@ def _candidates(prompt_config: PromptConfig, train_config: TrainConfig, grid: st
 
     if grid is None:
         return default_candidates(prompt_config, task.task == "classification")
-    candidates, skipped = parse_grid(grid, prompt_config, train_config.lr)
+    candidates, skipped = parse_grid(grid, prompt_config, train_config)
     for reason in skipped:
         typer.echo(f"left out of the grid: {reason}", err=True)
     return candidates

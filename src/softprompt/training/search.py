@@ -63,10 +63,11 @@ def default_candidates(base: PromptConfig, classification: bool) -> list[Candida
     return [Candidate(dataclasses.replace(base, method=m, init=i), lr) for m, i, lr in settings]
 
 
-def parse_grid(spec: str, base: PromptConfig, base_lr: float | None) -> tuple[list[Candidate], list[str]]:
+def parse_grid(spec: str, base: PromptConfig, train: TrainConfig) -> tuple[list[Candidate], list[str]]:
     """The candidates of a grid such as "lr=0.3,0.03 method=prompt,prefix num_tokens=10,20": every combination,
-    the rest taken from `base`/`base_lr` (None: each method's default). Returns them and why any combination was
-    left out (e.g. a residual prefix); refuses a grid with unknown keys or values, or with no valid combination."""
+    the rest taken from `base`, the learning rate from `train` (its lr, else each candidate's method's default).
+    Returns them and why any combination was left out (e.g. a residual prefix); refuses a grid with unknown keys or
+    values, or with no valid combination."""
     axes, problems = {}, []
     for part in spec.split():
         key, _, values = part.partition("=")
@@ -82,10 +83,10 @@ def parse_grid(spec: str, base: PromptConfig, base_lr: float | None) -> tuple[li
     candidates, skipped = [], []
     for combination in itertools.product(*axes.values()):
         setting = dict(zip(axes, combination))
-        lr = setting.pop("lr", base_lr)
+        lr = setting.pop("lr", None)  # a grid's rates are positive: None is "not on the grid"
         try:
             prompt = dataclasses.replace(base, **setting)
-            candidates.append(Candidate(prompt, lr or methods.REGISTRY[prompt.method].default_lr))
+            candidates.append(Candidate(prompt, lr or train.for_method(prompt.method).lr))
         except SoftPromptError as error:
             skipped.append(f"{setting}: {str(error).splitlines()[-1].strip(' -')}")
     if not candidates:
