@@ -88,8 +88,8 @@ def test_no_warmup_starts_at_the_peak(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method, default", [("prefix", 0.03), ("prompt", 0.01)])
-def test_without_lr_a_run_takes_its_methods_own(tmp_path, monkeypatch, method, default):
-    """TrainConfig.lr unset: each method's documented default is what the optimizer applies, logs and saves."""
+def test_without_lr_a_run_takes_its_methods_own(tmp_path, monkeypatch, capsys, method, default):
+    """TrainConfig.lr unset: each method's documented default is what the optimizer applies, logs, saves and says."""
     backbone = tiny_backbone("llama")
     task = sentiment_task(backbone)
     rates = applied_rates(monkeypatch)
@@ -97,10 +97,12 @@ def test_without_lr_a_run_takes_its_methods_own(tmp_path, monkeypatch, method, d
                 eval_every=0), task.encode(sentiment_records(16, seed=1)), tmp_path, progress=False)  # fmt: skip
     assert rates == pytest.approx([default] * 3, abs=1e-12)
     assert run.summary["lr"] == json.loads((tmp_path / "config.json").read_text())["training"]["lr"] == default
+    assert f"learning rate {default:g}, {method} tuning's default" in capsys.readouterr().err
 
 
-def test_a_step_at_rate_zero_leaves_the_prompt_and_the_next_one_moves_it(tmp_path):
-    """The warmup's first rate is really what the optimizer applies, not only a logged number."""
+def test_a_step_at_rate_zero_leaves_the_prompt_and_the_next_one_moves_it(tmp_path, capsys):
+    """The warmup's first rate is really what the optimizer applies, not only a logged number (a given lr: no word
+    about a default)."""
     backbone = tiny_backbone("llama")
     task = sentiment_task(backbone)
     config = prompt_config()
@@ -112,3 +114,4 @@ def test_a_step_at_rate_zero_leaves_the_prompt_and_the_next_one_moves_it(tmp_pat
     start = initial.embeddings.detach()
     assert torch.equal(prompts[1]["prompts.prompt.embeddings"], start)
     assert not torch.allclose(prompts[2]["prompts.prompt.embeddings"], start)
+    assert "default" not in capsys.readouterr().err

@@ -192,10 +192,14 @@ def train_prompts(
     written as its artifact."""
     for data in tasks.values():  # a metric the task does not report, refused before anything is set up
         cfg.check_select_by(data.task.config.task)
+    chosen_lr = cfg.lr is None
     cfg = cfg.for_method(prompt_config.method)  # the lr explicit before it is logged or checked on resume
     policy = policy or TrainingPolicy()
     several = len(tasks) > 1  # a batch may leave some prompts unused: DDP must not wait for their gradients
     accelerator = setup.accelerator_for(several, cfg.report_to, layout.out_dir, backbone.device)
+    if chosen_lr and accelerator.is_main_process:
+        print(f"softprompt: learning rate {cfg.lr:g}, {prompt_config.method} tuning's default (--lr sets another)",
+              file=sys.stderr)  # fmt: skip
     setup.check_model(backbone)
     tasks = setup.hold_out(tasks, cfg, say=accelerator.is_main_process)
     setup.check_data(tasks, cfg, accelerator.num_processes)
