@@ -183,7 +183,7 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
         row["single"] = score(run.method.kv(backbone).detach())
     row["alternatives"] = []
     for spec in args.single:  # other single settings a default could take, each one ordinary run
-        (candidate,), _ = parse_grid(spec, base, cfg)
+        (candidate,), _ = parse_grid(spec, base, cfg, config.task)
         alt_cfg = dataclasses.replace(cfg, lr=candidate.lr)
         run, seconds = timed(lambda: train(backbone, task, candidate.prompt, alt_cfg, train_set,
                                            out + "/" + candidate.name, valid_set, progress=False))  # fmt: skip
@@ -194,7 +194,7 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
         return row
     if args.no_search:
         return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out)
-    candidates = default_candidates(base, task.is_classification)
+    candidates = default_candidates(base, config.task)
     result, row["search_seconds"] = timed(lambda: search(backbone, task, candidates, cfg, train_set, valid_set,
                                                          out + "/search", progress=False))  # fmt: skip
     row["search_pick"], row["search"] = result.best, score(result.runs[result.best].method.kv(backbone).detach())

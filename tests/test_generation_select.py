@@ -167,7 +167,7 @@ def test_a_metric_the_task_does_not_report_is_refused_before_training(llama, tmp
     assert not (tmp_path / "run").exists()
     sentiment = sentiment_task(llama)
     with pytest.raises(SoftPromptError, match="--select-by bleu is not a classification metric"):
-        search.search(llama, sentiment, search.default_candidates(PromptConfig(init_text="review"), True),
+        search.search(llama, sentiment, search.default_candidates(PromptConfig(init_text="review"), "classification"),
                       TrainConfig(steps=2, select_by="bleu"), sentiment.encode(sentiment_records(8, 1)),
                       sentiment.encode(sentiment_records(4, 2)), tmp_path / "search", progress=False)  # fmt: skip
     assert not (tmp_path / "search").exists()

@@ -84,7 +84,7 @@ def test_given_validation_data_nothing_is_held_out(llama, many, tmp_path, capsys
 def test_a_search_without_validation_data_holds_out_one_share_for_every_candidate(llama, many, tmp_path, capsys):
     task, examples = many
     held = {id(examples[i]) for i in random.Random(0).sample(range(200), 20)}
-    candidates = default_candidates(prompt_config(init="text"), True)[:2]
+    candidates = default_candidates(prompt_config(init="text"), "classification")[:2]
     result = search(llama, task, candidates, train_config(steps=4, eval_every=2), examples, [], tmp_path,
                     progress=False)  # fmt: skip
     assert capsys.readouterr().err.count("holding out 20 of its 200") == 1

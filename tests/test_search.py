@@ -194,15 +194,18 @@ def test_a_candidate_whose_gradient_is_not_finite_leaves(llama, data, tmp_path, 
 def test_grid_is_every_combination_less_the_invalid_ones():
     base = PromptConfig(init="text", init_text="review sentiment")
     grid = "lr=0.3,0.03 method=prompt,prefix residual=true,false"
-    candidates, skipped = parse_grid(grid, base, TrainConfig(lr=0.01))
+    candidates, skipped = parse_grid(grid, base, TrainConfig(lr=0.01), "classification")
     names = [c.name for c in candidates]
     assert names == ["prompt-text-20-residual-lr0p3", "prompt-text-20-lr0p3", "prefix-text-20-lr0p3",
                      "prompt-text-20-residual-lr0p03", "prompt-text-20-lr0p03", "prefix-text-20-lr0p03"]
     assert len(skipped) == 2 and all("residual applies to method=prompt only" in s for s in skipped)
-    only_tokens, _ = parse_grid("num_tokens=5,10", base, TrainConfig(lr=0.02))
+    only_tokens, _ = parse_grid("num_tokens=5,10", base, TrainConfig(lr=0.02), "classification")
     assert [(c.prompt.num_tokens, c.lr) for c in only_tokens] == [(5, 0.02), (10, 0.02)]
-    by_method, _ = parse_grid("method=prompt,prefix", base, TrainConfig())  # no --lr: each method's own default
+    by_method, _ = parse_grid("method=prompt,prefix", base, TrainConfig(), "classification")  # each method's own lr
     assert [(c.prompt.method, c.lr) for c in by_method] == [("prompt", 0.01), ("prefix", 0.03)]
+    unset = PromptConfig(init_text="pinyin")  # no length or init: each candidate's method's start for the task
+    starts, _ = parse_grid("method=prompt,prefix", unset, TrainConfig(), "generation")
+    assert [(c.prompt.num_tokens, c.prompt.init) for c in starts] == [(20, "text"), (96, "demos")]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -215,17 +218,19 @@ def test_grid_is_every_combination_less_the_invalid_ones():
 ])  # fmt: skip
 def test_bad_grids_are_refused_with_the_reason(spec, message):
     with pytest.raises(SoftPromptError, match="grid") as error:
-        parse_grid(spec, PromptConfig(init="random"), TrainConfig())
+        parse_grid(spec, PromptConfig(init="random"), TrainConfig(), "generation")
     assert message in str(error.value)
 
 
 def test_default_candidates_cover_both_methods_and_label_init_for_classification():
     base = PromptConfig(num_tokens=12, init_text="review sentiment")
-    for classification in (True, False):
-        found = search.default_candidates(base, classification)
+    for kind in ("classification", "generation"):
+        found = search.default_candidates(base, kind)
         assert {c.prompt.method for c in found} == {"prompt", "prefix"}
-        assert ("labels" in {c.prompt.init for c in found}) == classification
+        assert ("labels" in {c.prompt.init for c in found}) == (kind == "classification")
         assert all(c.prompt.num_tokens == 12 for c in found) and len({c.name for c in found}) == len(found)
+    unset = search.default_candidates(PromptConfig(init_text="pinyin"), "generation")  # no length: 20, text's own
+    assert {(c.prompt.num_tokens, c.prompt.init) for c in unset} == {(20, "text")}
 
 
 # ----------------------------------------------------------------------------------------------- the command line
@@ -264,7 +269,8 @@ def test_search_without_validation_data_or_enough_to_hold_out_is_refused(llama, 
         "which --holdout 0.1 sets at least 16 examples aside (it has 8; --eval-every 25)" in " ".join(stderr.split())
     assert not (tmp_path / "run").exists()
     task = sentiment_task(llama)
-    candidates, _ = parse_grid("lr=0.1,0.01", PromptConfig(num_tokens=2, init="random"), TrainConfig(lr=0.1))
+    candidates, _ = parse_grid("lr=0.1,0.01", PromptConfig(num_tokens=2, init="random"), TrainConfig(lr=0.1),
+                               "classification")
     with pytest.raises(SoftPromptError, match=r"sets at least 16 examples aside \(it has 159; --eval-every 5\)"):
         search.search(llama, task, candidates, train_config(eval_every=5), task.encode(sentiment_records(159, 1)), [],
                       tmp_path / "lib", progress=False)  # fmt: skip

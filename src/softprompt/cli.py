@@ -123,7 +123,7 @@ def _init_text(settings: Settings, template: str) -> str | None:
     """--init-text, or for --init text without it the literal words of `template`."""
     from .prepare import template_init_text
 
-    if settings["init"] == "text" and not settings["init_text"]:
+    if settings["init"] in (None, "text") and not settings["init_text"]:  # None: text may be the default start
         return template_init_text(template)
     return settings["init_text"]
 
@@ -192,6 +192,7 @@ def train(
     if search and not valid_file and not holdout_size(len(records["prompt"][0]), train_config):
         raise SoftPromptError(search_without_data(len(records["prompt"][0]), train_config))  # before the model loads
     candidates = _candidates(prompt_config, train_config, grid, specs["prompt"].config) if search else None
+    prompt_config = prompt_config.for_tasks([spec.config.task for spec in specs.values()])  # length and init
     check_memory(model, LoadConfig(**settings.of(LoadConfig)), prompt_config, train_config,
                  len(candidates) if search else 1, [(spec.config, records[name][0]) for name, spec in specs.items()])
     # a model to shard loads on the CPU: no device ever holds it whole
@@ -260,8 +261,8 @@ def _candidates(prompt_config: PromptConfig, train_config: TrainConfig, grid: st
     from .training.search import default_candidates, parse_grid
 
     if grid is None:
-        return default_candidates(prompt_config, task.task == "classification")
-    candidates, skipped = parse_grid(grid, prompt_config, train_config)
+        return default_candidates(prompt_config, task.task)
+    candidates, skipped = parse_grid(grid, prompt_config, train_config, task.task)
     for reason in skipped:
         typer.echo(f"left out of the grid: {reason}", err=True)
     return candidates
@@ -316,7 +317,7 @@ def distill(
     label_field = settings["label_field"] or ("label" if settings["labels"] else None)
     task_config, prompt_config, train_config, distill_config = build_all(
         lambda: TaskConfig.infer(**settings.of(TaskConfig, label_field=label_field)),
-        lambda: PromptConfig(**settings.of(PromptConfig, init_text=init_text)),
+        lambda: PromptConfig(**settings.of(PromptConfig, init_text=init_text)).for_tasks([]),  # no answers to show
         lambda: TrainConfig(**settings.of(TrainConfig)),
         lambda: DistillConfig(**settings.of(DistillConfig)),
     )

@@ -9,7 +9,7 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Literal
+from typing import Collection, Literal
 
 from .errors import SoftPromptError
 from .methods import REGISTRY
@@ -40,11 +40,12 @@ class PromptConfig:
     """`prefix`: per-layer key/values (Li & Liang 2021), the default: on the tasks of benchmarks/defaults.py it
     learned as much as prompt tuning or more, in less time; `prompt`: soft input embeddings (Lester et al. 2021),
     what vLLM's `prompt_embeds` can serve."""
-    num_tokens: int = 20
-    """Number of virtual tokens."""
-    init: Literal["random", "vocab", "text", "labels", "demos"] = "text"
-    """random: uniform in ±init_range; vocab: embeddings of frequent tokens; text: the tokens of `init_text`
-    (truncated or repeated); labels: each label word seeds one slot, frequent tokens fill the rest; demos: training
+    num_tokens: int | None = None
+    """Number of virtual tokens. Unset: 96 for prefix tuning on a generation task, else 20 (`default_start`)."""
+    init: Literal["random", "vocab", "text", "labels", "demos"] | None = None
+    """Unset: demos for prefix tuning on a generation task, else text (`default_start`, measured). random: uniform
+    in ±init_range; vocab: embeddings of frequent tokens; text: the tokens of `init_text` (truncated or repeated);
+    labels: each label word seeds one slot, frequent tokens fill the rest; demos: training
     examples with their answers, one per line in a seeded order, as many as fill num_tokens (the last one cut: the
     demonstrations' count follows from num_tokens and their length), each hidden from its own row in training
     (leave-one-out). For prefix tuning the non-random inits take the frozen model's own key/values over those
@@ -63,6 +64,13 @@ class PromptConfig:
     """Prompt tuning only: train P through a residual MLP, P + LayerNorm(up(ReLU(down(P)))) (Razdaibiedina et al.
     2023), which starts as P itself and is folded into plain embeddings when saved."""
 
+    def for_tasks(self, kinds: Collection[str]) -> PromptConfig:
+        """These settings with num_tokens and init made explicit: the given ones, else `default_start`'s for this
+        method on tasks of `kinds` (classification, generation; tasks of several kinds, or none given, as in
+        distillation whose records hold no answers to demonstrate: the start every task can take)."""
+        num_tokens, init = default_start(self.method, next(iter(kinds)) if len(set(kinds)) == 1 else None, self.init)
+        return dataclasses.replace(self, num_tokens=self.num_tokens or num_tokens, init=init)
+
     def folded(self) -> "PromptConfig":
         """The settings of what gets saved: any reparameterization (prefix MLP, residual MLP) folded away."""
         return dataclasses.replace(self, prefix_mlp=False, residual=False)
@@ -71,9 +79,9 @@ class PromptConfig:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.num_tokens < 1:
+        if self.num_tokens is not None and self.num_tokens < 1:
             problems.append(f"num_tokens must be at least 1, got {self.num_tokens}")
-        if self.init not in INITS:
+        if self.init is not None and self.init not in INITS:
             problems.append(f"init {self.init!r} is not one of {', '.join(INITS)}")
         if self.init == "text" and not (self.init_text or "").strip():
             problems.append("init=text needs a non-empty init_text (--init-text)")
@@ -88,6 +96,17 @@ class PromptConfig:
             with_residual = ", ".join(name for name, method in REGISTRY.items() if method.supports_residual)
             problems.append(f"residual applies to method={with_residual} only (--method {with_residual})")
         _check(problems, "prompt settings")
+
+
+def default_start(method: str, kind: str | None, init: str | None = None) -> tuple[int, str]:
+    """(num_tokens, init) where they are not given, as benchmarks/defaults.py measured them (README: "The defaults
+    against LoRA"): prefix tuning on a generation task starts from the model's own key/values over 96 tokens of
+    training examples with their answers (on translation 3.3 chrF more than 20 tokens of the template's words, within
+    a point of LoRA); everything else from 20 tokens of the template's words (on classification, demonstrations
+    learned less). A given `init` other than that start's keeps 20 tokens."""
+    demos = (method, kind) == ("prefix", "generation")
+    init = init or ("demos" if demos else "text")
+    return (96 if demos and init == "demos" else 20), init
 
 
 @dataclass

@@ -50,7 +50,7 @@ class PromptTuner:
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, template: str,
                  labels: Sequence[str] | str | None = None, label_field: str | None = None,
                  target_field: str | None = None, method: str = PromptConfig.method,
-                 num_tokens: int = PromptConfig.num_tokens, out: str | os.PathLike | None = None,
+                 num_tokens: int | None = PromptConfig.num_tokens, out: str | os.PathLike | None = None,
                  progress: bool = True, **settings) -> None:  # fmt: skip
         """model: the embedded short name, a local Hugging Face folder or a hub name. Label words make the task
         classification (with `label_field`); a `target_field` without them, generation. `settings`: any other
@@ -64,13 +64,14 @@ class PromptTuner:
                                   f"{', '.join(PROMPT_SETTINGS)}; training settings: {', '.join(TRAIN_SETTINGS)}; "
                                   f"model loading settings: {', '.join(LOAD_SETTINGS)}.")  # fmt: skip
         prompt = {k: v for k, v in settings.items() if k in PROMPT_SETTINGS}
-        if prompt.get("init", PromptConfig.init) == "text" and not prompt.get("init_text"):
+        if prompt.get("init") in (None, "text") and not prompt.get("init_text"):  # None: text may be the start
             prompt["init_text"] = template_init_text(template)  # as `softprompt train` does
         self.task_config, self.prompt_config, self.train_config, self.load_config = build_all(
             lambda: TaskConfig.infer(template, labels, label_field, target_field),
             lambda: PromptConfig(method=method, num_tokens=num_tokens, **prompt),
             lambda: TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS}),
             lambda: LoadConfig(**{k: v for k, v in settings.items() if k in LOAD_SETTINGS}))
+        self.prompt_config = self.prompt_config.for_tasks([self.task_config.task])  # its length and init
         self.progress, self._out = progress, Path(out) if out is not None else None
         self.backbone = load_backbone(model, self.load_config)
         self.method: PromptMethod | None = None

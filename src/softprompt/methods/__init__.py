@@ -9,7 +9,9 @@ REGISTRY: dict[str, type[PromptMethod]] = {SoftPrompt.name: SoftPrompt, Prefix.n
 
 def build(config, backbone, labels=(), generator=None, examples=None) -> PromptMethod:
     """A freshly initialized method for `config` on `backbone`; init=demos draws its demonstrations from the
-    training `examples` (`data.Example`s) and remembers where each one went (`demo_slots`)."""
+    training `examples` (`data.Example`s) and remembers where each one went (`demo_slots`). A length or init left
+    unset takes the start of a task of unknown kind (`PromptConfig.for_tasks`: training resolves it by its tasks)."""
+    config = config.for_tasks([])
     demo_ids, slots = None, {}
     if config.init == "demos" and examples:
         demo_ids, slots = demonstrations(examples, backbone.tokenizer, config.num_tokens, generator)

@@ -192,6 +192,7 @@ def train_prompts(
     written as its artifact."""
     for data in tasks.values():  # a metric the task does not report, refused before anything is set up
         cfg.check_select_by(data.task.config.task)
+    prompt_config = prompt_config.for_tasks([data.task.config.task for data in tasks.values()])  # length, init
     chosen_lr = cfg.lr is None
     cfg = cfg.for_method(prompt_config.method)  # the lr explicit before it is logged or checked on resume
     policy = policy or TrainingPolicy()

@@ -54,18 +54,20 @@ class Candidate:
         return f"{p.method}-{p.init}-{p.num_tokens}{extra}-lr{self.lr:g}".replace(".", "p")
 
 
-def default_candidates(base: PromptConfig, classification: bool) -> list[Candidate]:
+def default_candidates(base: PromptConfig, kind: str) -> list[Candidate]:
     """Both methods at two learning rates each: prompt tuning from the label words (classification) and from the
-    template's text, prefix tuning from the template's text; the length is `base`'s."""
+    template's text, prefix tuning from the template's text; the length is `base`'s, else each method's default
+    for a task of `kind`."""
     settings = [("prompt", "text", lr) for lr in (0.3, 0.03)] + [("prefix", "text", lr) for lr in (0.03, 0.01)]
-    if classification:
+    if kind == "classification":
         settings = [("prompt", "labels", lr) for lr in (0.3, 0.03)] + settings
-    return [Candidate(dataclasses.replace(base, method=m, init=i), lr) for m, i, lr in settings]
+    return [Candidate(dataclasses.replace(base, method=m, init=i).for_tasks([kind]), lr) for m, i, lr in settings]
 
 
-def parse_grid(spec: str, base: PromptConfig, train: TrainConfig) -> tuple[list[Candidate], list[str]]:
+def parse_grid(spec: str, base: PromptConfig, train: TrainConfig, kind: str) -> tuple[list[Candidate], list[str]]:
     """The candidates of a grid such as "lr=0.3,0.03 method=prompt,prefix num_tokens=10,20": every combination,
-    the rest taken from `base`, the learning rate from `train` (its lr, else each candidate's method's default).
+    the rest taken from `base` (what it leaves unset, each candidate's method's default for a task of `kind`), the
+    learning rate from `train` (its lr, else each candidate's method's default).
     Returns them and why any combination was left out (e.g. a residual prefix); refuses a grid with unknown keys or
     values, or with no valid combination."""
     axes, problems = {}, []
@@ -85,7 +87,7 @@ def parse_grid(spec: str, base: PromptConfig, train: TrainConfig) -> tuple[list[
         setting = dict(zip(axes, combination))
         lr = setting.pop("lr", None)  # a grid's rates are positive: None is "not on the grid"
         try:
-            prompt = dataclasses.replace(base, **setting)
+            prompt = dataclasses.replace(base, **setting).for_tasks([kind])
             candidates.append(Candidate(prompt, lr or train.for_method(prompt.method).lr))
         except SoftPromptError as error:
             skipped.append(f"{setting}: {str(error).splitlines()[-1].strip(' -')}")
