@@ -7,9 +7,10 @@ import dataclasses
 import inspect
 import re
 import textwrap
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Collection, Literal
+from typing import Literal
 
 from .errors import SoftPromptError
 from .methods import REGISTRY
@@ -45,11 +46,10 @@ class PromptConfig:
     init: Literal["random", "vocab", "text", "labels", "demos"] | None = None
     """Unset: demos for prefix tuning on a generation task, else text (`default_start`, measured). random: uniform
     in ±init_range; vocab: embeddings of frequent tokens; text: the tokens of `init_text` (truncated or repeated);
-    labels: each label word seeds one slot, frequent tokens fill the rest; demos: training
-    examples with their answers, one per line in a seeded order, as many as fill num_tokens (the last one cut: the
-    demonstrations' count follows from num_tokens and their length), each hidden from its own row in training
-    (leave-one-out). For prefix tuning the non-random inits take the frozen model's own key/values over those
-    tokens."""
+    labels: each label word seeds one slot, frequent tokens fill the rest; demos: training examples with their
+    answers, one per line in a seeded order, as many as fill num_tokens (the last one cut: the demonstrations' count
+    follows from num_tokens and their length), each hidden from its own row in training (leave-one-out). For prefix
+    tuning the non-random inits take the frozen model's own key/values over those tokens."""
     init_text: str | None = None
     """Text for `init=text` (the CLI and PromptTuner default to the template's literal words)."""
     init_range: float = 0.5
@@ -101,9 +101,9 @@ class PromptConfig:
 def default_start(method: str, kind: str | None, init: str | None = None) -> tuple[int, str]:
     """(num_tokens, init) where they are not given, as benchmarks/defaults.py measured them (README: "The defaults
     against LoRA"): prefix tuning on a generation task starts from the model's own key/values over 96 tokens of
-    training examples with their answers (on translation 3.3 chrF more than 20 tokens of the template's words, within
-    a point of LoRA); everything else from 20 tokens of the template's words (on classification, demonstrations
-    learned less). A given `init` other than that start's keeps 20 tokens."""
+    training examples with their answers (against 20 tokens of the template's words: translation 25.9 -> 29.2 chrF,
+    within a point of LoRA; pinyin-tones 89.3 -> 95.2); everything else from 20 tokens of the template's words (on
+    classification, demonstrations learned less). A given `init` other than that start's keeps 20 tokens."""
     demos = (method, kind) == ("prefix", "generation")
     init = init or ("demos" if demos else "text")
     return (96 if demos and init == "demos" else 20), init
