@@ -192,8 +192,12 @@ def test_the_command_line_trains_from_demos(tmp_path, monkeypatch, capsys):
     assert '"init": "demos"' in (tmp_path / "run" / "config.json").read_text()
 
 
+def start(config: PromptConfig, kinds: list[str]) -> tuple[int, str]:
+    resolved = config.for_tasks(kinds)
+    return resolved.num_tokens, resolved.init
+
+
 def test_unset_length_and_init_take_the_start_measured_for_the_method_and_task():
-    start = lambda config, kinds: (lambda c: (c.num_tokens, c.init))(config.for_tasks(kinds))  # noqa: E731
     unset = PromptConfig(init_text="review")
     assert start(unset, ["generation"]) == (96, "demos")
     assert start(unset, ["classification"]) == start(unset, ["generation", "classification"]) == (20, "text")

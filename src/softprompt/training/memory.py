@@ -131,11 +131,10 @@ class PromptShape:
 
     @classmethod
     def of(cls, prompt_config: PromptConfig, shapes: Shapes, dtype: torch.dtype) -> "PromptShape":
-        shaped = dataclasses.replace(prompt_config, init="random").for_tasks([])  # an unset length: 20 (a run sets it)
         stand_in = SimpleNamespace(shapes=shapes, device=torch.device("meta"), dtype=dtype, tokenizer=None)
         saved: list[torch.Tensor] = []
         with torch.device("meta"):
-            method = methods.build(shaped, stand_in)
+            method = methods.build(dataclasses.replace(prompt_config, init="random"), stand_in)
             with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
                 prompt_input = method.training_input(stand_in)
         params = {id(p) for p in method.parameters()}
@@ -143,7 +142,7 @@ class PromptShape:
         return cls(
             parameters=tuple(tuple(p.shape) for p in method.parameters()),
             soft_tokens=prompt_input.dim() == 2,  # (n, hidden), as `packed_forward` tells them apart
-            num_tokens=shaped.num_tokens,
+            num_tokens=method.config.num_tokens,  # an unset length resolved by `build` (a run resolves it first)
             activations=sum(_nbytes(t) for t in kept.values()) + _nbytes(prompt_input),
             config=prompt_config,
         )
