@@ -222,3 +222,27 @@ def test_the_command_without_num_tokens_or_init_starts_as_measured(tmp_path, mon
     assert (saved["method"], saved["num_tokens"], saved["init"]) == ("prefix", *expected)
     (prefix,) = load_file(tmp_path / "run" / "prompt.safetensors").values()  # (layers, 2, kv_heads, n, head_dim)
     assert prefix.shape[-2] == expected[0]
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_a_default_start_of_demonstrations_takes_what_little_data_fills(tmp_path, monkeypatch, capsys, given):
+    """Eight examples of `review W W W W sentiment LABEL` fill 56 tokens: with no --num-tokens the prompt takes all
+    56 and says so; a length asked for (96) is refused with the length the data fill."""
+    model = save_tiny_model(tmp_path / "tiny")
+    train_file = write_data(tmp_path / "train.jsonl", 8, seed=1)
+    written = sum(len(json.loads(line)["text"].split()) + 3 for line in train_file.read_text().splitlines())
+    assert written == 56
+    code, out, err = run_main(monkeypatch, capsys, [
+        "train", "--model", model, "--train", train_file, "--template", "review {text} sentiment", "--target-field",
+        "label", "--steps", 1, "--batch-size", 4, "--holdout", 0, "--out", tmp_path / "run", "--no-progress",
+        *(["--num-tokens", 96] if given else [])])  # fmt: skip
+    if given:
+        assert code != 0 and "take 56 tokens, fewer than num_tokens 96; use --num-tokens 56" in err
+        assert not (tmp_path / "run" / "prompt.safetensors").exists()
+        return
+    assert code == 0, err
+    assert "fill 56 tokens, fewer than the 96 of the demonstrations start: the prompt takes 56" in err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["num_tokens"], saved["init"]) == (56, "demos")
+    (prefix,) = load_file(tmp_path / "run" / "prompt.safetensors").values()  # (layers, 2, kv_heads, n, head_dim)
+    assert prefix.shape[-2] == 56

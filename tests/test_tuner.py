@@ -222,13 +222,16 @@ main()
 
 def test_generation(files, tmp_path, monkeypatch, capsys):
     """A generation task: predict is the greedy continuation, which `softprompt generate` prints for the same
-    artifact; score refuses (it ranks label words)."""
+    artifact; score refuses (it ranks label words). Its default start, demonstrations, takes the 60 tokens that the
+    12 training rows fill written out (fewer than its 96)."""
     rows = [{"text": f"{a} {b}", "target": b} for a in ("one", "two", "red", "blue") for b in ("cat", "dog", "yes")]
     data = write_parquet(tmp_path / "gen.parquet", rows)
     tuner = PromptTuner(files["model"], template="question {text} answer", target_field="target", out=tmp_path / "g",
-                        progress=False, num_tokens=3, steps=4, batch_size=4, eval_every=2)  # fmt: skip
+                        progress=False, steps=4, batch_size=4, eval_every=2)  # fmt: skip
     assert tuner.task_config.task == "generation"
     tuner.fit(data, valid=rows[:4])
+    written = sum(len(f"question {row['text']} answer {row['target']}".split()) for row in rows)
+    assert tuner.prompt_config.num_tokens == tuner.method.prefix.shape[-2] == written == 60
     texts = ["one cat", "red dog"]
     answers = tuner.generate(texts, max_new_tokens=3)
     assert tuner.predict(texts, max_new_tokens=3) == answers and any(answers)

@@ -192,20 +192,21 @@ def train(
     if search and not valid_file and not holdout_size(len(records["prompt"][0]), train_config):
         raise SoftPromptError(search_without_data(len(records["prompt"][0]), train_config))  # before the model loads
     candidates = _candidates(prompt_config, train_config, grid, specs["prompt"].config) if search else None
-    prompt_config = prompt_config.for_tasks([spec.config.task for spec in specs.values()])  # length and init
-    check_memory(model, LoadConfig(**settings.of(LoadConfig)), prompt_config, train_config,
+    # the length and init training takes (at most: a default start of demonstrations is cut to what the data fill)
+    start = prompt_config.for_tasks([spec.config.task for spec in specs.values()])
+    check_memory(model, LoadConfig(**settings.of(LoadConfig)), start, train_config,
                  len(candidates) if search else 1, [(spec.config, records[name][0]) for name, spec in specs.items()])
     # a model to shard loads on the CPU: no device ever holds it whole
     backbone = _backbone(model, settings, training=True, **({"device": "cpu"} if shard_model else {}))
     init_method = None
     if init_from:  # the source prompt's method and length replace --method/--num-tokens/--init
         init_method = transfer_source(init_from, backbone, f"--init-from {init_from}")
-        prompt_config = init_method.config
+        prompt_config = start = init_method.config
     data = {}
     for name, spec in specs.items():
         train_records, valid_records = records[name]  # read before the model loaded: they name their files
         task, (train_examples, valid_examples) = task_data(spec.config, backbone, {
-            "train": train_records, "valid": valid_records}, prompt_config.num_tokens, train_config)  # fmt: skip
+            "train": train_records, "valid": valid_records}, start.num_tokens, train_config)  # fmt: skip
         data[name] = TrainingTask(task, train_examples, valid_examples or [], init_method)
     if search:
         return _search(backbone, data["prompt"], candidates, train_config, out, progress, resume)

@@ -42,7 +42,8 @@ class PromptConfig:
     learned as much as prompt tuning or more, in less time; `prompt`: soft input embeddings (Lester et al. 2021),
     what vLLM's `prompt_embeds` can serve."""
     num_tokens: int | None = None
-    """Number of virtual tokens. Unset: 96 for prefix tuning on a generation task, else 20 (`default_start`)."""
+    """Number of virtual tokens. Unset: 96 for prefix tuning on a generation task (or all that its training
+    examples fill, when fewer), else 20 (`default_start`)."""
     init: Literal["random", "vocab", "text", "labels", "demos"] | None = None
     """Unset: demos for prefix tuning on a generation task, else text (`default_start`, measured). random: uniform
     in ±init_range; vocab: embeddings of frequent tokens; text: the tokens of `init_text` (truncated or repeated);

@@ -66,12 +66,13 @@ class PromptTuner:
         prompt = {k: v for k, v in settings.items() if k in PROMPT_SETTINGS}
         if prompt.get("init") in (None, "text") and not prompt.get("init_text"):  # None: text may be the start
             prompt["init_text"] = template_init_text(template)  # as `softprompt train` does
-        self.task_config, self.prompt_config, self.train_config, self.load_config = build_all(
+        self.task_config, self._prompt_given, self.train_config, self.load_config = build_all(
             lambda: TaskConfig.infer(template, labels, label_field, target_field),
             lambda: PromptConfig(method=method, num_tokens=num_tokens, **prompt),
             lambda: TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_SETTINGS}),
             lambda: LoadConfig(**{k: v for k, v in settings.items() if k in LOAD_SETTINGS}))
-        self.prompt_config = self.prompt_config.for_tasks([self.task_config.task])  # its length and init
+        # its length and init, as training takes them (a default start of demonstrations may be cut to the data)
+        self.prompt_config = self._prompt_given.for_tasks([self.task_config.task])
         self.progress, self._out = progress, Path(out) if out is not None else None
         self.backbone = load_backbone(model, self.load_config)
         self.method: PromptMethod | None = None
@@ -95,9 +96,10 @@ class PromptTuner:
         out = self._out or Path(tempfile.mkdtemp(prefix="softprompt-"))
         if self.progress:
             print(f"softprompt: training into {out}", file=sys.stderr)
-        run = train(self.backbone, task, self.prompt_config, self.train_config, train_examples, out, valid_examples,
+        run = train(self.backbone, task, self._prompt_given, self.train_config, train_examples, out, valid_examples,
                     progress=self.progress, resume=resume)  # fmt: skip
         self.method, self.summary, self.out, self._prefix = run.method, run.summary, out, None
+        self.prompt_config = run.method.config
         return self
 
     # -------------------------------------------------------------------------------------------------- using it

@@ -1,6 +1,6 @@
 """Prompt methods. Each owns its parameters, its initialization and `kv()`; a registry maps names to classes."""
 
-from .base import PromptMethod, demo_key, demonstrations
+from .base import PromptMethod, demo_key, demonstrations, demonstrations_length
 from .prefix_tuning import Prefix
 from .prompt_tuning import SoftPrompt
 
@@ -25,4 +25,5 @@ def from_tensors(config, backbone, tensors: dict) -> PromptMethod:
     return REGISTRY[config.method].from_tensors(config, backbone, tensors)
 
 
-__all__ = ["PromptMethod", "demo_key", "SoftPrompt", "Prefix", "REGISTRY", "build", "from_tensors"]
+__all__ = ["PromptMethod", "demo_key", "demonstrations_length", "SoftPrompt", "Prefix", "REGISTRY", "build",
+           "from_tensors"]

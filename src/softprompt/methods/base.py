@@ -97,14 +97,12 @@ def demonstrations(examples: list, tokenizer, n: int, generator: torch.Generator
     """init=demos: n token ids reading as a few-shot prompt: what the tokenizer puts in front of a text (BOS, if
     any), then training examples in a seeded order, each its input, answer and a newline (no other special
     tokens), as many as fill n, the last one cut. Returns them and the slots each example's demonstration holds."""
-    special = set(tokenizer.all_special_ids)
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    ids, slots = list(tokenizer("")["input_ids"]), {}
+    written, ids, slots = _written_out(tokenizer), list(tokenizer("")["input_ids"]), {}
     order = torch.randperm(len(examples), generator=generator).tolist()
     for example in (examples[i] for i in order):
         if len(ids) >= n:
             break
-        text = [t for t in example.input_ids + example.target_ids if t not in special] + newline
+        text = written(example)
         slots.setdefault(demo_key(example), slice(len(ids), min(n, len(ids) + len(text))))
         ids += text
     if len(ids) < n:
@@ -112,6 +110,19 @@ def demonstrations(examples: list, tokenizer, n: int, generator: torch.Generator
                               f"take {len(ids)} tokens, fewer than num_tokens {n}; use --num-tokens {len(ids)} or "
                               "less, or another --init.")  # fmt: skip
     return ids[:n], slots
+
+
+def demonstrations_length(examples: list, tokenizer) -> int:
+    """The tokens `demonstrations` writes when every example is shown: the most num_tokens init=demos can fill."""
+    written = _written_out(tokenizer)
+    return len(tokenizer("")["input_ids"]) + sum(len(written(example)) for example in examples)
+
+
+def _written_out(tokenizer):
+    """An example as a demonstration shows it: its input and answer without special tokens, then a newline."""
+    special = set(tokenizer.all_special_ids)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    return lambda example: [t for t in example.input_ids + example.target_ids if t not in special] + newline
 
 
 def initial_token_ids(config, tokenizer, labels: list[str], generator: torch.Generator | None,

@@ -192,7 +192,6 @@ def train_prompts(
     written as its artifact."""
     for data in tasks.values():  # a metric the task does not report, refused before anything is set up
         cfg.check_select_by(data.task.config.task)
-    prompt_config = prompt_config.for_tasks([data.task.config.task for data in tasks.values()])  # length, init
     chosen_lr = cfg.lr is None
     cfg = cfg.for_method(prompt_config.method)  # the lr explicit before it is logged or checked on resume
     policy = policy or TrainingPolicy()
@@ -204,6 +203,7 @@ def train_prompts(
     setup.check_model(backbone)
     tasks = setup.hold_out(tasks, cfg, say=accelerator.is_main_process)
     setup.check_data(tasks, cfg, accelerator.num_processes)
+    prompt_config = setup.resolve_start(prompt_config, tasks, backbone.tokenizer, say=accelerator.is_main_process)
     identity = RunIdentity.of(prompt_config, cfg, tasks)
     saved = saved_state(layout.out_dir, identity, resume)
     sharded, frozen_held = setup.place_model(backbone, cfg, accelerator)

@@ -191,6 +191,24 @@ def place_model(backbone: Backbone, cfg: TrainConfig, accelerator: Accelerator) 
     return sharded, frozen_held
 
 
+def resolve_start(prompt_config: PromptConfig, tasks: dict[str, TrainingTask], tokenizer, say: bool = True
+                  ) -> PromptConfig:  # fmt: skip
+    """The prompt settings with their length and init explicit (`PromptConfig.for_tasks`). Where the length is the
+    default one of demonstrations and the training examples written out fill fewer tokens, the prompt takes all of
+    them instead of refusing, as stderr says (`say`: this process is the one that speaks)."""
+    resolved = prompt_config.for_tasks([data.task.config.task for data in tasks.values()])
+    if prompt_config.num_tokens is not None or resolved.init != "demos":
+        return resolved
+    fill = min(methods.demonstrations_length(data.train, tokenizer) for data in tasks.values())
+    if fill >= resolved.num_tokens:
+        return resolved
+    if say:
+        print(f"softprompt: the training examples written out with their answers fill {fill} tokens, fewer than "
+              f"the {resolved.num_tokens} of the demonstrations start: the prompt takes {fill} (--num-tokens sets "
+              "another length)", file=sys.stderr)  # fmt: skip
+    return replace(resolved, num_tokens=fill)
+
+
 def build_prompts(backbone: Backbone, tasks: dict[str, TrainingTask], prompt_config: PromptConfig, seed: int,
                   device: torch.device) -> PromptSet:  # fmt: skip
     """Each task's starting prompt: a copy of its `init`, or a new one drawn from one seeded generator in task
