@@ -21,6 +21,7 @@ Chinese pairs, template without instruction) on gemma3-270m.
     python benchmarks/defaults.py --no-search --single "method=prefix lr=0.03"    # a candidate default, side by side
     python benchmarks/defaults.py --tasks moral-foundation --candidates-only --single "method=prefix"
     python benchmarks/defaults.py --tasks translation --no-search --test 100 --valid 48
+    python benchmarks/defaults.py --tasks debate-party --no-search --seed 1         # another draw of every column
 
 Prints a table per task as it finishes, a line on the defaults against LoRA over all tasks, and one JSON line.
 """
@@ -170,7 +171,7 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
     data = splits(bench.load(), args.test, args.valid)
     task = TaskEncoder(config, backbone.tokenizer, max_length=args.max_length)
     train_set, valid_set, test_set = (task.encode(data[k]) for k in ("train", "valid", "test"))
-    cfg = TrainConfig(steps=args.steps, eval_size=args.valid, max_length=args.max_length)  # the rest: defaults
+    cfg = TrainConfig(steps=args.steps, eval_size=args.valid, max_length=args.max_length, seed=args.seed)
     base = PromptConfig(init_text=template_init_text(config.template))  # what `softprompt train` builds
     row = {"task": name, "model": model_name, "metric": "accuracy" if task.is_classification else "chrf",
            "train": len(train_set), "valid": len(valid_set), "test": len(test_set)}
@@ -239,6 +240,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256, help="Longest example in tokens (longer plot "
                         "summaries and debate answers keep their end).")  # fmt: skip
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="Every column's training seed (starts, "
+                        "batch order; LoRA's initialization follows from it), not the data's split.")  # fmt: skip
     parser.add_argument("--single", action="append", default=[], metavar="SETTINGS",
                         help='Also train one run with these settings in --grid syntax, e.g. "method=prefix lr=0.03" '
                              "(repeatable): candidates for the defaults.")  # fmt: skip
@@ -257,7 +260,7 @@ def main() -> None:
         rows.append(row)
         m = row["metric"]
         print(f"\n{name} on {model} (train {row['train']}, valid {row['valid']}, test {row['test']}; {args.steps} "
-              "steps of 8)")
+              f"steps of 8; seed {args.seed})")
         print(f"  template only             {m} {row['template_only']:.3f}")
         if "single" in row:
             print(f"  softprompt train          {m} {row['single']:.3f}  {row['single_seconds']:7.1f} s")
@@ -272,7 +275,7 @@ def main() -> None:
             print(f"    {r['candidate']:<26} valid {r['valid'].get(m, float('nan')):.3f} at step "
                   f"{r['best_step']}, trained {r['trained_steps']}")
         print(flush=True)
-    summary = {"steps": args.steps, "tasks": rows}
+    summary = {"steps": args.steps, "seed": args.seed, "tasks": rows}
     if not args.candidates_only:  # only then did LoRA run
         v = summary["against_lora"] = against_lora(rows)
         print(f"The defaults against LoRA: within 1 point or ahead on {v['within_1_point_or_ahead']} of {v['tasks']} "
