@@ -120,12 +120,9 @@ def _backbone(model_name: str, settings: Settings, training: bool = False, **cha
 
 
 def _init_text(settings: Settings, template: str) -> str | None:
-    """--init-text, or for --init text without it the literal words of `template`."""
-    from .prepare import template_init_text
+    from .prepare import start_text
 
-    if settings["init"] in (None, "text") and not settings["init_text"]:  # None: text may be the default start
-        return template_init_text(template)
-    return settings["init_text"]
+    return start_text(settings["init"], settings["init_text"], template)
 
 
 def _saved(what: str, run, where: Path) -> str:

@@ -102,6 +102,12 @@ def template_init_text(template: str) -> str:
     return " ".join(PLACEHOLDER.sub(" ", template).split()) or "Answer:"
 
 
+def start_text(init: str | None, init_text: str | None, template: str) -> str | None:
+    """The init_text a prompt gets: the one given, else where its start may be text (init text, or unset: text may
+    be the default start) the template's literal words (`template_init_text`), as `train` and `PromptTuner` do."""
+    return init_text or (template_init_text(template) if init in (None, "text") else None)
+
+
 def fitted_task(config: TaskConfig, backbone: Backbone, virtual_tokens: int = 0,
                 max_length: int = TrainConfig.max_length,
                 too_long: str = TrainConfig.too_long) -> TaskEncoder:  # fmt: skip

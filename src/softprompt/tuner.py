@@ -28,7 +28,7 @@ from .data import fill
 from .errors import SoftPromptError
 from .methods import PromptMethod
 from .models import DEFAULT_MODEL, LoadConfig
-from .prepare import Data, check_generation_fits, check_trainable, load_backbone, task_data, template_init_text
+from .prepare import Data, check_generation_fits, check_trainable, load_backbone, start_text, task_data
 from .scoring.evaluate import label_scores
 from .scoring.generate import decode_new
 from .scoring.generate import generate as generate_ids
@@ -64,8 +64,7 @@ class PromptTuner:
                                   f"{', '.join(PROMPT_SETTINGS)}; training settings: {', '.join(TRAIN_SETTINGS)}; "
                                   f"model loading settings: {', '.join(LOAD_SETTINGS)}.")  # fmt: skip
         prompt = {k: v for k, v in settings.items() if k in PROMPT_SETTINGS}
-        if prompt.get("init") in (None, "text") and not prompt.get("init_text"):  # None: text may be the start
-            prompt["init_text"] = template_init_text(template)  # as `softprompt train` does
+        prompt["init_text"] = start_text(prompt.get("init"), prompt.get("init_text"), template)
         self.task_config, self._prompt_given, self.train_config, self.load_config = build_all(
             lambda: TaskConfig.infer(template, labels, label_field, target_field),
             lambda: PromptConfig(method=method, num_tokens=num_tokens, **prompt),
