@@ -91,14 +91,14 @@ class PromptTuner:
         check_trainable(self.load_config)
         task, (train_examples, valid_examples) = task_data(
             self.task_config, self.backbone, {"the training data": data, "the validation data": valid},
-            self.prompt_config.num_tokens, self.train_config)
+            self._prompt_given.for_tasks([self.task_config.task]).num_tokens, self.train_config)
         out = self._out or Path(tempfile.mkdtemp(prefix="softprompt-"))
         if self.progress:
             print(f"softprompt: training into {out}", file=sys.stderr)
         run = train(self.backbone, task, self._prompt_given, self.train_config, train_examples, out, valid_examples,
                     progress=self.progress, resume=resume)  # fmt: skip
         self.method, self.summary, self.out, self._prefix = run.method, run.summary, out, None
-        self.prompt_config = run.method.config
+        self.prompt_config = dataclasses.replace(self.prompt_config, num_tokens=run.method.config.num_tokens)
         return self
 
     # -------------------------------------------------------------------------------------------------- using it
