@@ -328,3 +328,59 @@ def test_decoding_writes_the_cache_in_place_and_matches_uncached_past_its_room(a
             if step == 1:
                 assert [layer.keys.untyped_storage().data_ptr() for layer in growing] == storage  # written in place
                 assert growing and growing[0].keys.shape[-2] == length + 1
+
+
+def all_partitions(items: list[int]):
+    """Every way to split `items` into groups (Bell-number many: small lists only)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in all_partitions(rest):
+        yield [[first], *partition]
+        for i in range(len(partition)):
+            yield [*partition[:i], [first, *partition[i]], *partition[i + 1 :]]
+
+
+@pytest.mark.parametrize("lengths", [[3, 40, 2, 38, 5, 1, 39], [7, 7, 8, 9, 12], [1, 60], [4]])
+def test_prefill_groups_cost_no_more_than_any_split_of_the_rows(lengths):
+    from softprompt.backbones.running import length_groups
+
+    cost = lambda groups: sum(16 + len(g) * max(lengths[r] for r in g) for g in groups)  # noqa: E731
+    groups = length_groups(lengths, overhead=16)
+    assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
+    assert cost(groups) == min(cost(p) for p in all_partitions(list(range(len(lengths)))))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rows_of_very_different_lengths_prefill_in_groups_and_decode_as_alone(arch):
+    """Long and short prompts, each behind its own prefix, join in several prefills (so the short ones compute on
+    no pads) and still decode as each does alone and as the uncached reference, in the order given."""
+    from softprompt.backbones.running import length_groups
+
+    backbone = tiny_backbone(arch, seed=9)
+    lengths = [2, 45, 1, 40, 3]
+    assert len(length_groups(lengths)) > 1
+    shared = [soft_prompt(backbone, n, seed=n, method=m).kv(backbone).detach()
+              for n, m in zip([3, 5, 2, 4, 6], ["prompt", "prefix"] * 3)]  # fmt: skip
+    stacked, mask = backbone.stack_prefixes(shared)  # (B, L, 2, H, 6, D), (B, 6)
+    prompts = random_prompts(lengths, seed=11)
+    alone = [generate(backbone, [p], kv, max_new_tokens=10)[0] for p, kv in zip(prompts, shared)]
+    assert generate(backbone, prompts, stacked, prefix_mask=mask, max_new_tokens=10) == alone
+    assert alone[1] == greedy_uncached(fresh_prefix_logits(backbone, shared[1]), prompts[1], 10)
+    shared_prefix = shared[0]  # one prompt for all rows
+    alone = [generate(backbone, [p], shared_prefix, max_new_tokens=10)[0] for p in prompts]
+    assert generate(backbone, prompts, shared_prefix, max_new_tokens=10) == alone
+    # joining rows already running, then a step of all: each row's logits as the full sequence's, uncached
+    from softprompt.backbones.running import RunningBatch
+
+    batch, reference = RunningBatch(backbone), fresh_prefix_logits(backbone, shared_prefix)
+    with torch.no_grad():
+        batch.join(prompts[:1], shared_prefix)
+        joined = batch.join(prompts[1:], shared_prefix)  # four rows in more than one prefill
+        assert len(length_groups(lengths[1:])) > 1
+        torch.testing.assert_close(joined, torch.stack([reference(p) for p in prompts[1:]]), rtol=1e-5, atol=1e-5)
+        tokens = [5, 6, 7, 8, 9]
+        stepped = batch.step(tokens)
+        expected = torch.stack([reference(p + [t]) for p, t in zip(prompts, tokens)])
+        torch.testing.assert_close(stepped, expected, rtol=1e-5, atol=1e-5)
