@@ -4,6 +4,7 @@ are the same. serve_speed.py measures the engine beside PEFT and vLLM; this leav
 generations takes a minute, not half an hour.
 
     python benchmarks/engine_speed.py --new-tokens 256 --repeats 1
+    python benchmarks/engine_speed.py --long-prompt 400 --repeats 1     # one long prompt among the short ones
     (cd ../other-checkout && PYTHONPATH=src python benchmarks/engine_speed.py --new-tokens 256 --repeats 1)
 """
 
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per request, EOS ignored")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--long-prompt", type=int, default=0, metavar="TOKENS",
+                        help="One request (the sixth) with a text of this many tokens among the short ones.")
     args = parser.parse_args()
     quiet_process(args.threads)
     backbone = embedded_backbone()
@@ -40,6 +43,9 @@ def main() -> None:
                     for seed, n in enumerate(prompt_lengths(args.prompts))]  # fmt: skip
     rows = [(backbone.tokenizer(request_text(i))["input_ids"], prefixes[i % args.prompts])
             for i in range(args.requests)]  # fmt: skip
+    if args.long_prompt:  # a long text beside short ones: what one client's long prompt costs the others
+        text = " ".join(request_text(i) for i in range(args.long_prompt))
+        rows[5] = (backbone.tokenizer(text)["input_ids"][: args.long_prompt], rows[5][1])
     engine = local_engine(backbone, args.requests, args.requests)
     drive(engine, rows[:4], greedy(2))  # warm-up
     runs = [drive(engine, rows, greedy(args.new_tokens)) for _ in range(args.repeats)]
