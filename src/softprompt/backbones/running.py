@@ -86,10 +86,10 @@ class RunningBatch:
         cache, mask, logits = None, None, []
         per_row = prefix is not None and prefix.dim() == 6  # (G, layers, 2, kv_heads, n, head_dim), else shared
         for rows in groups:
-            pick = (lambda t: t[rows]) if len(groups) > 1 else (lambda t: t)  # noqa: E731  (no copy for one group)
+            at = rows if len(groups) > 1 else slice(None)  # one group: views, no copy
             group_cache, group_mask, group_logits = self._prefill(
-                [prompts[r] for r in rows], pick(prefix) if per_row else prefix,
-                None if prefix_mask is None else pick(prefix_mask))  # fmt: skip
+                [prompts[r] for r in rows], prefix[at] if per_row else prefix,
+                None if prefix_mask is None else prefix_mask[at])  # fmt: skip
             logits.append(group_logits)
             if cache is None:
                 cache, mask = group_cache, group_mask
