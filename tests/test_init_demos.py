@@ -200,16 +200,20 @@ def start(config: PromptConfig, kinds: list[str]) -> tuple[int, str]:
 def test_unset_length_and_init_take_the_start_measured_for_the_method_and_task():
     unset = PromptConfig(init_text="review")
     assert start(unset, ["generation"]) == (96, "demos")
-    assert start(unset, ["classification"]) == start(unset, ["generation", "classification"]) == (20, "text")
-    assert start(unset, []) == start(PromptConfig(method="prompt", init_text="r"), ["generation"]) == (20, "text")
+    assert start(unset, ["classification"]) == start(PromptConfig(init="text", init_text="r"), ["classification"])
+    assert start(unset, ["classification"]) == (10, "text")
+    assert start(unset, ["generation", "classification"]) == start(unset, []) == (20, "text")
+    prompt = PromptConfig(method="prompt", init_text="r")
+    assert start(prompt, ["generation"]) == start(prompt, ["classification"]) == (20, "text")
     assert start(PromptConfig(init="vocab"), ["generation"]) == (20, "vocab")  # a given init keeps 20 tokens
+    assert start(PromptConfig(init="labels"), ["classification"]) == (20, "labels")
     assert start(PromptConfig(num_tokens=7), ["generation"]) == (7, "demos")
 
 
 @pytest.mark.parametrize("generation", [True, False])
 def test_the_command_without_num_tokens_or_init_starts_as_measured(tmp_path, monkeypatch, capsys, generation):
     """No --num-tokens, --init or --method: a generation task gets 96 tokens of demonstrations (their slots hidden
-    from their own rows), a classification task 20 tokens of the template's words."""
+    from their own rows), a classification task 10 tokens of the template's words."""
     model = save_tiny_model(tmp_path / "tiny")
     train_file = write_data(tmp_path / "train.jsonl", 40, seed=1)
     task = ["--target-field", "label"] if generation else ["--labels", "negative,positive", "--label-field", "label"]
@@ -218,7 +222,7 @@ def test_the_command_without_num_tokens_or_init_starts_as_measured(tmp_path, mon
         "--steps", 1, "--batch-size", 4, "--holdout", 0, "--out", tmp_path / "run", "--no-progress"])  # fmt: skip
     assert code == 0, err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    expected = (96, "demos") if generation else (20, "text")
+    expected = (96, "demos") if generation else (10, "text")
     assert (saved["method"], saved["num_tokens"], saved["init"]) == ("prefix", *expected)
     (prefix,) = load_file(tmp_path / "run" / "prompt.safetensors").values()  # (layers, 2, kv_heads, n, head_dim)
     assert prefix.shape[-2] == expected[0]

@@ -196,8 +196,8 @@ def test_grid_is_every_combination_less_the_invalid_ones():
     grid = "lr=0.3,0.03 method=prompt,prefix residual=true,false"
     candidates, skipped = parse_grid(grid, base, TrainConfig(lr=0.01), "classification")
     names = [c.name for c in candidates]
-    assert names == ["prompt-text-20-residual-lr0p3", "prompt-text-20-lr0p3", "prefix-text-20-lr0p3",
-                     "prompt-text-20-residual-lr0p03", "prompt-text-20-lr0p03", "prefix-text-20-lr0p03"]
+    assert names == ["prompt-text-20-residual-lr0p3", "prompt-text-20-lr0p3", "prefix-text-10-lr0p3",
+                     "prompt-text-20-residual-lr0p03", "prompt-text-20-lr0p03", "prefix-text-10-lr0p03"]
     assert len(skipped) == 2 and all("residual applies to method=prompt only" in s for s in skipped)
     only_tokens, _ = parse_grid("num_tokens=5,10", base, TrainConfig(lr=0.02), "classification")
     assert [(c.prompt.num_tokens, c.lr) for c in only_tokens] == [(5, 0.02), (10, 0.02)]
