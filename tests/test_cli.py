@@ -339,3 +339,13 @@ def test_user_mistakes_in_process(workspace, runs, monkeypatch, capsys, tmp_path
         for needle in needles:
             assert needle in message, (args, needle, err)
     assert not (tmp_path / "out" / "prompt.safetensors").exists()
+
+
+def test_bitsandbytes_missing_optional_cpu_kernel_is_not_printed_by_every_command():
+    """bitsandbytes logs that warning when transformers imports it (on CPUs with AVX-512 BF16 only), so it is sent
+    here by hand, beside another warning of the same logger that must still show."""
+    code = ("import logging, softprompt.cli; log = logging.getLogger('bitsandbytes.backends.cpu.ops'); "
+            "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s.', 'none'); "
+            "log.warning('another warning')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "gemm_4bit" not in result.stderr and "another warning" in result.stderr
