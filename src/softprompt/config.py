@@ -99,6 +99,11 @@ class PromptConfig:
         _check(problems, "prompt settings")
 
 
+MEASURED_STARTS = {("prefix", "generation"): (96, "demos"), ("prefix", "classification"): (10, "text")}
+"""(num_tokens, init) by (method, task kind) where measurement chose them; every other case takes OTHER_START."""
+OTHER_START = (20, "text")
+
+
 def default_start(method: str, kind: str | None, init: str | None = None) -> tuple[int, str]:
     """(num_tokens, init) where they are not given, as benchmarks/defaults.py measured them (README: "The defaults
     against LoRA"): prefix tuning on a generation task starts from the model's own key/values over 96 tokens of
@@ -106,10 +111,9 @@ def default_start(method: str, kind: str | None, init: str | None = None) -> tup
     within a point of LoRA; pinyin-tones 89.3 -> 95.2); on a classification task from 10 tokens of the template's
     words (against 20: as good or better on all four classification tasks, mean +1.9 points; demonstrations learned
     less); everything else from 20 tokens of the template's words. A given `init` other than that start's keeps 20."""
-    start = {("prefix", "generation"): (96, "demos"), ("prefix", "classification"): (10, "text")}
-    num_tokens, default_init = start.get((method, kind), (20, "text"))
+    num_tokens, default_init = MEASURED_STARTS.get((method, kind), OTHER_START)
     init = init or default_init
-    return (num_tokens if init == default_init else 20), init
+    return (num_tokens if init == default_init else OTHER_START[0]), init
 
 
 @dataclass
