@@ -259,6 +259,30 @@ def test_search_command_keeps_the_best_candidate_and_writes_table_and_plot(tmp_p
     assert (out / "loss.png").is_file() and "of the steps of training each one fully" in stdout
 
 
+@pytest.mark.parametrize("given", [False, True])
+def test_a_grid_of_default_demonstration_starts_takes_what_little_data_fills(tmp_path, monkeypatch, capsys, given):
+    """A grid that leaves length and init to a generation task's default (a prefix of demonstrations, 96 tokens),
+    on eight examples that fill 56 tokens: every candidate takes 56, as a plain `train` does, and stderr says so
+    once; a length put on the grid (96) is refused with the length the data fill."""
+    model = save_tiny_model(tmp_path / "model")
+    train_file = write_data(tmp_path / "train.jsonl", 8, seed=1)  # 56 tokens written out (test_init_demos)
+    code, _, stderr = run_main(monkeypatch, capsys, [
+        "train", "--model", model, "--train", train_file, "--valid", write_data(tmp_path / "valid.jsonl", 8, seed=2),
+        "--template", "review {text} sentiment", "--target-field", "label", "--steps", 2, "--batch-size", 4,
+        "--grid", "lr=0.03,0.01" + " num_tokens=96" * given, "--out", tmp_path / "run", "--no-progress"])  # fmt: skip
+    if given:
+        assert code != 0 and "take 56 tokens, fewer than num_tokens 96; use --num-tokens 56" in stderr
+        assert not (tmp_path / "run" / "prompt.safetensors").exists()
+        return
+    assert code == 0, stderr
+    assert stderr.count("fill 56 tokens, fewer than the 96 of the demonstrations start: the prompt takes 56") == 1
+    assert "Searching 2 candidates: prefix-demos-56-lr0p03, prefix-demos-56-lr0p01" in stderr
+    table = json.loads((tmp_path / "run" / "search.json").read_text())
+    assert [(r["num_tokens"], r["init"]) for r in table] == [(56, "demos")] * 2
+    (prefix,) = load_file(tmp_path / "run" / "prompt.safetensors").values()  # (layers, 2, kv_heads, n, head_dim)
+    assert prefix.shape[-2] == 56
+
+
 def test_search_without_validation_data_or_enough_to_hold_out_is_refused(llama, tmp_path, monkeypatch, capsys):
     """Refused before the model loads (a folder that holds none), and by the library's search itself."""
     data = write_data(tmp_path / "train.jsonl", 8, seed=1)

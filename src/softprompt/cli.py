@@ -272,7 +272,6 @@ def _search(backbone, data, candidates: list, train_config: TrainConfig, out: Pa
     from .training.search import cost, format_table
     from .training.search import search as run_search
 
-    typer.echo(f"Searching {len(candidates)} candidates: {', '.join(c.name for c in candidates)}", err=True)
     result = run_search(backbone, data.task, candidates, train_config, data.train, data.valid, out, progress, resume)
     typer.echo(format_table(result.table))
     typer.echo(f"Saved the best candidate, {result.best}, to {out} (its table: {out / 'search.md'}); the candidates "

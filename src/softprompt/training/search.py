@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .. import artifact, methods
@@ -32,7 +33,7 @@ from ..errors import SoftPromptError
 from .loop import Run, selection_key, train_prompts
 from .policy import RunView, TrainingPolicy
 from .run_files import Layout
-from .setup import PromptSet, TrainingTask, hold_out, search_without_data
+from .setup import PromptSet, TrainingTask, hold_out, resolve_start, search_without_data
 
 GRID_KEYS = {"lr": float, "method": str, "init": str, "num_tokens": int, "residual": bool, "prefix_mlp": bool,
              "mlp_hidden": int}  # fmt: skip
@@ -45,6 +46,9 @@ class Candidate:
 
     prompt: PromptConfig
     lr: float
+    default_length: bool = False
+    """Its length is its start's default, not asked for: a start of demonstrations then takes what the training data
+    fill when they fill fewer tokens, as a plain run's does (`setup.resolve_start`)."""
 
     @property
     def name(self) -> str:
@@ -61,7 +65,8 @@ def default_candidates(base: PromptConfig, kind: str) -> list[Candidate]:
     settings = [("prompt", "text", lr) for lr in (0.3, 0.03)] + [("prefix", "text", lr) for lr in (0.03, 0.01)]
     if kind == "classification":
         settings = [("prompt", "labels", lr) for lr in (0.3, 0.03)] + settings
-    return [Candidate(dataclasses.replace(base, method=m, init=i).for_tasks([kind]), lr) for m, i, lr in settings]
+    return [Candidate(dataclasses.replace(base, method=m, init=i).for_tasks([kind]), lr, base.num_tokens is None)
+            for m, i, lr in settings]  # fmt: skip
 
 
 def parse_grid(spec: str, base: PromptConfig, train: TrainConfig, kind: str) -> tuple[list[Candidate], list[str]]:
@@ -88,7 +93,8 @@ def parse_grid(spec: str, base: PromptConfig, train: TrainConfig, kind: str) -> 
         lr = setting.pop("lr", None)  # a grid's rates are positive: None is "not on the grid"
         try:
             prompt = dataclasses.replace(base, **setting).for_tasks([kind])
-            candidates.append(Candidate(prompt, lr or train.for_method(prompt.method).lr))
+            default_length = base.num_tokens is None and "num_tokens" not in setting
+            candidates.append(Candidate(prompt, lr or train.for_method(prompt.method).lr, default_length))
         except SoftPromptError as error:
             skipped.append(f"{setting}: {str(error).splitlines()[-1].strip(' -')}")
     if not candidates:
@@ -233,6 +239,10 @@ def search(
         train_examples, valid_examples, held_out = held.train, held.valid, held.held_out
     if len(candidates) < 2:
         raise SoftPromptError(f"a search needs at least two candidates, got {len(candidates)}.")
+    main = PartialState().is_main_process
+    candidates = _fit_to_data(candidates, TrainingTask(task, train_examples), backbone.tokenizer, say=main)
+    if main:
+        print(f"Searching {len(candidates)} candidates: {', '.join(c.name for c in candidates)}", file=sys.stderr)
     out_dir = Path(out_dir)
     names = [c.name for c in candidates]
     tasks = {}
@@ -250,6 +260,19 @@ def search(
     write_json(out_dir / "search.json", table)
     write_text(out_dir / "search.md", format_table(table) + "\n")
     return SearchResult(best, runs, table)
+
+
+def _fit_to_data(candidates: list[Candidate], data: TrainingTask, tokenizer, say: bool = True) -> list[Candidate]:
+    """The candidates with a default start of demonstrations cut to what `data`'s training examples fill, when
+    they fill fewer tokens (`Candidate.default_length`); stderr says so once (`say`)."""
+    fitted = []
+    for c in candidates:
+        if c.default_length:
+            prompt = resolve_start(dataclasses.replace(c.prompt, num_tokens=None), {"search": data}, tokenizer, say)
+            say = say and prompt == c.prompt  # one message for all the candidates it cuts
+            c = dataclasses.replace(c, prompt=prompt)
+        fitted.append(c)
+    return fitted
 
 
 def _row(candidate: Candidate, run: Run, best: bool) -> dict:
