@@ -47,7 +47,7 @@ from softprompt.data import TaskEncoder
 from softprompt.data.corpora import (debate_party, english_chinese, moral_foundation, pinyin_tones, review_or_plot,
                                      rotten_tomatoes)
 from softprompt.scoring.evaluate import evaluate
-from softprompt.models import load_model
+from softprompt.models import LoadConfig, load_model
 from softprompt.prepare import template_init_text
 from softprompt.training.search import default_candidates, parse_grid, search
 from softprompt.training.loop import BatchOrder, improves, loss_on, selection_key, train
@@ -119,12 +119,12 @@ def timed(fn):
     return result, time.perf_counter() - began
 
 
-def lora_run(model_name: str, task: TaskEncoder, train_set, valid_set, cfg: TrainConfig) -> tuple:
+def lora_run(model_name: str, task: TaskEncoder, train_set, valid_set, cfg: TrainConfig, dtype: str) -> tuple:
     """LoRA on a fresh copy of the model, trained and scored through our backbone (the LoRA layers live inside the
     model's own q/v projections): the same batches, loss, validation rule and scorer as the prompts get."""
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, LoadConfig(dtype=dtype))
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                   target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     backbone = backbone_for(peft_model.base_model.model, tokenizer)  # freezes every parameter ...
@@ -194,7 +194,7 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
         shutil.rmtree(out)
         return row
     if args.no_search:
-        return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out)
+        return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out, args.dtype)
     candidates = default_candidates(base, config.task)
     result, row["search_seconds"] = timed(lambda: search(backbone, task, candidates, cfg, train_set, valid_set,
                                                          out + "/search", progress=False))  # fmt: skip
@@ -205,13 +205,13 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
     row["one_after_another_seconds"] = round(sum(
         timed(lambda: train(backbone, task, c.prompt, probe, train_set, out + "/probe-" + c.name, progress=False))[1]
         / args.probe_steps * args.steps for c in candidates), 1)  # fmt: skip
-    return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out)
+    return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out, args.dtype)
 
 
 def _lora(row: dict, model_name: str, task: TaskEncoder, train_set, valid_set, test_set, cfg: TrainConfig,
-          out: str) -> dict:
+          out: str, dtype: str) -> dict:
     (lora_backbone, row["lora_params"]), row["lora_seconds"] = timed(
-        lambda: lora_run(model_name, task, train_set, valid_set, cfg))
+        lambda: lora_run(model_name, task, train_set, valid_set, cfg, dtype))
     row["lora"] = test_score(lora_backbone, task, test_set, None, TASKS[row["task"]].max_new_tokens)
     shutil.rmtree(out)
     for key in ("single_seconds", "search_seconds", "lora_seconds"):
@@ -240,6 +240,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256, help="Longest example in tokens (longer plot "
                         "summaries and debate answers keep their end).")  # fmt: skip
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="Every column's "
+                        "frozen model (the README's tables: float32; auto takes bfloat16 on a CPU that multiplies it).")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="Every column's training seed (starts, "
                         "batch order; LoRA's initialization follows from it), not the data's split.")  # fmt: skip
     parser.add_argument("--single", action="append", default=[], metavar="SETTINGS",
@@ -255,7 +257,7 @@ def main() -> None:
     for name in args.tasks.split(","):
         model = TASKS[name].model or args.model
         if model not in backbones:
-            backbones[model] = backbone_for(*load_model(model))
+            backbones[model] = backbone_for(*load_model(model, LoadConfig(dtype=args.dtype)))
         row = run_task(name, backbones[model], model, args)
         rows.append(row)
         m = row["metric"]

@@ -48,7 +48,7 @@ from softprompt.data.corpora import sentiment_splits
 from softprompt.demo import INIT_TEXT, LABELS, TEMPLATE
 from softprompt.training.distill import DistillConfig, Teacher, distill, teacher_label_logprobs
 from softprompt.scoring.evaluate import label_scores
-from softprompt.models import DEFAULT_MODEL, load_model
+from softprompt.models import DEFAULT_MODEL, LoadConfig, load_model
 from softprompt.prepare import fitted_task
 
 INSTRUCTION = "Decide whether each movie review is positive or negative.\n\n"
@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    backbone = backbone_for(*load_model(DEFAULT_MODEL))
+    backbone = backbone_for(*load_model(DEFAULT_MODEL, LoadConfig(dtype="float32")))  # as its README table ran
     task = fitted_task(TaskConfig(template=TEMPLATE, labels=LABELS, label_field="label"), backbone, NUM_TOKENS)
     splits = sentiment_splits()
     long_template, shown = teacher_template(splits["train"], args.demos, args.seed)

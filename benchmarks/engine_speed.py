@@ -5,6 +5,7 @@ generations takes a minute, not half an hour.
 
     python benchmarks/engine_speed.py --new-tokens 256 --repeats 1
     python benchmarks/engine_speed.py --long-prompt 400 --repeats 1     # one long prompt among the short ones
+    python benchmarks/engine_speed.py --dtype bfloat16                  # the frozen model in bfloat16
     (cd ../other-checkout && PYTHONPATH=src python benchmarks/engine_speed.py --new-tokens 256 --repeats 1)
 """
 
@@ -35,9 +36,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--long-prompt", type=int, default=0, metavar="TOKENS",
                         help="One request (the sixth) with a text of this many tokens among the short ones.")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     quiet_process(args.threads)
-    backbone = embedded_backbone()
+    backbone = embedded_backbone(dtype=args.dtype)
     with torch.no_grad():  # what the server's registry does once per loaded prompt
         prefixes = [vocab_prompt(backbone, "prompt", n, seed).kv(backbone).detach()
                     for seed, n in enumerate(prompt_lengths(args.prompts))]  # fmt: skip

@@ -24,7 +24,7 @@ from softprompt.data import TaskEncoder
 from softprompt.data.corpora import sentiment_splits
 from softprompt.demo import INIT_TEXT, LABELS, TEMPLATE
 from softprompt.scoring.evaluate import evaluate
-from softprompt.models import load_model
+from softprompt.models import LoadConfig, load_model
 from softprompt.training.loop import train
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--test", type=int, default=300)
     args = parser.parse_args()
-    backbone = backbone_for(*load_model("smollm2-135m"))
+    backbone = backbone_for(*load_model("smollm2-135m", LoadConfig(dtype="float32")))  # as its README table ran
     task = TaskEncoder(TaskConfig(template=TEMPLATE, labels=LABELS, label_field="label"), backbone.tokenizer)
     splits = sentiment_splits()
     train_set, test_set = task.encode(splits["train"]), task.encode(splits["test"][: args.test])
