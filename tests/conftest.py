@@ -43,6 +43,11 @@ os.environ["SOFTPROMPT_REPORT_TO"] = "none"
 """What report_to="auto" (the default) means in the tests, and in the commands they start: no tracker, so a run
 writes only its own files; test_trackers.py asks for TensorBoard where it tests it (and checks "auto" itself)."""
 
+os.environ["SOFTPROMPT_DTYPE"] = "float32"
+"""What dtype="auto" means in the tests and the commands they start: float32 on every CPU, as the independent
+computations they compare against (bfloat16 where a CPU multiplies it is what users get: test_loading.py checks that
+choice, test_half_precision.py the equivalences in bfloat16)."""
+
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 """Architectures every tiny-model test runs on."""
 

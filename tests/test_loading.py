@@ -6,6 +6,7 @@ gives, each layer's prefix on the device its layer runs on."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,10 +50,29 @@ def test_a_missing_device_is_refused_before_the_weights_are_read(tmp_path):
         load_model(str(tmp_path / "no-such-model"), LoadConfig(device="cuda:1"))  # a missing model would say so
 
 
-def test_auto_picks_bfloat16_on_gpus_and_float32_on_this_cpu():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+@pytest.mark.parametrize("flags, on_cpu", [("fpu sse avx2 fma", torch.float32), ("avx512f avx512_bf16", torch.bfloat16),
+                                           ("amx_tile amx_bf16", torch.bfloat16), (None, torch.float32)])
+def test_auto_picks_bfloat16_where_the_cpu_multiplies_it_else_float32(monkeypatch, flags, on_cpu):
+    """A CPU's bfloat16 matrix units are read from /proc/cpuinfo's flags; where they cannot be read (None: not
+    Linux), float32. $SOFTPROMPT_DTYPE, where set, is what auto means; a bad value is refused."""
+    read_text = Path.read_text
+
+    def cpuinfo(path, *args, **kwargs):
+        if str(path) != "/proc/cpuinfo":
+            return read_text(path, *args, **kwargs)
+        if flags is None:
+            raise OSError("no /proc here")
+        return f"processor\t: 0\nflags\t\t: {flags}\n"
+
+    monkeypatch.setattr(Path, "read_text", cpuinfo)
+    monkeypatch.delenv("SOFTPROMPT_DTYPE")  # the tests' own float32 (conftest.py)
+    assert resolve_dtype("auto", torch.device("cpu")) == on_cpu
     assert resolve_dtype("auto", torch.device("mps")) == torch.float16
-    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setenv("SOFTPROMPT_DTYPE", "float32")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setenv("SOFTPROMPT_DTYPE", "half")
+    with pytest.raises(SoftPromptError, match=r"\$SOFTPROMPT_DTYPE='half' is not one of auto, float32, bfloat16"):
+        resolve_dtype("auto", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -197,7 +197,8 @@ class LoadConfig:
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Precision of the frozen weights; prompts, optimizer state and losses stay float32 whatever it is. auto:
-    bfloat16 on a GPU that runs it (else float16), float32 on a CPU (see README, Precision)."""
+    $SOFTPROMPT_DTYPE where set, else bfloat16 on a GPU that runs it (else float16) and on a CPU with bfloat16
+    matrix units (AMX, AVX-512 BF16), else float32 (see README, Precision)."""
     device: str = "auto"
     """Where the model runs: auto (this process's CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or
     mps. Training under `accelerate launch` takes each process's own device."""
@@ -252,31 +253,44 @@ HALF_UNITS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_
 """The CPU flags of hardware matrix units for each half precision (Linux /proc/cpuinfo)."""
 
 
-def cpu_multiplies(dtype: torch.dtype) -> bool:
+def cpu_multiplies(dtype: torch.dtype, unknown: bool = True) -> bool:
     """Whether this CPU multiplies `dtype` matrices in hardware (AMX, AVX-512 BF16/FP16). Without such units torch
     emulates them: on an AVX2 CPU a bfloat16 or float16 matrix product ran about 40x slower than float32 (README,
-    Precision), so a half-precision model there is smaller but far slower."""
+    Precision), so a half-precision model there is smaller but far slower. `unknown`: the answer where the flags
+    cannot be read (not Linux)."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:  # not Linux: no cheap way to ask; assume the units are there and say nothing
-        return True
+    except OSError:
+        return unknown
     return dtype not in HALF_UNITS or bool(flags & set(HALF_UNITS[dtype]))
 
 
+DTYPE_ENV = "SOFTPROMPT_DTYPE"
+"""What `auto` means where it is set (e.g. float32: the same numbers on every CPU; the tests set it)."""
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on a GPU that runs it (float16 on an older one), float16 on Apple's MPS, float32 on a CPU
-    (the CPUs measured so far emulate half precision, far slower). Prompts train in float32 whatever the frozen
-    weights' dtype (ARCHITECTURE.md, "Precision and devices")."""
+    """`auto`: $SOFTPROMPT_DTYPE where set; else bfloat16 on a GPU that runs it (float16 on an older one), float16 on
+    Apple's MPS; on a CPU bfloat16 where it has bfloat16 matrix units (there the demo trained 1.8x faster to the same
+    accuracy, README, Precision), else float32 (without them torch emulates half precision, far slower). Prompts
+    train in float32 whatever the frozen weights' dtype (ARCHITECTURE.md, "Precision and devices")."""
+    if dtype == "auto" and os.environ.get(DTYPE_ENV, "auto") != "auto":
+        dtype = os.environ[DTYPE_ENV]
+        if dtype not in DTYPES:
+            raise SoftPromptError(f"${DTYPE_ENV}={dtype!r} is not one of auto, {', '.join(DTYPES)}: set it to one of "
+                                  "them or unset it.")  # fmt: skip
     if dtype != "auto":
         chosen = DTYPES[dtype]
-        if device.type == "cpu" and not cpu_multiplies(chosen):
+        if device.type == "cpu" and not cpu_multiplies(chosen):  # where unknown, assume the units and say nothing
             warnings.warn(f"this CPU has no {dtype} matrix units (no AMX or AVX-512 {dtype}): torch emulates its "
                           f"{dtype} products, far slower than float32 (about 40x on an AVX2 CPU); --dtype float32 "
                           "runs faster here, at twice the memory.")  # fmt: skip
         return chosen
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device.type == "mps" else torch.float32
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16 if cpu_multiplies(torch.bfloat16, unknown=False) else torch.float32
 
 
 def quantization(bits: int | None, dtype: torch.dtype):

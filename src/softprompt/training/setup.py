@@ -94,7 +94,8 @@ def accelerator_for(find_unused: bool, report_to: str, out_dir: Path, device: to
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision != "no":  # its autocast would run the float32 prompts in half precision: --dtype says what is half
         warnings.warn(f"Accelerate's mixed precision ({precision}) is not used: the frozen weights are in the dtype "
-                      "they were loaded in (--dtype; auto is bfloat16 on GPUs) and the prompts train in float32.")
+                      "they were loaded in (--dtype; auto is bfloat16 on GPUs and on CPUs that multiply it) and the "
+                      "prompts train in float32.")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # a single process on cuda:N: the accelerator takes the current GPU
     # Without CUDA, processes started by `accelerate launch`/torchrun train on the CPU and synchronise over gloo.
