@@ -118,7 +118,7 @@ def start_servers(work: Path, prompts: Path, vllm: bool) -> tuple[Process, Proce
         backend = Process(command, env, work / "vllm.log", f"http://127.0.0.1:{port}").start()
     port = free_port()
     command = [sys.executable, "-c", "from softprompt.cli import main; main()", "serve", "--model", EMBEDDED,
-               "--prompts", str(prompts), "--port", str(port), "--request-timeout", "30",
+               "--dtype", "float32", "--prompts", str(prompts), "--port", str(port), "--request-timeout", "30",
                *(["--vllm-url", backend.url] if backend else [])]  # fmt: skip
     return Process(command, env, work / "server.log", f"http://127.0.0.1:{port}").start(), backend
 

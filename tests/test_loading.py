@@ -94,6 +94,9 @@ def test_training_refuses_a_device_map_and_float16_before_loading(tmp_path, monk
     assert code == 2 and "--device-map auto is for eval, generate and serve" in err and "--shard-model" in err
     code, _, err = run_main(monkeypatch, capsys, [*common, "--dtype", "float16"])
     assert code == 2 and "training on a float16 model is refused" in err and "--dtype bfloat16" in err
+    monkeypatch.setenv("SOFTPROMPT_DTYPE", "float16")  # what auto means: refused as early
+    code, _, err = run_main(monkeypatch, capsys, common)
+    assert code == 2 and "training on a float16 model is refused" in err
 
 
 def test_quantization_without_bitsandbytes_says_what_to_install(folder, monkeypatch):

@@ -269,16 +269,22 @@ DTYPE_ENV = "SOFTPROMPT_DTYPE"
 """What `auto` means where it is set (e.g. float32: the same numbers on every CPU; the tests set it)."""
 
 
+def requested_dtype(dtype: str) -> str:
+    """`dtype` as asked: $SOFTPROMPT_DTYPE in place of auto where it is set (and is not auto itself)."""
+    if dtype != "auto" or os.environ.get(DTYPE_ENV, "auto") == "auto":
+        return dtype
+    if os.environ[DTYPE_ENV] not in DTYPES:
+        raise SoftPromptError(f"${DTYPE_ENV}={os.environ[DTYPE_ENV]!r} is not one of auto, {', '.join(DTYPES)}: set "
+                              "it to one of them or unset it.")  # fmt: skip
+    return os.environ[DTYPE_ENV]
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto`: $SOFTPROMPT_DTYPE where set; else bfloat16 on a GPU that runs it (float16 on an older one), float16 on
     Apple's MPS; on a CPU bfloat16 where it has bfloat16 matrix units (there the demo trained 1.8x faster to the same
     accuracy, README, Precision), else float32 (without them torch emulates half precision, far slower). Prompts
     train in float32 whatever the frozen weights' dtype (ARCHITECTURE.md, "Precision and devices")."""
-    if dtype == "auto" and os.environ.get(DTYPE_ENV, "auto") != "auto":
-        dtype = os.environ[DTYPE_ENV]
-        if dtype not in DTYPES:
-            raise SoftPromptError(f"${DTYPE_ENV}={dtype!r} is not one of auto, {', '.join(DTYPES)}: set it to one of "
-                                  "them or unset it.")  # fmt: skip
+    dtype = requested_dtype(dtype)
     if dtype != "auto":
         chosen = DTYPES[dtype]
         if device.type == "cpu" and not cpu_multiplies(chosen):  # where unknown, assume the units and say nothing

@@ -14,7 +14,7 @@ from . import artifact
 from .config import PLACEHOLDER, PromptConfig, TaskConfig, TrainConfig
 from .data import Example, Records, TaskEncoder, read_records
 from .errors import SoftPromptError
-from .models import LoadConfig, context_size
+from .models import LoadConfig, context_size, requested_dtype
 from .training.setup import FLOAT16_REFUSED
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def check_trainable(load: LoadConfig) -> None:
     if load.device_map == "auto":
         raise SoftPromptError("--device-map auto is for eval, generate and serve; to train a model larger than one "
                               "GPU, shard it over several with `accelerate launch ... train --shard-model`.")
-    if load.dtype == "float16":
+    if requested_dtype(load.dtype) == "float16":  # also where $SOFTPROMPT_DTYPE makes auto float16
         raise SoftPromptError(FLOAT16_REFUSED)
 
 

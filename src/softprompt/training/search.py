@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .. import artifact, methods
@@ -239,7 +239,7 @@ def search(
         train_examples, valid_examples, held_out = held.train, held.valid, held.held_out
     if len(candidates) < 2:
         raise SoftPromptError(f"a search needs at least two candidates, got {len(candidates)}.")
-    main = PartialState().is_main_process
+    main = os.environ.get("RANK", "0") == "0"  # one process speaks (accelerate's state is not set up yet)
     candidates = _fit_to_data(candidates, TrainingTask(task, train_examples), backbone.tokenizer, say=main)
     if main:
         print(f"Searching {len(candidates)} candidates: {', '.join(c.name for c in candidates)}", file=sys.stderr)
