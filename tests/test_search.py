@@ -277,10 +277,21 @@ def test_a_grid_of_default_demonstration_starts_takes_what_little_data_fills(tmp
     assert code == 0, stderr
     assert stderr.count("fill 56 tokens, fewer than the 96 of the demonstrations start: the prompt takes 56") == 1
     assert "Searching 2 candidates: prefix-demos-56-lr0p03, prefix-demos-56-lr0p01" in stderr
+    assert "tuning's default (--lr sets another)" not in stderr  # each candidate has its own
     table = json.loads((tmp_path / "run" / "search.json").read_text())
     assert [(r["num_tokens"], r["init"]) for r in table] == [(56, "demos")] * 2
     (prefix,) = load_file(tmp_path / "run" / "prompt.safetensors").values()  # (layers, 2, kv_heads, n, head_dim)
     assert prefix.shape[-2] == 56
+
+
+def test_a_search_counts_its_training_examples_once_not_once_per_candidate(tmp_path, monkeypatch, capsys):
+    """Four examples cannot make a batch of 8, however many candidates read them."""
+    code, _, stderr = run_main(monkeypatch, capsys, [
+        "train", "--model", save_tiny_model(tmp_path / "model"), "--train", write_data(tmp_path / "train.jsonl", 4, seed=1),
+        "--valid", write_data(tmp_path / "valid.jsonl", 8, seed=2), "--template", "review {text} sentiment",
+        "--labels", "negative,positive", "--label-field", "label", "--num-tokens", 2, "--grid", "lr=0.1,0.01",
+        "--out", tmp_path / "run", "--no-progress"])  # fmt: skip
+    assert code != 0 and "the training data has 4 examples, fewer than one batch of 8" in stderr
 
 
 def test_search_without_validation_data_or_enough_to_hold_out_is_refused(llama, tmp_path, monkeypatch, capsys):

@@ -197,12 +197,12 @@ def train_prompts(
     policy = policy or TrainingPolicy()
     several = len(tasks) > 1  # a batch may leave some prompts unused: DDP must not wait for their gradients
     accelerator = setup.accelerator_for(several, cfg.report_to, layout.out_dir, backbone.device)
-    if chosen_lr and accelerator.is_main_process:
+    if chosen_lr and policy.one_learning_rate and accelerator.is_main_process:
         print(f"softprompt: learning rate {cfg.lr:g}, {prompt_config.method} tuning's default (--lr sets another)",
               file=sys.stderr)  # fmt: skip
     setup.check_model(backbone)
     tasks = setup.hold_out(tasks, cfg, say=accelerator.is_main_process)
-    setup.check_data(tasks, cfg, accelerator.num_processes)
+    setup.check_data(tasks, cfg, accelerator.num_processes, len(policy.pool(tasks)))
     prompt_config = setup.resolve_start(prompt_config, tasks, backbone.tokenizer, say=accelerator.is_main_process)
     identity = RunIdentity.of(prompt_config, cfg, tasks)
     saved = saved_state(layout.out_dir, identity, resume)

@@ -45,6 +45,8 @@ class TrainingPolicy:
 
     says_when_not_learning = True
     """Whether the loop warns of a prompt that has not learned (`TrainConfig.no_learning_after`)."""
+    one_learning_rate = True
+    """Whether every prompt trains at the run's learning rate (the loop then names a default one it chose)."""
 
     def pool(self, tasks: dict[str, TrainingTask]) -> list[tuple[str | None, Example]]:
         """What global batches are drawn from, as (prompt name, example) pairs (the name may be left to `rows`)."""

@@ -130,6 +130,7 @@ class Halving(TrainingPolicy):
     lrs: dict[str, float]
     rungs: tuple[int, ...]
     says_when_not_learning = False  # halving stops the candidates that lag; the table shows what each one reached
+    one_learning_rate = False  # each candidate's own (`lrs`)
 
     def pool(self, tasks: dict[str, TrainingTask]) -> list[tuple[str | None, Example]]:
         """The one task's data (every candidate has the same), each batch read by every candidate (`rows`)."""

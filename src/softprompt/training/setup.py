@@ -155,8 +155,9 @@ def hold_out(tasks: dict[str, TrainingTask], cfg: TrainConfig, say: bool = True)
     return out
 
 
-def check_data(tasks: dict[str, TrainingTask], cfg: TrainConfig, world: int) -> None:
-    """Refuse what cannot make one global batch, split evenly over processes and accumulation steps."""
+def check_data(tasks: dict[str, TrainingTask], cfg: TrainConfig, world: int, available: int) -> None:
+    """Refuse what cannot make one global batch of the `available` examples batches are drawn from (a policy's
+    pool: a search's candidates share one task's), split evenly over processes and accumulation steps."""
     if cfg.batch_size % (world * cfg.grad_accum):
         raise SoftPromptError(
             f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world} x {cfg.grad_accum}."
@@ -164,7 +165,6 @@ def check_data(tasks: dict[str, TrainingTask], cfg: TrainConfig, world: int) -> 
     empty = [name for name, data in tasks.items() if not data.train]
     if empty:
         raise SoftPromptError(f"no training examples for {', '.join(empty)}: the training data is empty.")
-    available = sum(len(data.train) for data in tasks.values())
     if available < cfg.batch_size:
         raise SoftPromptError(f"the training data has {available} examples, fewer than one batch of "
                               f"{cfg.batch_size}; lower --batch-size or add data.")  # fmt: skip
