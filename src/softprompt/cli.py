@@ -279,8 +279,8 @@ def _search(backbone, data, candidates: list, train_config: TrainConfig, out: Pa
 
 
 # ----------------------------------------------------------------------------------------------- distill
-DISTILL_LEAVES_OUT = ("init_range", "vocab_size_for_init", "prefix_mlp", "mlp_hidden", "residual", "grad_accum",
-                      "optimizer", "weight_decay", "schedule", "max_grad_norm", "checkpoint_every",
+DISTILL_LEAVES_OUT = ("init_range", "vocab_size_for_init", "prefix_mlp", "mlp_hidden", "residual", "slot_dropout",
+                      "grad_accum", "optimizer", "weight_decay", "schedule", "max_grad_norm", "checkpoint_every",
                       "gradient_checkpointing", "shard_model", "report_to")  # fmt: skip
 """The prompt and training settings `train` offers and `distill` does not (their defaults apply)."""
 

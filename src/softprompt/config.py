@@ -64,6 +64,10 @@ class PromptConfig:
     residual: bool = False
     """Prompt tuning only: train P through a residual MLP, P + LayerNorm(up(ReLU(down(P)))) (Razdaibiedina et al.
     2023), which starts as P itself and is folded into plain embeddings when saved."""
+    slot_dropout: float = 0.0
+    """In training, each row hides each slot of its prompt with this probability, drawn anew for every row of every
+    step (a row keeps at least one slot): token dropout, as in context tuning (Lu et al. 2025), so that few examples
+    are not learned by heart. Validation, evaluation and serving see every slot."""
 
     def for_tasks(self, kinds: Collection[str]) -> PromptConfig:
         """These settings with num_tokens and init made explicit: the given ones, else `default_start`'s for this
@@ -90,6 +94,8 @@ class PromptConfig:
             problems.append(f"init_range must be positive, got {self.init_range}")
         if self.mlp_hidden < 1:
             problems.append(f"mlp_hidden must be at least 1, got {self.mlp_hidden}")
+        if not 0 <= self.slot_dropout < 1:
+            problems.append(f"slot_dropout must be at least 0 and below 1, got {self.slot_dropout}")
         if self.prefix_mlp and not getattr(REGISTRY.get(self.method), "supports_mlp", False):
             with_mlp = ", ".join(name for name, method in REGISTRY.items() if method.supports_mlp)
             problems.append(f"prefix_mlp applies to method={with_mlp} only (--method {with_mlp})")

@@ -275,6 +275,9 @@ def distill(
     reading `config.teacher_template` over `records`, which need labels only when `config.alpha` > 0. `out_dir`
     becomes an ordinary artifact: the best prompt on labelled `valid_examples`, or the last one without them."""
     train_config.check_select_by(task.config.task)  # before the teacher's answers are computed
+    if prompt_config.slot_dropout:
+        raise SoftPromptError("slot_dropout applies to train only: distillation's loss reads every slot of the "
+                              "student's prompt; leave it at 0.")
     teacher_model = teacher or backbone
     check_vocabulary(teacher_model, backbone)
     teacher_model.model.to(PartialState().device)  # where train() puts the student: the prefix is cached there

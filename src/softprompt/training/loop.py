@@ -352,11 +352,18 @@ class _Trainer:
             with contextlib.nullcontext() if last else acc.no_sync(self.model), acc.autocast():
                 # Each prompt's training input once per micro-batch, shared by its rows.
                 prompt_input, prefix_mask = prompt_input_for(backbone, self.model(backbone, set(names)), list(names))
-                prefix_mask = self.prompts.without_own_demos(list(names), list(examples), prompt_input, prefix_mask)
+                prefix_mask = self.prompts.training_mask(list(names), list(examples), prompt_input, prefix_mask,
+                                                         self.slot_draws(start))
                 loss, _ = self.objective(backbone, prompt_input, list(examples), normalizer, prefix_mask)
                 acc.backward(loss)
             total += loss.detach() / self.world
         return total
+
+    def slot_draws(self, start: int) -> torch.Generator:
+        """Slot dropout's draws (`PromptConfig.slot_dropout`) for the micro-batch at `start` of this process's rows:
+        seeded by the run's seed, the step and the row, so a resumed run draws what an uninterrupted one drew."""
+        row = self.rank * self.shard + start
+        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.state.step) * 65_537 + row)
 
     def validate(self, step: int) -> bool:
         """Validate each prompt still training on the main process (on every process when the layers are sharded:

@@ -36,7 +36,7 @@ from .run_files import Layout
 from .setup import PromptSet, TrainingTask, hold_out, resolve_start, search_without_data
 
 GRID_KEYS = {"lr": float, "method": str, "init": str, "num_tokens": int, "residual": bool, "prefix_mlp": bool,
-             "mlp_hidden": int}  # fmt: skip
+             "mlp_hidden": int, "slot_dropout": float}  # fmt: skip
 """What a grid may vary: the learning rate and the prompt settings."""
 
 
@@ -54,7 +54,7 @@ class Candidate:
     def name(self) -> str:
         """Its folder name, e.g. prompt-labels-20-lr0p3 (no dot: it also names a module)."""
         p = self.prompt
-        extra = "-residual" * p.residual + "-mlp" * p.prefix_mlp
+        extra = "-residual" * p.residual + "-mlp" * p.prefix_mlp + (f"-drop{p.slot_dropout:g}" if p.slot_dropout else "")
         return f"{p.method}-{p.init}-{p.num_tokens}{extra}-lr{self.lr:g}".replace(".", "p")
 
 
@@ -82,7 +82,7 @@ def parse_grid(spec: str, base: PromptConfig, train: TrainConfig, kind: str) -> 
             problems.append(f"{part!r}: expected key=value,value,... with a key among {', '.join(GRID_KEYS)}")
             continue
         try:
-            axes[key] = [_value(GRID_KEYS[key], v) for v in values.split(",")]
+            axes[key] = [_value(key, v) for v in values.split(",")]
         except ValueError as error:
             problems.append(f"{key}: {error}")
     if problems or not axes:
@@ -102,12 +102,13 @@ def parse_grid(spec: str, base: PromptConfig, train: TrainConfig, kind: str) -> 
     return list({c.name: c for c in candidates}.values()), skipped  # a value given twice is one candidate
 
 
-def _value(kind: type, text: str):
+def _value(key: str, text: str):
+    kind = GRID_KEYS[key]
     if kind is bool:
         if text.lower() not in ("true", "false"):
             raise ValueError(f"{text!r} is not true or false")
         return text.lower() == "true"
-    if kind is float and not float(text) > 0:
+    if key == "lr" and not float(text) > 0:
         raise ValueError(f"{text!r} must be positive")
     return kind(text)
 
@@ -279,7 +280,8 @@ def _fit_to_data(candidates: list[Candidate], data: TrainingTask, tokenizer, say
 def _row(candidate: Candidate, run: Run, best: bool) -> dict:
     p, s = candidate.prompt, run.summary
     return {"candidate": candidate.name, "method": p.method, "init": p.init, "num_tokens": p.num_tokens,
-            "lr": candidate.lr, "residual": p.residual, "prefix_mlp": p.prefix_mlp, "valid": s["valid"],
+            "lr": candidate.lr, "residual": p.residual, "prefix_mlp": p.prefix_mlp, "slot_dropout": p.slot_dropout,
+            "valid": s["valid"],
             "best_step": s["best_step"], "trained_steps": s["last_step"], "best": best}  # fmt: skip
 
 

@@ -54,22 +54,28 @@ class PromptSet(nn.Module):
         tokens for prompt tuning); only those named."""
         return {name: self.prompts[name].training_input(backbone) for name in names}
 
-    def without_own_demos(self, names: list[str], examples: list[Example], prompt_input: torch.Tensor,
-                          prefix_mask: torch.Tensor | None) -> torch.Tensor | None:  # fmt: skip
-        """The (B, slots) mask of a batch whose rows run behind prompts `names` (`prompt_input_for`'s prompt input
-        and mask; no mask: each row sees every slot) with each row's own demonstration hidden from it (init=demos:
-        leave-one-out). A row's prompt starts at the first slot it sees (`side_by_side` gives each prompt one
-        span)."""
+    def training_mask(self, names: list[str], examples: list[Example], prompt_input: torch.Tensor,
+                      prefix_mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor | None:  # fmt: skip
+        """The (B, slots) mask a training batch runs with, for rows behind prompts `names` (`prompt_input_for`'s
+        prompt input and mask; no mask: each row sees every slot): each row's own demonstration hidden from it
+        (init=demos: leave-one-out), then each slot hidden with its prompt's `slot_dropout` probability (drawn from
+        `generator`; a row that would see none keeps what it saw)."""
         own = [self.prompts[name].demo_slots.get(methods.demo_key(e)) for name, e in zip(names, examples)]
-        if not any(own):
+        dropout = [self.prompts[name].config.slot_dropout for name in names]
+        if not any(own) and not any(dropout):
             return prefix_mask
         if prefix_mask is None:
             prefix_mask = torch.ones(len(names), prompt_input.shape[-2], dtype=torch.long, device=prompt_input.device)
         mask = prefix_mask.clone()
         for row, span in enumerate(own):
-            if span:
+            if span:  # a row's prompt starts at the first slot it sees (`side_by_side` gives each prompt one span)
                 start = int(mask[row].argmax())
                 mask[row, start + span.start : start + span.stop] = 0
+        if any(dropout):
+            draws = torch.rand(mask.shape, generator=generator, device="cpu")  # (B, slots), one per row and slot
+            hide = draws < torch.tensor(dropout, device="cpu").unsqueeze(1)
+            kept = mask.masked_fill(hide.to(mask.device), 0)
+            mask = torch.where(kept.any(dim=1, keepdim=True), kept, mask)
         return mask
 
 
