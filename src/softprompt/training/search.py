@@ -54,7 +54,7 @@ class Candidate:
     def name(self) -> str:
         """Its folder name, e.g. prompt-labels-20-lr0p3 (no dot: it also names a module)."""
         p = self.prompt
-        extra = "-residual" * p.residual + "-mlp" * p.prefix_mlp + (f"-drop{p.slot_dropout:g}" if p.slot_dropout else "")
+        extra = "-residual" * p.residual + "-mlp" * p.prefix_mlp + f"-drop{p.slot_dropout:g}" * bool(p.slot_dropout)
         return f"{p.method}-{p.init}-{p.num_tokens}{extra}-lr{self.lr:g}".replace(".", "p")
 
 
@@ -281,8 +281,8 @@ def _row(candidate: Candidate, run: Run, best: bool) -> dict:
     p, s = candidate.prompt, run.summary
     return {"candidate": candidate.name, "method": p.method, "init": p.init, "num_tokens": p.num_tokens,
             "lr": candidate.lr, "residual": p.residual, "prefix_mlp": p.prefix_mlp, "slot_dropout": p.slot_dropout,
-            "valid": s["valid"],
-            "best_step": s["best_step"], "trained_steps": s["last_step"], "best": best}  # fmt: skip
+            "valid": s["valid"], "best_step": s["best_step"], "trained_steps": s["last_step"],
+            "best": best}  # fmt: skip
 
 
 SHOWN = tuple(dict.fromkeys(name for names in SELECTABLE.values() for name in names))
