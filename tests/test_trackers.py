@@ -28,7 +28,7 @@ PROMPT = PromptConfig(num_tokens=4, init="random")
 RUN_SETTINGS = {
     # PROMPT: what it sets, then PromptConfig's defaults (no init_text: the string "None", trackers take no null)
     "method": "prefix", "num_tokens": 4, "init": "random", "init_text": "None", "init_range": 0.5,
-    "vocab_size_for_init": 5000, "prefix_mlp": False, "mlp_hidden": 512, "residual": False,
+    "vocab_size_for_init": 5000, "prefix_mlp": False, "mlp_hidden": 512, "residual": False, "slot_dropout": 0.0,
     # the TrainConfig of test_tensorboard_holds_the_series_of_metrics_jsonl, then TrainConfig's defaults (lr: prefix's)
     "steps": 6, "batch_size": 4, "eval_every": 3, "warmup_steps": 2, "report_to": "tensorboard",
     "grad_accum": 1, "lr": 0.03, "optimizer": "adamw", "weight_decay": 0.0, "schedule": "linear", "max_grad_norm": 1.0,
