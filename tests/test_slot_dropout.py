@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from softprompt import methods
 from softprompt.backbones import cache_keyword
-from softprompt.config import PromptConfig, TaskConfig, TrainConfig
+from softprompt.config import PromptConfig, TrainConfig
 from softprompt.data import TaskEncoder
 from softprompt.errors import SoftPromptError
 from softprompt.training.checkpoint import latest_checkpoint
@@ -28,21 +28,9 @@ from softprompt.training.loop import loss_on, train
 from softprompt.training.search import parse_grid
 from softprompt.training.setup import PromptSet
 
-from conftest import run_main, tiny_backbone
+from conftest import run_main
 from test_cli import save_tiny_model, write_data
-
-TASK = TaskConfig(template="review {text} sentiment", labels=["negative", "positive"], label_field="label")
-TEXTS = ["great fun movie", "terrible boring film", "good book", "awful song was bad", "fine film really", "not fun"]
-LABELS = ["positive", "negative", "positive", "negative", "positive", "negative"]
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return tiny_backbone("llama")
-
-
-def examples(backbone):
-    return TaskEncoder(TASK, backbone.tokenizer).encode([{"text": t, "label": y} for t, y in zip(TEXTS, LABELS)])
+from test_init_demos import TASK, backbone, examples  # noqa: F401 (backbone: the module's tiny model fixture)
 
 
 def prompt(backbone, method: str = "prefix", n: int = 10, dropout: float = 0.0, seed: int = 0):
