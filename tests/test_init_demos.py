@@ -129,7 +129,7 @@ def test_each_row_trains_without_its_own_demonstration(backbone, method):
     rows = [data[second], data[outside], data[cut]]
     hidden = [slots[second], range(0), slots[cut]]
     prompts = PromptSet({"p": prompt})
-    mask = prompts.training_mask(["p"] * 3, rows, prompt.training_input(backbone), None, torch.Generator())
+    mask = prompts.training_mask(["p"] * 3, rows, prompt.training_input(backbone), None, seed=0)
     assert mask.tolist() == [[int(i not in h) for i in range(n)] for h in hidden]
     with torch.no_grad():
         ours, _ = loss_on(backbone, prompt.training_input(backbone), rows, normalizer=1, prefix_mask=mask)
@@ -145,8 +145,7 @@ def test_with_several_prompts_side_by_side_a_row_hides_its_demonstration_in_its_
     second = list(slots)[1]
     side_by_side = torch.tensor([[1] * 4 + [0] * 13, [0] * 4 + [1] * 13])
     data = examples(backbone)
-    mask = prompts.training_mask(["a", "b"], [data[second], data[second]], torch.zeros(0), side_by_side,
-                                 torch.Generator())
+    mask = prompts.training_mask(["a", "b"], [data[second], data[second]], torch.zeros(0), side_by_side, seed=0)
     assert mask[0].tolist() == side_by_side[0].tolist()  # in a's 4 slots only the first example is written
     assert mask[1].tolist() == [0] * 4 + [int(i not in slots[second]) for i in range(13)]
 

@@ -38,33 +38,29 @@ def prompt(backbone, method: str = "prefix", n: int = 10, dropout: float = 0.0, 
     return methods.build(config, backbone, TASK.labels, torch.Generator().manual_seed(seed))
 
 
-def draws(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def test_slots_are_hidden_at_the_rate_asked_and_only_in_the_rows_own_prompt(backbone):
     prompts = PromptSet({"a": prompt(backbone, n=10, dropout=0.3), "b": prompt(backbone, n=6)})
     rows = 400
     names = ["a", "b"] * (rows // 2)
     side_by_side = torch.tensor([[1] * 10 + [0] * 6, [0] * 10 + [1] * 6] * (rows // 2))  # each prompt its own span
     data = examples(backbone)
-    mask = prompts.training_mask(names, [data[0]] * rows, torch.zeros(0), side_by_side, draws(1))
+    mask = prompts.training_mask(names, [data[0]] * rows, torch.zeros(0), side_by_side, seed=1)
     a, b = mask[0::2], mask[1::2]
     assert torch.equal(b, side_by_side[1::2])  # no dropout: as it was
     assert not a[:, 10:].any()  # a's rows never see b's slots
     hidden = 1 - a[:, :10].float().mean()
     assert 0.26 < hidden < 0.34  # 2,000 draws at 0.3: four standard deviations either side
     assert (a.sum(dim=1) >= 1).all()
-    assert torch.equal(mask, prompts.training_mask(names, [data[0]] * rows, torch.zeros(0), side_by_side, draws(1)))
+    assert torch.equal(mask, prompts.training_mask(names, [data[0]] * rows, torch.zeros(0), side_by_side, seed=1))
     assert not torch.equal(mask, prompts.training_mask(names, [data[0]] * rows, torch.zeros(0), side_by_side,
-                                                       draws(2)))  # fmt: skip
+                                                       seed=2))  # fmt: skip
     unmasked = PromptSet({"b": prompt(backbone, n=6)})
-    assert unmasked.training_mask(["b"] * 3, data[:3], torch.zeros(1, 6, 8), None, draws(1)) is None
+    assert unmasked.training_mask(["b"] * 3, data[:3], torch.zeros(1, 6, 8), None, seed=1) is None
 
 
 def test_a_row_keeps_at_least_one_slot(backbone):
     prompts = PromptSet({"a": prompt(backbone, n=2, dropout=0.95)})
-    mask = prompts.training_mask(["a"] * 300, [examples(backbone)[0]] * 300, torch.zeros(1, 2, 8), None, draws(3))
+    mask = prompts.training_mask(["a"] * 300, [examples(backbone)[0]] * 300, torch.zeros(1, 2, 8), None, seed=3)
     assert (mask.sum(dim=1) >= 1).all()
     assert (mask.sum(dim=1) == 1).any() and (mask == 0).any()
 
@@ -99,7 +95,7 @@ def by_hand_loss(backbone, method, kept: list[int], example) -> torch.Tensor:
 def test_the_loss_under_dropout_is_the_model_behind_the_slots_each_row_sees(backbone, method):
     p = prompt(backbone, method, n=8, dropout=0.5, seed=4)
     rows = examples(backbone)
-    mask = PromptSet({"p": p}).training_mask(["p"] * len(rows), rows, p.training_input(backbone), None, draws(5))
+    mask = PromptSet({"p": p}).training_mask(["p"] * len(rows), rows, p.training_input(backbone), None, seed=5)
     assert (mask == 0).any() and len({tuple(m) for m in mask.tolist()}) > 1
     with torch.no_grad():
         ours, _ = loss_on(backbone, p.training_input(backbone), rows, normalizer=1, prefix_mask=mask)

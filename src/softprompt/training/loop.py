@@ -353,17 +353,17 @@ class _Trainer:
                 # Each prompt's training input once per micro-batch, shared by its rows.
                 prompt_input, prefix_mask = prompt_input_for(backbone, self.model(backbone, set(names)), list(names))
                 prefix_mask = self.prompts.training_mask(list(names), list(examples), prompt_input, prefix_mask,
-                                                         self.slot_draws(start))
+                                                         self.slot_seed(start))
                 loss, _ = self.objective(backbone, prompt_input, list(examples), normalizer, prefix_mask)
                 acc.backward(loss)
             total += loss.detach() / self.world
         return total
 
-    def slot_draws(self, start: int) -> torch.Generator:
-        """Slot dropout's draws (`PromptConfig.slot_dropout`) for the micro-batch at `start` of this process's rows:
-        seeded by the run's seed, the step and the row, so a resumed run draws what an uninterrupted one drew."""
-        row = self.rank * self.shard + start
-        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.state.step) * 65_537 + row)
+    def slot_seed(self, start: int) -> int:
+        """The seed of slot dropout's draws (`PromptConfig.slot_dropout`) for the micro-batch at `start` of this
+        process's rows: from the run's seed, the step and the row, so a resumed run draws what an uninterrupted one
+        drew."""
+        return (self.cfg.seed * 1_000_003 + self.state.step) * 65_537 + self.rank * self.shard + start
 
     def validate(self, step: int) -> bool:
         """Validate each prompt still training on the main process (on every process when the layers are sharded:

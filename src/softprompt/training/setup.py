@@ -55,11 +55,11 @@ class PromptSet(nn.Module):
         return {name: self.prompts[name].training_input(backbone) for name in names}
 
     def training_mask(self, names: list[str], examples: list[Example], prompt_input: torch.Tensor,
-                      prefix_mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor | None:  # fmt: skip
+                      prefix_mask: torch.Tensor | None, seed: int) -> torch.Tensor | None:  # fmt: skip
         """The (B, slots) mask a training batch runs with, for rows behind prompts `names` (`prompt_input_for`'s
         prompt input and mask; no mask: each row sees every slot): each row's own demonstration hidden from it
-        (init=demos: leave-one-out), then each slot hidden with its prompt's `slot_dropout` probability (drawn from
-        `generator`; a row that would see none keeps what it saw)."""
+        (init=demos: leave-one-out), then each slot hidden with its prompt's `slot_dropout` probability (drawn under
+        `seed`; a row that would see none keeps what it saw)."""
         own = [self.prompts[name].demo_slots.get(methods.demo_key(e)) for name, e in zip(names, examples)]
         dropout = [self.prompts[name].config.slot_dropout for name in names]
         if not any(own) and not any(dropout):
@@ -72,6 +72,7 @@ class PromptSet(nn.Module):
                 start = int(mask[row].argmax())
                 mask[row, start + span.start : start + span.stop] = 0
         if any(dropout):
+            generator = torch.Generator().manual_seed(seed)
             draws = torch.rand(mask.shape, generator=generator, device="cpu")  # (B, slots), one per row and slot
             hide = draws < torch.tensor(dropout, device="cpu").unsqueeze(1)
             kept = mask.masked_fill(hide.to(mask.device), 0)
