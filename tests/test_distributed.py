@@ -51,8 +51,8 @@ def training_args(tmp_path: Path, method: str) -> list:
             "--no-progress"]  # fmt: skip
 
 
-def run_all(tmp_path: Path, runs: dict[str, list]) -> None:
-    """Start every command at once, wait for all; each must succeed and report once (from the main process)."""
+def run_all(tmp_path: Path, runs: dict[str, list], report: str = "Saved the best prompt") -> None:
+    """Start every command at once, wait for all; each must succeed and `report` once (from the main process)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SOFTPROMPT_CACHE": str(tmp_path / "cache"),
            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     started = {name: subprocess.Popen([str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -60,7 +60,7 @@ def run_all(tmp_path: Path, runs: dict[str, list]) -> None:
     for name, process in started.items():
         out, err = process.communicate(timeout=600)
         assert process.returncode == 0, f"{name}:\n{err[-4000:]}"
-        assert out.count("Saved the best prompt") == 1, out
+        assert out.count(report) == 1, out
 
 
 def final(folder: Path) -> tuple[dict, dict, list[float]]:
@@ -123,3 +123,22 @@ def test_two_processes_train_the_same_prompt_tuning_embeddings_as_one(tmp_path):
     })  # fmt: skip
     assert_same_training(tmp_path / "two", tmp_path / "one", "prompts.prompt.embeddings")
     assert final(tmp_path / "two")[0]["train_config"]["grad_accum"] == 2
+
+
+def test_two_processes_distill_the_same_prompt_as_one(tmp_path):
+    """Distillation caches the teacher's prefix on the training device before the accelerator exists; it must
+    still see two launched CPU processes as two (a bare process state had each train alone on the whole batch and
+    both write the artifact): the same per-step losses, prompt and validation as one process."""
+    from test_distill import LABELS, STUDENT, TEACHER, records, write_jsonl
+
+    common = ["distill", "--model", save_tiny_model(tmp_path / "tiny"), "--template", STUDENT,
+              "--teacher-template", TEACHER, "--labels", ",".join(LABELS),
+              "--train", write_jsonl(tmp_path / "train.jsonl", records(24, seed=9)),
+              "--valid", write_jsonl(tmp_path / "valid.jsonl", records(12, seed=10, labelled=True)),
+              "--num-tokens", "3", "--init", "random", "--steps", STEPS, "--eval-every", "2", "--patience", "0",
+              "--batch-size", "8", "--lr", "0.05", "--warmup-steps", "0", "--no-progress"]  # fmt: skip
+    run_all(tmp_path, {
+        "one": [sys.executable, "-m", "softprompt", *common, "--out", tmp_path / "one"],
+        "two": [*launch(), "--multi_gpu", "-m", "softprompt", *common, "--out", tmp_path / "two"],
+    }, report="Saved the distilled prompt")  # fmt: skip
+    assert_same_training(tmp_path / "two", tmp_path / "one", "prompts.prompt.prefix")

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
 
 from ..backbones import Backbone
 from ..backbones.causal import CausalBackbone
@@ -30,6 +29,7 @@ from ..scoring.evaluate import generate_in_order, label_scores
 from ..scoring.scorer import label_logprobs, position_logprobs
 from ..models import context_size
 from .loop import Run, loss_on, train
+from .setup import training_device
 
 
 @dataclass
@@ -280,7 +280,7 @@ def distill(
                               "student's prompt; leave it at 0.")
     teacher_model = teacher or backbone
     check_vocabulary(teacher_model, backbone)
-    teacher_model.model.to(PartialState().device)  # where train() puts the student: the prefix is cached there
+    teacher_model.model.to(training_device(backbone.device))  # where train() puts the student: its prefix is cached
     cached = Teacher.of(teacher_model, config.teacher_template)
     examples = distill_examples(task, cached, records, config, progress=progress)
     # holdout 0: its examples carry the teacher's answers, not the labels a validation set is scored by

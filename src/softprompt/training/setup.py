@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -94,6 +94,18 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def _trains_on_cpu(device: torch.device) -> bool:
+    # Without CUDA, processes started by `accelerate launch`/torchrun train on the CPU and synchronise over gloo.
+    return not torch.cuda.is_available() or (device.type == "cpu" and "LOCAL_RANK" not in os.environ)
+
+
+def training_device(device: torch.device) -> torch.device:
+    """Where this process will train a model loaded on `device`, known before the accelerator exists. The process
+    state is made as `accelerator_for` makes it: a bare PartialState() on a machine without CUDA would take each
+    launched process for a lone one, and the accelerator made later inherits that state."""
+    return PartialState(cpu=_trains_on_cpu(device)).device
+
+
 def accelerator_for(find_unused: bool, report_to: str, out_dir: Path, device: torch.device) -> Accelerator:
     """The accelerator on the frozen model's device (`device`: where it was loaded; a CPU copy to be sharded trains
     on the GPUs when there are some), with the experiment trackers `report_to` names (checked here, so a missing
@@ -105,9 +117,7 @@ def accelerator_for(find_unused: bool, report_to: str, out_dir: Path, device: to
                       "prompts train in float32.")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # a single process on cuda:N: the accelerator takes the current GPU
-    # Without CUDA, processes started by `accelerate launch`/torchrun train on the CPU and synchronise over gloo.
-    on_cpu = not torch.cuda.is_available() or (device.type == "cpu" and "LOCAL_RANK" not in os.environ)
-    return Accelerator(cpu=on_cpu, mixed_precision="no",
+    return Accelerator(cpu=_trains_on_cpu(device), mixed_precision="no",
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
                        log_with=trackers.resolve(report_to) or None,
                        project_config=ProjectConfiguration(project_dir=str(out_dir),
