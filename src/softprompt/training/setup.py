@@ -100,9 +100,11 @@ def _trains_on_cpu(device: torch.device) -> bool:
 
 
 def training_device(device: torch.device) -> torch.device:
-    """Where this process will train a model loaded on `device`, known before the accelerator exists. The process
-    state is made as `accelerator_for` makes it: a bare PartialState() on a machine without CUDA would take each
-    launched process for a lone one, and the accelerator made later inherits that state."""
+    """Where this process will train a model loaded on `device`, known before the accelerator exists: the process
+    state is made here, as the accelerator made later needs it (it inherits the state; a bare PartialState() on a
+    machine without CUDA would take each launched process for a lone one)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # a single process on cuda:N: the process state takes the current GPU
     return PartialState(cpu=_trains_on_cpu(device)).device
 
 
@@ -115,8 +117,7 @@ def accelerator_for(find_unused: bool, report_to: str, out_dir: Path, device: to
         warnings.warn(f"Accelerate's mixed precision ({precision}) is not used: the frozen weights are in the dtype "
                       "they were loaded in (--dtype; auto is bfloat16 on GPUs and on CPUs that multiply it) and the "
                       "prompts train in float32.")
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # a single process on cuda:N: the accelerator takes the current GPU
+    training_device(device)
     return Accelerator(cpu=_trains_on_cpu(device), mixed_precision="no",
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
                        log_with=trackers.resolve(report_to) or None,
