@@ -117,7 +117,7 @@ def accelerator_for(find_unused: bool, report_to: str, out_dir: Path, device: to
         warnings.warn(f"Accelerate's mixed precision ({precision}) is not used: the frozen weights are in the dtype "
                       "they were loaded in (--dtype; auto is bfloat16 on GPUs and on CPUs that multiply it) and the "
                       "prompts train in float32.")
-    training_device(device)
+    training_device(device)  # the process state (and current GPU) the accelerator inherits, made one way
     return Accelerator(cpu=_trains_on_cpu(device), mixed_precision="no",
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
                        log_with=trackers.resolve(report_to) or None,
