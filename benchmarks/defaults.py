@@ -8,7 +8,8 @@ packages, on an embedded model, held-out accuracy (classification) or chrF (gene
     --probe-steps steps, times --steps; validation not counted, so this understates that time),
   - LoRA through PEFT (rank 8 on q_proj/v_proj, alpha 16, lr 1e-3, no dropout): the same steps and batches, the same
     loss (cross-entropy on the label word or target text), validation and keep-best, and scoring by the same code
-    path (generation: greedy, ending at the end of the line, EOS or the task's token limit, for every column).
+    path (generation: greedy, ending at the end of the line, EOS or the task's token limit, for every column),
+  - with --ia3, IA3 through PEFT the same way (k_proj, v_proj and down_proj's input scaled, lr 3e-3).
 
 Tasks: sentiment (the demo's Rotten Tomatoes fresh/rotten), review-or-plot (the same corpus: a critic's snippet or
 a plot summary, balanced), debate-party (2016 US debates: which party's candidate said it), moral-foundation (a word
@@ -22,6 +23,7 @@ Chinese pairs, template without instruction) on gemma3-270m.
     python benchmarks/defaults.py --tasks moral-foundation --candidates-only --single "method=prefix"
     python benchmarks/defaults.py --tasks translation --no-search --test 100 --valid 48
     python benchmarks/defaults.py --tasks debate-party --no-search --seed 1         # another draw of every column
+    python benchmarks/defaults.py --tasks debate-party --candidates-only --ia3      # IA3 beside the template
 
 Prints a table per task as it finishes, a line on the defaults against LoRA over all tasks, and one JSON line.
 """
@@ -61,19 +63,30 @@ def timed(fn):
     return result, time.perf_counter() - began
 
 
-def lora_run(model_name: str, task: TaskEncoder, train_set, valid_set, cfg: TrainConfig, dtype: str) -> tuple:
-    """LoRA on a fresh copy of the model, trained and scored through our backbone (the LoRA layers live inside the
-    model's own q/v projections): the same batches, loss, validation rule and scorer as the prompts get."""
-    from peft import LoraConfig, get_peft_model
+PEERS = {  # name: (the PEFT config, its learning rate)
+    "lora": (lambda peft: peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                          task_type="CAUSAL_LM"), 1e-3),
+    # IA3 (Liu et al. 2022): learned scales of keys, values and the MLP's inner activations, made for few examples
+    "ia3": (lambda peft: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                        feedforward_modules=["down_proj"], task_type="CAUSAL_LM"), 3e-3),
+}  # fmt: skip
+
+
+def peer_run(peer: str, model_name: str, task: TaskEncoder, train_set, valid_set, cfg: TrainConfig, dtype: str
+             ) -> tuple:  # fmt: skip
+    """A PEFT adapter (`PEERS`) on a fresh copy of the model, trained and scored through our backbone (the adapter
+    lives inside the model's own projections): the same batches, loss, validation rule and scorer as the prompts
+    get."""
+    import peft
 
     model, tokenizer = load_model(model_name, LoadConfig(dtype=dtype))
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                  target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    make_config, lr = PEERS[peer]
+    peft_model = peft.get_peft_model(model, make_config(peft))
+    params = [p for p in peft_model.parameters() if p.requires_grad]  # the adapter's own
     backbone = backbone_for(peft_model.base_model.model, tokenizer)  # freezes every parameter ...
-    params = [p for name, p in peft_model.named_parameters() if "lora_" in name]
     for p in params:  # ... so the adapter's are switched back on
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    optimizer = torch.optim.AdamW(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * max(0.0, (cfg.steps - s) / cfg.steps))
     order = BatchOrder(train_set, cfg.batch_size, cfg.seed)
@@ -132,34 +145,35 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
                                            out + "/" + candidate.name, valid_set, progress=False))  # fmt: skip
         row["alternatives"].append({"settings": spec, "score": score(run.method.kv(backbone).detach()),
                                     "seconds": round(seconds, 1)})
-    if args.candidates_only:
-        shutil.rmtree(out)
-        return row
-    if args.no_search:
-        return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out, args.dtype)
-    candidates = default_candidates(base, config.task)
-    result, row["search_seconds"] = timed(lambda: search(backbone, task, candidates, cfg, train_set, valid_set,
-                                                         out + "/search", progress=False))  # fmt: skip
-    row["search_pick"], row["search"] = result.best, score(result.runs[result.best].method.kv(backbone).detach())
-    row["search_table"] = [{k: r[k] for k in ("candidate", "valid", "best_step", "trained_steps")} for r in
-                           result.table]  # fmt: skip
-    probe = TrainConfig(steps=args.probe_steps, eval_every=0, warmup_steps=1, max_length=args.max_length)
-    row["one_after_another_seconds"] = round(sum(
-        timed(lambda: train(backbone, task, c.prompt, probe, train_set, out + "/probe-" + c.name, progress=False))[1]
-        / args.probe_steps * args.steps for c in candidates), 1)  # fmt: skip
-    return _lora(row, model_name, task, train_set, valid_set, test_set, cfg, out, args.dtype)
-
-
-def _lora(row: dict, model_name: str, task: TaskEncoder, train_set, valid_set, test_set, cfg: TrainConfig,
-          out: str, dtype: str) -> dict:
-    (lora_backbone, row["lora_params"]), row["lora_seconds"] = timed(
-        lambda: lora_run(model_name, task, train_set, valid_set, cfg, dtype))
-    row["lora"] = test_score(lora_backbone, task, test_set, None, TASKS[row["task"]].max_new_tokens)
+    if args.ia3:
+        _peer(row, "ia3", model_name, task, train_set, valid_set, test_set, cfg, args.dtype)
+    if not args.candidates_only and not args.no_search:
+        candidates = default_candidates(base, config.task)
+        result, row["search_seconds"] = timed(lambda: search(backbone, task, candidates, cfg, train_set, valid_set,
+                                                             out + "/search", progress=False))  # fmt: skip
+        row["search_pick"], row["search"] = result.best, score(result.runs[result.best].method.kv(backbone).detach())
+        row["search_table"] = [{k: r[k] for k in ("candidate", "valid", "best_step", "trained_steps")} for r in
+                               result.table]  # fmt: skip
+        probe = TrainConfig(steps=args.probe_steps, eval_every=0, warmup_steps=1, max_length=args.max_length)
+        one = lambda c: timed(lambda: train(backbone, task, c.prompt, probe, train_set, out + "/probe-" + c.name,
+                                            progress=False))[1]  # noqa: E731
+        row["one_after_another_seconds"] = round(sum(one(c) / args.probe_steps * args.steps for c in candidates), 1)
+    if not args.candidates_only:
+        _peer(row, "lora", model_name, task, train_set, valid_set, test_set, cfg, args.dtype)
     shutil.rmtree(out)
-    for key in ("single_seconds", "search_seconds", "lora_seconds"):
+    for key in ("single_seconds", "search_seconds"):
         if key in row:
             row[key] = round(row[key], 1)
     return row
+
+
+def _peer(row: dict, peer: str, model_name: str, task: TaskEncoder, train_set, valid_set, test_set,
+          cfg: TrainConfig, dtype: str) -> None:  # fmt: skip
+    """The PEFT adapter's column: held-out score, parameters, wall time (`row[peer]`, `..._params`, `..._seconds`)."""
+    (backbone, row[peer + "_params"]), seconds = timed(
+        lambda: peer_run(peer, model_name, task, train_set, valid_set, cfg, dtype))
+    row[peer] = test_score(backbone, task, test_set, None, TASKS[row["task"]].max_new_tokens)
+    row[peer + "_seconds"] = round(seconds, 1)
 
 
 def against_lora(rows: list[dict]) -> dict:
@@ -190,11 +204,14 @@ def main() -> None:
                         help='Also train one run with these settings in --grid syntax, e.g. "method=prefix lr=0.03" '
                              "(repeatable): candidates for the defaults.")  # fmt: skip
     parser.add_argument("--no-search", action="store_true", help="Leave out the --search run.")
-    parser.add_argument("--candidates-only", action="store_true", help="Train only the --single settings (beside "
-                        "the template alone): every run is seeded, so an earlier run's defaults and LoRA stand.")
+    parser.add_argument("--ia3", action="store_true", help="Also train IA3 through PEFT (scales of keys, values and "
+                        "the MLP's inner activations; lr 3e-3): a second peer, made for few examples.")  # fmt: skip
+    parser.add_argument("--candidates-only", action="store_true", help="Train only the --single settings and --ia3 "
+                        "(beside the template alone): every run is seeded, so an earlier run's defaults and LoRA "
+                        "stand.")  # fmt: skip
     args = parser.parse_args()
-    if args.candidates_only and not args.single:
-        parser.error("--candidates-only needs at least one --single")
+    if args.candidates_only and not (args.single or args.ia3):
+        parser.error("--candidates-only needs at least one --single, or --ia3")
     backbones, rows = {}, []
     for name in args.tasks.split(","):
         model = TASKS[name].model or args.model
@@ -215,6 +232,8 @@ def main() -> None:
                   f"(pick {row['search_pick']}; one after another ~{row['one_after_another_seconds']:.0f} s)")
         if "lora" in row:
             print(f"  LoRA r=8 q,v (PEFT)       {m} {row['lora']:.3f}  {row['lora_seconds']:7.1f} s")
+        if "ia3" in row:
+            print(f"  IA3 k,v,down (PEFT)       {m} {row['ia3']:.3f}  {row['ia3_seconds']:7.1f} s")
         for r in row.get("search_table", []):
             print(f"    {r['candidate']:<26} valid {r['valid'].get(m, float('nan')):.3f} at step "
                   f"{r['best_step']}, trained {r['trained_steps']}")
