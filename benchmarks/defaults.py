@@ -155,9 +155,9 @@ def run_task(name: str, backbone, model_name: str, args) -> dict:
         row["search_table"] = [{k: r[k] for k in ("candidate", "valid", "best_step", "trained_steps")} for r in
                                result.table]  # fmt: skip
         probe = TrainConfig(steps=args.probe_steps, eval_every=0, warmup_steps=1, max_length=args.max_length)
-        one = lambda c: timed(lambda: train(backbone, task, c.prompt, probe, train_set, out + "/probe-" + c.name,
-                                            progress=False))[1]  # noqa: E731
-        row["one_after_another_seconds"] = round(sum(one(c) / args.probe_steps * args.steps for c in candidates), 1)
+        alone = lambda c: timed(lambda: train(backbone, task, c.prompt, probe, train_set, out + "/probe-" + c.name,
+                                              progress=False))[1]  # noqa: E731  (seconds for --probe-steps)
+        row["one_after_another_seconds"] = round(sum(alone(c) / args.probe_steps * args.steps for c in candidates), 1)
     if not args.candidates_only:
         _peer(row, "lora", model_name, task, train_set, valid_set, test_set, cfg, args.dtype)
     shutil.rmtree(out)
