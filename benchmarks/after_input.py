@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # `python benchmarks/after_input.py`: the reposit
 
 from benchmarks.common.machine import machine  # noqa: E402
 from benchmarks.common.tasks import TASKS, splits  # noqa: E402
+from benchmarks.common.training import warmup_then_decay  # noqa: E402
 from softprompt.data import TaskEncoder  # noqa: E402
 from softprompt.models import LoadConfig, load_model  # noqa: E402
 
@@ -80,8 +81,7 @@ def main() -> None:
 
     steps, warmup, batch_size = args.steps, 10, 8  # train's defaults: linear warmup then linear decay, clip 1.0
     optimizer = torch.optim.AdamW([after], lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / steps))
+    schedule = warmup_then_decay(optimizer, warmup, steps)
     rng, order = random.Random(args.seed), []
     best = (score(valid_set), 0, after.detach().clone())
     print("step 0 valid", best[0], flush=True)

@@ -55,6 +55,7 @@ if __package__ in (None, ""):  # `python benchmarks/defaults.py`: the repository
 
 from benchmarks.common.machine import machine  # noqa: E402
 from benchmarks.common.tasks import TASKS, splits  # noqa: E402
+from benchmarks.common.training import warmup_then_decay  # noqa: E402
 
 
 def timed(fn):
@@ -87,8 +88,7 @@ def peer_run(peer: str, model_name: str, task: TaskEncoder, train_set, valid_set
     for p in params:  # ... so the adapter's are switched back on
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * max(0.0, (cfg.steps - s) / cfg.steps))
+    schedule = warmup_then_decay(optimizer, cfg.warmup_steps, cfg.steps)
     order = BatchOrder(train_set, cfg.batch_size, cfg.seed)
     best_key, best_state = None, None
 

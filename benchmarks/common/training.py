@@ -1,5 +1,6 @@
 """softprompt and PEFT training side by side on one model object: the work, the two steps, the independent reference
-loss and the peak-memory meter (train_speed.py, the training half of scaling, profile_step.py).
+loss and the peak-memory meter (train_speed.py, the training half of scaling, profile_step.py); and the schedule
+of the training loops other benchmarks write themselves (defaults.py's peers, after_input.py).
 
 Both libraries get identical work: the same batches, the same initial prompt values (ours built with `init="vocab"`
 under a seed, copied into PEFT's prompt encoder), AdamW at the same learning rate (no weight decay, clipping or
@@ -30,6 +31,13 @@ about 2^-8 (bfloat16) or 2^-11 (float16) per operation over 30 layers (measured:
 
 
 # ---------------------------------------------------------------------------------------------------- memory
+def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of training loops written in a benchmark (the LoRA and IA3 columns, probes): a
+    linear rise over `warmup` steps, then a linear fall to 0 at `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / steps))
+
+
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
